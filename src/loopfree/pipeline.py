@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,19 +172,42 @@ class LoopFreeXLPipeline(_LoopFreeMixin, StableDiffusionXLPipeline):
         return cond, uncond
 
 
-def load_pipeline(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> LoopFreePipeline | LoopFreeXLPipeline:
-    """Load a local Stable Diffusion (XL) pipeline directory as the matching loop-free pipeline."""
-    index = os.path.join(path, "model_index.json")
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a pipeline directory's config files say, read without loading any weights."""
+
+    xl: bool  # two text encoders and added conditioning
+    vae_scale_factor: int
+    default_size: int  # UNet sample size × VAE scale factor, in pixels
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
+    """Check that ``path`` is a local Stable Diffusion (XL) pipeline directory and read its shapes."""
+    path = str(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        raise FileNotFoundError(f"model directory {path!r} does not exist")
+    index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
-        raise ValueError(f"{str(path)!r} is not a diffusers pipeline directory (no model_index.json)")
-    with open(index) as f:
-        components = json.load(f)
-    if "unet" not in components or "vae" not in components:
-        raise ValueError(f"{str(path)!r} is not a Stable Diffusion pipeline (model_index.json names no unet/vae)")
-    cls = LoopFreeXLPipeline if "text_encoder_2" in components else LoopFreePipeline
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        raise ValueError(f"{path!r} is not a diffusers pipeline directory (no model_index.json)")
+    components = _read_json(index)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if name not in components or not os.path.isdir(os.path.join(path, name)):
+            raise ValueError(f"{path!r} is not a Stable Diffusion pipeline (no {name} component)")
+    vae_scale = 2 ** (len(_read_json(os.path.join(path, "vae", "config.json"))["block_out_channels"]) - 1)
+    sample_size = _read_json(os.path.join(path, "unet", "config.json"))["sample_size"]
+    return PipelineInfo("text_encoder_2" in components, vae_scale, sample_size * vae_scale)
+
+
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoopFreePipeline | LoopFreeXLPipeline:
+    """Load a local Stable Diffusion (XL) pipeline directory as the matching loop-free pipeline."""
+    info = inspect_pipeline(path)
+    cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     if cls is LoopFreePipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return cls.from_pretrained(path, **kwargs)

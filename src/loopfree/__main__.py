@@ -1,0 +1,5 @@
+"""``python -m loopfree`` is the ``loopfree`` command."""
+
+from loopfree.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""``loopfree bench``: what one loop-free pass costs next to full UNet steps, measured in one run.
+
+    loopfree bench --arch sd21 --resolution 512
+
+Random weights of the real architecture (speed doesn't depend on weight values); a warm-up, then the
+median over repeats. Every row is reported as a ratio to one full UNet step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from loopfree.archs import Arch
+from loopfree.sampler import Conditioning, NoiseSchedule, ddim_loop, decoder_timesteps, loop_free
+from loopfree.split import decode, encode
+
+# SD2.1-base's scheduler (leading spacing, steps_offset 1): DDIM timesteps as the teacher would use
+SCHEDULER = DDIMScheduler(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1,
+)
+
+
+@dataclass
+class Row:
+    name: str
+    median_s: float
+    ratio: float  # median / median of one full UNet step
+    peak_mem_gib: float | None  # CUDA only
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float | None]:
+    """Median wall time of ``fn`` over ``repeats`` after ``warmup`` calls, and peak CUDA memory in GiB."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def inference_rows(
+    arch: Arch, resolution: int, device: torch.device, dtype: torch.dtype, repeats: int, decoders: int = 4,
+    with_50: bool = False, batch: int = 1,
+) -> list[Row]:
+    """Full UNet 1/K/50 steps, the one-pass sampler and its parts, each timed on the same UNet."""
+    unet = arch.build(device, dtype)
+    x, text, added = arch.inputs(batch, resolution, device, dtype)
+    cond = Conditioning(text, added)
+    ts = decoder_timesteps(SCHEDULER.config, decoders)
+    schedule = NoiseSchedule.from_scheduler(SCHEDULER)
+    feats = encode(unet, x, ts[0], text, added)
+
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("full UNet, 1 step", lambda: unet(x, ts[0], text, added_cond_kwargs=added)),
+        (f"full UNet, {decoders} steps", lambda: ddim_loop(unet, SCHEDULER, x, decoders, cond)),
+    ]
+    if with_50:
+        cases.append(("full UNet, 50 steps", lambda: ddim_loop(unet, SCHEDULER, x, 50, cond)))
+    cases += [
+        (f"one pass, K={decoders}", lambda: loop_free(unet, schedule, x, ts, cond)),
+        ("encoder alone", lambda: encode(unet, x, ts[0], text, added)),
+        ("decoder alone (1 step)", lambda: decode(unet, feats, ts[:1])),
+        (f"{decoders} decoders batched", lambda: decode(unet, feats, ts)),
+    ]
+    rows: list[Row] = []
+    with torch.inference_mode():
+        for name, fn in tqdm(cases, desc="bench", unit="row"):
+            median, peak = measure(fn, device, repeats)
+            rows.append(Row(name, median, median / rows[0].median_s if rows else 1.0, peak))
+    return rows
+
+
+def format_table(rows: list[Row], title: str) -> str:
+    lines = [title, f"{'':28s} {'median':>10s} {'× 1 step':>9s} {'peak mem':>9s}"]
+    for r in rows:
+        mem = f"{r.peak_mem_gib:.2f} GiB" if r.peak_mem_gib is not None else "n/a"
+        lines.append(f"{r.name:28s} {r.median_s * 1000:8.1f} ms {r.ratio:9.2f} {mem:>9s}")
+    return "\n".join(lines)
+
