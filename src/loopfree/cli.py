@@ -13,6 +13,7 @@ from dataclasses import asdict
 import click
 import torch
 
+from loopfree.config import DistillConfig, config_options, load_config
 from loopfree.errors import LoopfreeError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,3 +124,14 @@ def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json) 
         click.echo(json.dumps(dict(arch=arch, resolution=resolution, device=str(dev), dtype=dtype, rows=[asdict(r) for r in rows]), indent=2))
     else:
         click.echo(format_table(rows, f"loopfree bench: {arch}, {resolution}x{resolution}, {dev}, {dtype}, batch 1, median of {repeats}"))
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(), default=None, help="YAML file of options (keys as below, with underscores).")
+@config_options(DistillConfig)
+def distill(config, **overrides) -> None:
+    """Distil a teacher pipeline into a loop-free (TiUE) or one-step student from text prompts alone."""
+    from loopfree.trainer import distill as run
+
+    out = run(load_config(config, overrides))
+    click.echo(f"student pipeline written to {out}")

@@ -37,10 +37,12 @@ class _LoopFreeMixin:
     """``__call__``, sidecar I/O and VAE decoding shared by the SD and SDXL variants."""
 
     decoder_timesteps: list[int] | None = None  # recorded by distillation; default K and τ for generation
+    final_alpha_cumprod: float | None = None  # recorded ā_final override (one-step students: 1.0)
 
-    def _conditioning(
+    def encode_conditioning(
         self, prompt: list[str], negative_prompt: list[str] | None, n: int, guide: bool, device, size: tuple[int, int]
     ) -> tuple[Conditioning, Conditioning | None]:
+        """Text (and SDXL added) conditioning for ``n`` images per prompt; the unconditional side if ``guide``."""
         raise NotImplementedError
 
     @classmethod
@@ -49,7 +51,9 @@ class _LoopFreeMixin:
         sidecar = os.path.join(str(pretrained_model_name_or_path), SIDECAR)
         if os.path.isfile(sidecar):
             with open(sidecar) as f:
-                pipe.decoder_timesteps = json.load(f)["decoder_timesteps"]
+                recorded = json.load(f)
+            pipe.decoder_timesteps = recorded["decoder_timesteps"]
+            pipe.final_alpha_cumprod = recorded.get("final_alpha_cumprod")
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -63,7 +67,7 @@ class _LoopFreeMixin:
             json.dump(config, f, indent=2, sort_keys=True)
         if self.decoder_timesteps is not None:
             with open(os.path.join(save_directory, SIDECAR), "w") as f:
-                json.dump({"decoder_timesteps": list(self.decoder_timesteps)}, f, indent=2)
+                json.dump({"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}, f, indent=2)
 
     def default_timesteps(self, num_steps: int) -> list[int]:
         """The recorded decoder timesteps when K matches them, else the scheduler's DDIM timesteps."""
@@ -119,13 +123,13 @@ class _LoopFreeMixin:
 
         device = self._execution_device
         guide = guidance_scale != 1.0
-        cond, uncond = self._conditioning(prompts, negatives, num_images_per_prompt, guide, device, (height, width))
+        cond, uncond = self.encode_conditioning(prompts, negatives, num_images_per_prompt, guide, device, (height, width))
         x_T = self.prepare_latents(
             len(prompts) * num_images_per_prompt, self.unet.config.in_channels, height, width,
             cond.text.dtype, device, generator, latents,
         )
         if mode == "loop_free":
-            schedule = NoiseSchedule.from_scheduler(self.scheduler)
+            schedule = NoiseSchedule.from_scheduler(self.scheduler, self.final_alpha_cumprod)
             ts = list(timesteps) if timesteps is not None else self.default_timesteps(num_inference_steps)
             x0, _ = loop_free(self.unet, schedule, x_T, ts, cond, uncond, guidance_scale)
         else:
@@ -149,7 +153,7 @@ class LoopFreePipeline(_LoopFreeMixin, StableDiffusionPipeline):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          image_encoder, requires_safety_checker)
 
-    def _conditioning(self, prompt, negative_prompt, n, guide, device, size):
+    def encode_conditioning(self, prompt, negative_prompt, n, guide, device, size):
         text, neg = self.encode_prompt(prompt, device, n, guide, negative_prompt)
         return Conditioning(text), (Conditioning(neg) if guide else None)
 
@@ -159,7 +163,7 @@ class LoopFreeXLPipeline(_LoopFreeMixin, StableDiffusionXLPipeline):
 
     _plain_class = StableDiffusionXLPipeline
 
-    def _conditioning(self, prompt, negative_prompt, n, guide, device, size):
+    def encode_conditioning(self, prompt, negative_prompt, n, guide, device, size):
         text, neg, pooled, neg_pooled = self.encode_prompt(
             prompt, device=device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
             negative_prompt=negative_prompt,

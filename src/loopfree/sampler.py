@@ -32,6 +32,19 @@ class Conditioning:
             added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
         return Conditioning(torch.cat([p.text for p in parts]), added)
 
+    def rows(self, start: int, stop: int) -> "Conditioning":
+        added = None if self.added is None else {k: v[start:stop] for k, v in self.added.items()}
+        return Conditioning(self.text[start:stop], added)
+
+    def where(self, mask: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """Row b from ``self`` where ``mask[b]``, else from ``other``."""
+
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+
+        added = None if self.added is None else {k: pick(v, other.added[k]) for k, v in self.added.items()}
+        return Conditioning(pick(self.text, other.text), added)
+
     def repeat(self, n: int) -> "Conditioning":
         """Each row ``n`` times in a row (for several images per prompt)."""
         added = None if self.added is None else {k: v.repeat_interleave(n, 0) for k, v in self.added.items()}
@@ -47,11 +60,13 @@ class NoiseSchedule:
     prediction_type: str  # "epsilon" or "v_prediction"
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+    def from_scheduler(cls, scheduler, final_alpha_cumprod: float | None = None) -> "NoiseSchedule":
+        """From any diffusers scheduler's config; ``final_alpha_cumprod`` overrides ā_final (one-step: 1.0)."""
         ddim = DDIMScheduler.from_config(scheduler.config)
         if ddim.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {ddim.config.prediction_type!r} is not supported (epsilon, v_prediction)")
-        return cls(ddim.alphas_cumprod.double(), float(ddim.final_alpha_cumprod), ddim.config.prediction_type)
+        final = float(ddim.final_alpha_cumprod) if final_alpha_cumprod is None else final_alpha_cumprod
+        return cls(ddim.alphas_cumprod.double(), final, ddim.config.prediction_type)
 
     def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
         """ā at integer timesteps; t < 0 means 'after the last step' (ā_final)."""
@@ -59,12 +74,13 @@ class NoiseSchedule:
         final = torch.tensor(self.final_alpha_cumprod, dtype=torch.float64)
         return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0).cpu()], final)
 
-    def to_epsilon(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Noise prediction from the model output: v → ε = sqrt(ā) v + sqrt(1-ā) x_t."""
+    def to_epsilon(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Noise prediction from the model output: v → ε = sqrt(ā) v + sqrt(1-ā) x_t; t scalar or per item (B,)."""
         if self.prediction_type == "epsilon":
             return model_output
-        ab = self.alpha_bar(t).item()
-        return ab**0.5 * model_output + (1 - ab) ** 0.5 * x_t
+        ab = self.alpha_bar(t).to(x_t.device, torch.float32)
+        ab = ab.reshape(-1, *[1] * (x_t.ndim - 1)) if ab.ndim else ab
+        return (ab.sqrt() * model_output + (1 - ab).sqrt() * x_t).to(model_output.dtype)
 
 
 def decoder_timesteps(scheduler_config, num_steps: int) -> list[int]:
@@ -120,6 +136,23 @@ def loop_free(
     if guide:
         out = _guided(out, guidance_scale)
     return ddim_combine(schedule, x_T, out, timesteps)
+
+
+class Generator(torch.nn.Module):
+    """The student as one module, x_T and text → (x_0, ε (K, B, ...)), so data-parallel wrappers see its forward.
+
+    TiUE: K decoder timesteps. The one-step (SwiftBrush) student is the same with K = 1, τ = [T] and
+    ā_final = 1, which makes the DDIM step ``x_0 = (x_T - sqrt(1-ā_T) ε_θ) / sqrt(ā_T)`` (SPEC §3).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, timesteps: list[int]):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.timesteps = list(timesteps)
+
+    def forward(self, x_T: torch.Tensor, text: torch.Tensor, added: dict[str, torch.Tensor] | None = None):
+        return loop_free(self.unet, self.schedule, x_T, self.timesteps, Conditioning(text, added))
 
 
 def ddim_loop(

@@ -1,0 +1,147 @@
+"""Distillation: one step trains student and LoRA only, resume is exact, bad input exits 2 writing nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+from click.testing import CliRunner
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from loopfree.cli import main
+from loopfree.config import load_config
+from loopfree.pipeline import load_pipeline
+from loopfree.trainer import Distiller, PromptEncoder, distill
+from tiny import make_pipeline
+
+PROMPTS = "a red cat\na blue dog\n\na green circle\nthe red dog\na red cat\nthe blue circle\n"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    make_pipeline(root, "sd").save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text(PROMPTS)
+    return root
+
+
+def config(teacher, out, **kw):
+    base = dict(teacher=str(teacher / "pipe"), prompts=str(teacher / "prompts.txt"), out=str(out), batch_size=2,
+                lora_rank=4, log_with="none", checkpoint_every=2, max_steps=4, lr_student=1e-3)
+    return load_config(None, {**base, **kw})
+
+
+def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teacher, tmp_path):
+    cfg = config(teacher, tmp_path)
+    pipe = load_pipeline(teacher / "pipe")
+    teacher_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    d = Distiller(cfg, pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
+    student_before = [p.detach().clone() for p in d.student_params]
+    lora_before = [p.detach().clone() for p in d.lora_params]
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    logs = d.step(cond, uncond)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student_params))
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, d.lora_params))
+    base = {k.replace(".base_layer", ""): v for k, v in d.base.state_dict().items() if "lora_" not in k}
+    assert base.keys() == teacher_before.keys()
+    assert all(torch.equal(base[k], v) for k, v in teacher_before.items())
+
+
+def test_prompt_cache_gives_the_same_conditioning(teacher):
+    pipe = load_pipeline(teacher / "pipe")
+    prompts = ["a red cat", "a blue dog", "a red cat"]
+    plain = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(prompts)
+    cached = PromptEncoder(pipe, torch.device("cpu"), 16, cache=True)
+    cached(prompts[:1])
+    for a, b in zip(plain, cached(prompts)):
+        assert torch.allclose(a.text, b.text, atol=1e-6)
+
+
+def _weights(directory):
+    return load_file(os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_is_exact_and_skips_partial_checkpoints(teacher, tmp_path):
+    straight = distill(config(teacher, tmp_path / "a"))
+    first = distill(config(teacher, tmp_path / "b", max_steps=2))
+    ckpts = first / "checkpoints"
+    # a crash mid-write leaves a partial directory; a complete-looking name without state is not complete either
+    (ckpts / ".tmp-checkpoint-00000003" / "student").mkdir(parents=True)
+    (ckpts / "checkpoint-00000003").mkdir()
+    resumed = distill(config(teacher, tmp_path / "b", resume="latest"))
+    a, b = _weights(straight / "unet"), _weights(resumed / "unet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a, last_b = straight / "checkpoints" / "checkpoint-00000004", resumed / "checkpoints" / "checkpoint-00000004"
+    for f in ["fake_lora.safetensors", "ema.safetensors", "student/diffusion_pytorch_model.safetensors"]:
+        a, b = load_file(last_a / f), load_file(last_b / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads((last_b / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_final_pipeline_loads_everywhere_and_records_timesteps(teacher, tmp_path):
+    out = distill(config(teacher, tmp_path, max_steps=1, save_ema=False, checkpoint_every=1))
+    assert json.loads((out / "loopfree.json").read_text())["decoder_timesteps"] == [751, 501, 251, 1]
+    student = load_pipeline(out)
+    assert student.decoder_timesteps == [751, 501, 251, 1]
+    raw = _weights(out / "checkpoints" / "checkpoint-00000001" / "student")
+    assert all(torch.equal(raw[k], v) for k, v in student.unet.state_dict().items())
+    assert isinstance(StableDiffusionPipeline.from_pretrained(out), StableDiffusionPipeline)
+    assert len(student("a red cat", generator=torch.Generator().manual_seed(0)).images) == 1
+
+
+def test_one_step_student_records_its_reparameterisation(teacher, tmp_path):
+    out = distill(config(teacher, tmp_path, max_steps=1, student="one-step", checkpoint_every=0))
+    assert json.loads((out / "loopfree.json").read_text()) == {"decoder_timesteps": [999], "final_alpha_cumprod": 1.0}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(teacher, tmp_path):
+    out = tmp_path / "run"
+    args = ["--teacher", teacher / "pipe", "--prompts", teacher / "prompts.txt", "--out", out, "--batch-size", "2",
+            "--lora-rank", "4", "--log-with", "none", "--max-steps", "100000", "--checkpoint-every", "0"]
+    p = subprocess.Popen([sys.executable, "-m", "loopfree", "distill", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    buf = ""
+    while "2/100000" not in buf:  # wait for a couple of steps: the handler is installed by then
+        buf += p.stderr.read(1)
+        assert p.poll() is None, buf
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted: checkpoint saved at step" in err
+    assert any((c / "trainer_state.json").is_file() for c in (out / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher", "{tmp}/missing"], "does not exist"),
+        (["--teacher", "{tmp}"], "not a diffusers pipeline"),
+        (["--prompts", "{tmp}/empty.txt"], "no prompts in"),
+        (["--prompts", "{tmp}/bad.jsonl"], "line 2"),
+        (["--prompts", "{tmp}/nofile.txt"], "nofile.txt"),
+        (["--config", "{tmp}/unknown.yaml"], "lora_rnk"),
+        (["--decoder-steps", "1"], "one-step"),
+        (["--decoder-steps", "0"], "decoder_steps"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--resume", "{tmp}/nockpt"], "not a complete loopfree checkpoint"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(teacher, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a red cat"}\n{"prompt": \n')
+    (tmp_path / "unknown.yaml").write_text("lora_rnk: 4\n")
+    (tmp_path / "nockpt").mkdir()
+    defaults = {"--teacher": str(teacher / "pipe"), "--prompts": str(teacher / "prompts.txt")}
+    given = dict(zip(args[::2], [a.replace("{tmp}", str(tmp_path)) for a in args[1::2]]))
+    out = tmp_path / "out"
+    argv = ["distill", "--out", str(out), "--max-steps", "1", *sum(({**defaults, **given}).items(), ())]
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists()
