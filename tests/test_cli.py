@@ -82,3 +82,12 @@ def test_bench_tiny_json():
     assert {"one pass, K=4", "encoder alone", "decoder alone (1 step)", "4 decoders batched"} <= set(names)
     assert all(row["median_s"] > 0 for row in rows)
     assert run("bench", "--arch", "tiny", "--resolution", "12").exit_code == 2
+
+
+def test_bench_train_sections_add_up():
+    r = run("bench", "--train", "--arch", "tiny", "--repeats", "1", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row["median_s"] for row in json.loads(r.output[r.output.index("{"):])["rows"]}
+    parts = ["student forward+backward", "teacher+fake guided passes", "fake-score update"]
+    assert set(parts) < set(rows) and all(rows[p] > 0 for p in parts)
+    assert sum(rows[p] for p in parts) <= rows["one iteration"] * 1.001

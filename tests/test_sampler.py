@@ -81,3 +81,17 @@ def test_loop_free_is_encoder_once_then_decoders(guidance):
     ref_eps = e_u + guidance * (e_c - e_u)
     assert torch.allclose(eps, ref_eps, atol=1e-5)
     assert torch.allclose(x0, ddim_combine(s, x_T, ref_eps, ts)[0], atol=1e-5)
+
+
+def test_one_step_generator_is_the_swiftbrush_reparameterisation():
+    """K = 1, τ = [999], ā_final = 1 gives x_0 = (x_T - sqrt(1-ā_T) ε_θ(x_T, T)) / sqrt(ā_T) (SPEC §3)."""
+    from loopfree.sampler import Generator
+
+    unet, sched = make_unet("sd"), make_scheduler()
+    x_T, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        x0, eps = Generator(unet, NoiseSchedule.from_scheduler(sched, 1.0), [999])(x_T, c)
+        e = unet(x_T, 999, c).sample
+    ab = sched.alphas_cumprod[999].double().item()
+    assert torch.allclose(eps[0], e)
+    assert torch.allclose(x0, (x_T - (1 - ab) ** 0.5 * e) / ab**0.5, atol=1e-5)

@@ -54,6 +54,16 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
     assert all(torch.equal(base[k], v) for k, v in teacher_before.items())
 
 
+@pytest.mark.parametrize("kind, prediction_type", [("sdxl", "epsilon"), ("sd", "v_prediction")])
+def test_sdxl_and_v_prediction_teachers_distill(tmp_path, kind, prediction_type):
+    make_pipeline(tmp_path, kind, prediction_type).save_pretrained(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    out = distill(config(tmp_path, tmp_path / "out", max_steps=1, checkpoint_every=0, guidance=2.0))
+    student = load_pipeline(out)
+    assert student.decoder_timesteps == [751, 501, 251, 1]
+    assert torch.isfinite(student("a red cat", output_type="pt").images).all()
+
+
 def test_prompt_cache_gives_the_same_conditioning(teacher):
     pipe = load_pipeline(teacher / "pipe")
     prompts = ["a red cat", "a blue dog", "a red cat"]
@@ -115,6 +125,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(teacher, tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "interrupted: checkpoint saved at step" in err
     assert any((c / "trainer_state.json").is_file() for c in (out / "checkpoints").iterdir())
+
+
+def test_two_process_cpu_run_keeps_replicas_identical(teacher, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU: two real DDP ranks (gloo), same weights."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "loopfree", "distill",
+           "--teacher", str(teacher / "pipe"), "--prompts", str(teacher / "prompts.txt"), "--out", str(out),
+           "--batch-size", "2", "--lora-rank", "4", "--log-with", "none", "--max-steps", "2", "--checkpoint-every", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 processes hold identical student weights" in p.stdout
+    ckpt = out / "checkpoints" / "checkpoint-00000002"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert load_pipeline(out).decoder_timesteps == [751, 501, 251, 1]
 
 
 @pytest.mark.parametrize(

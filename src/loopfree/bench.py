@@ -32,7 +32,7 @@ SCHEDULER = DDIMScheduler(
 class Row:
     name: str
     median_s: float
-    ratio: float  # median / median of one full UNet step
+    ratio: float  # median / median of the first row (one full UNet step; one iteration with --train)
     peak_mem_gib: float | None  # CUDA only
 
 
@@ -90,10 +90,50 @@ def inference_rows(
     return rows
 
 
-def format_table(rows: list[Row], title: str) -> str:
-    lines = [title, f"{'':28s} {'median':>10s} {'× 1 step':>9s} {'peak mem':>9s}"]
+def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") -> str:
+    lines = [title, f"{'':28s} {'median':>10s} {ratio_label:>9s} {'peak mem':>9s}"]
     for r in rows:
         mem = f"{r.peak_mem_gib:.2f} GiB" if r.peak_mem_gib is not None else "n/a"
         lines.append(f"{r.name:28s} {r.median_s * 1000:8.1f} ms {r.ratio:9.2f} {mem:>9s}")
     return "\n".join(lines)
 
+
+
+def train_rows(
+    arch: Arch, resolution: int, device: torch.device, mixed_precision: str, repeats: int, batch: int = 1, decoders: int = 4,
+    gradient_checkpointing: bool = False,
+) -> list[Row]:
+    """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
+    from accelerate import Accelerator
+
+    from loopfree.config import DistillConfig
+    from loopfree.trainer import Distiller, Sections
+
+    cfg = DistillConfig(
+        teacher="-", prompts="-", out="-", batch_size=batch, decoder_steps=decoders, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    distiller = Distiller(cfg, arch.build(device), SCHEDULER, acc, resolution // arch.vae_scale_factor)
+    _, text, added = arch.inputs(batch, resolution, device, torch.float32)
+    cond = Conditioning(text, added)
+    uncond = Conditioning(torch.zeros_like(text), added)
+
+    distiller.step(cond, uncond)  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_step: list[dict[str, float]] = []
+    for _ in tqdm(range(repeats), desc="bench --train", unit="step"):
+        sections = Sections(device, enabled=True)
+        t0 = time.perf_counter()
+        distiller.step(cond, uncond, sections)
+        _sync(device)
+        per_step.append({"one iteration": time.perf_counter() - t0, **sections.seconds})
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    total = statistics.median(s["one iteration"] for s in per_step)
+    return [
+        Row(name, m, m / total, peak if name == "one iteration" else None)
+        for name in per_step[0]
+        for m in [statistics.median(s[name] for s in per_step)]
+    ]

@@ -107,10 +107,13 @@ def generate(prompt, model, out, num_images, seed, steps, height, width, mode, g
 @click.option("--repeats", default=3, show_default=True, help="Timed repeats per row (median reported).")
 @click.option("--with-50", is_flag=True, help="Also time a 50-step DDIM loop (long on a CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json) -> None:
-    """Time one loop-free pass against full UNet steps (random weights, real shapes)."""
+@click.option("--train", is_flag=True, help="Time one distillation iteration instead, split into its sections.")
+@click.option("--batch-size", default=1, show_default=True, help="Prompts per iteration (--train).")
+@click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
+def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json, train, batch_size, gradient_checkpointing) -> None:
+    """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.archs import ARCHS
-    from loopfree.bench import format_table, inference_rows
+    from loopfree.bench import format_table, inference_rows, train_rows
 
     spec = ARCHS[arch]
     resolution = resolution or spec.resolution
@@ -119,6 +122,12 @@ def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json) 
     if decoders < 1 or repeats < 1:
         raise LoopfreeError("--decoders and --repeats must be at least 1")
     dev = resolve_device(device)
+    if train:
+        precision = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[dtype]
+        rows = train_rows(spec, resolution, dev, precision, repeats, batch_size, decoders, gradient_checkpointing)
+        title = f"loopfree bench --train: {arch}, {resolution}x{resolution}, {dev}, {dtype}, batch {batch_size}, K={decoders}, median of {repeats}"
+        click.echo(json.dumps(dict(arch=arch, rows=[asdict(r) for r in rows]), indent=2) if as_json else format_table(rows, title, "share"))
+        return
     rows = inference_rows(spec, resolution, dev, DTYPES[dtype], repeats, decoders, with_50)
     if as_json:
         click.echo(json.dumps(dict(arch=arch, resolution=resolution, device=str(dev), dtype=dtype, rows=[asdict(r) for r in rows]), indent=2))
@@ -131,7 +140,10 @@ def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json) 
 @config_options(DistillConfig)
 def distill(config, **overrides) -> None:
     """Distil a teacher pipeline into a loop-free (TiUE) or one-step student from text prompts alone."""
+    from accelerate import PartialState
+
     from loopfree.trainer import distill as run
 
     out = run(load_config(config, overrides))
-    click.echo(f"student pipeline written to {out}")
+    if PartialState().is_main_process:
+        click.echo(f"student pipeline written to {out}")

@@ -271,11 +271,15 @@ def distill(cfg: DistillConfig) -> Path:
     resolution, prompts = check_inputs(cfg)
     out = Path(cfg.out)
     acc = Accelerator(
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # CPU data parallel uses gloo
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     main = acc.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
 
     # -- models: same initial weights on every process, then a different random stream per process
     set_seed(cfg.seed)
@@ -345,6 +349,7 @@ def distill(cfg: DistillConfig) -> Path:
             acc.end_training()
             raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
     bar.close()
+    check_replicas_agree(distiller, acc)
 
     # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
     if main:
@@ -352,6 +357,16 @@ def distill(cfg: DistillConfig) -> Path:
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
+    """Data-parallel replicas must hold the same student: compare a checksum across processes."""
+    checksum = torch.stack([p.detach().double().sum() for p in distiller.student_params]).sum().reshape(1)
+    sums = acc.gather(checksum.to(acc.device)).cpu()
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"student weights differ across processes: checksums {sums.tolist()}")
+    if acc.num_processes > 1 and acc.is_main_process:
+        print(f"{acc.num_processes} processes hold identical student weights (checksum {sums[0].item():.10g})")
 
 
 def student_pipeline(pipe, distiller: Distiller, ema: bool):
