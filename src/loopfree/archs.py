@@ -20,7 +20,8 @@ class Arch:
 
     def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> UNet2DConditionModel:
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**self.unet).to(device=device, dtype=dtype).eval()
+        unet = UNet2DConditionModel(**self.unet).to(device).eval()
+        return unet if dtype == torch.float32 else unet.to(dtype)
 
     def inputs(self, batch: int, resolution: int, device, dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
         """Random latents, text states and (SDXL) added conditioning for ``batch`` images."""

@@ -56,7 +56,7 @@ class DistillConfig:
         "image size in pixels (default: the teacher's native size; paper: 512)", None, check=_RESOLUTION
     )
     seed: int = _opt("random seed for prompts, noise and timesteps", 0)
-    checkpoint_every: int = _opt("resumable checkpoint every N steps (0: only at the end)", 1000, check=_NON_NEGATIVE)
+    checkpoint_every: int = _opt("resumable checkpoint every N steps and at the end (0: none; SIGTERM/SIGINT still saves one)", 1000, check=_NON_NEGATIVE)
     checkpoints_total_limit: int | None = _opt("keep the newest N checkpoints (null: keep all)", 3, check=_AT_LEAST_1)
     resume: str | None = _opt("resume from 'latest' (newest checkpoint in --out) or a checkpoint directory", None)
     # -- student

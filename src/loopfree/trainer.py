@@ -11,6 +11,7 @@ The teacher and the fake score share one frozen UNet: the fake score is that UNe
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -251,6 +252,8 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str]]:
         raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 on a CPU")
     if cfg.resume not in (None, "latest"):
         find_checkpoint(Path(cfg.out), cfg.resume)
+    if cfg.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise LoopfreeError("--log-with wandb needs the wandb package: pip install wandb")
     return resolution, prompts
 
 
@@ -349,6 +352,8 @@ def distill(cfg: DistillConfig) -> Path:
             acc.end_training()
             raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
     bar.close()
+    if cfg.checkpoint_every and not (out / "checkpoints" / f"{CHECKPOINT}{step:08d}").is_dir():
+        save_checkpoint()
     check_replicas_agree(distiller, acc)
 
     # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
