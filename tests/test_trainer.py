@@ -64,6 +64,24 @@ def test_sdxl_and_v_prediction_teachers_distill(tmp_path, kind, prediction_type)
     assert torch.isfinite(student("a red cat", output_type="pt").images).all()
 
 
+def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path):
+    pipe = load_pipeline(teacher / "pipe")
+    d = Distiller(config(teacher, tmp_path), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
+    with torch.no_grad():
+        for p in d.lora_params:  # a LoRA that really changes the fake score
+            p.normal_(0, 0.2)
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
+    d.cfg.batch_teacher_fake = False
+    plain_teacher, plain_fake = d.guided_teacher_and_fake(x_t, t, cond, uncond)
+    with d.teacher():
+        assert torch.equal(d._eps(x_t, t, cond), pipe.unet(x_t, t, cond.text).sample)  # adapters off = teacher
+    d.cfg.batch_teacher_fake = True
+    fast_teacher, fast_fake = d.guided_teacher_and_fake(x_t, t, cond, uncond)
+    assert (plain_fake - plain_teacher).abs().max() > 1e-3
+    assert torch.allclose(fast_teacher, plain_teacher, atol=1e-5) and torch.allclose(fast_fake, plain_fake, atol=1e-5)
+
+
 def test_prompt_cache_gives_the_same_conditioning(teacher):
     pipe = load_pipeline(teacher / "pipe")
     prompts = ["a red cat", "a blue dog", "a red cat"]

@@ -68,7 +68,8 @@ def inference_rows(
     cond = Conditioning(text, added)
     ts = decoder_timesteps(SCHEDULER.config, decoders)
     schedule = NoiseSchedule.from_scheduler(SCHEDULER)
-    feats = encode(unet, x, ts[0], text, added)
+    with torch.inference_mode():
+        feats = encode(unet, x, ts[0], text, added)
 
     cases: list[tuple[str, Callable[[], object]]] = [
         ("full UNet, 1 step", lambda: unet(x, ts[0], text, added_cond_kwargs=added)),
@@ -101,7 +102,7 @@ def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") ->
 
 def train_rows(
     arch: Arch, resolution: int, device: torch.device, mixed_precision: str, repeats: int, batch: int = 1, decoders: int = 4,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
 ) -> list[Row]:
     """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
     from accelerate import Accelerator
@@ -111,7 +112,7 @@ def train_rows(
 
     cfg = DistillConfig(
         teacher="-", prompts="-", out="-", batch_size=batch, decoder_steps=decoders, mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake,
     )
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
     distiller = Distiller(cfg, arch.build(device), SCHEDULER, acc, resolution // arch.vae_scale_factor)

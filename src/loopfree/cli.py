@@ -110,7 +110,10 @@ def generate(prompt, model, out, num_images, seed, steps, height, width, mode, g
 @click.option("--train", is_flag=True, help="Time one distillation iteration instead, split into its sections.")
 @click.option("--batch-size", default=1, show_default=True, help="Prompts per iteration (--train).")
 @click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
-def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json, train, batch_size, gradient_checkpointing) -> None:
+@click.option("--batch-teacher-fake/--no-batch-teacher-fake", default=True, show_default=True,
+              help="With --train: teacher and fake-score passes as one UNet call.")
+def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json, train, batch_size, gradient_checkpointing,
+          batch_teacher_fake) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.archs import ARCHS
     from loopfree.bench import format_table, inference_rows, train_rows
@@ -124,8 +127,9 @@ def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json, 
     dev = resolve_device(device)
     if train:
         precision = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[dtype]
-        rows = train_rows(spec, resolution, dev, precision, repeats, batch_size, decoders, gradient_checkpointing)
-        title = f"loopfree bench --train: {arch}, {resolution}x{resolution}, {dev}, {dtype}, batch {batch_size}, K={decoders}, median of {repeats}"
+        rows = train_rows(spec, resolution, dev, precision, repeats, batch_size, decoders, gradient_checkpointing, batch_teacher_fake)
+        title = (f"loopfree bench --train: {arch}, {resolution}x{resolution}, {dev}, {dtype}, batch {batch_size}, K={decoders}, "
+                 f"teacher+fake {'batched' if batch_teacher_fake else 'separate'}, median of {repeats}")
         click.echo(json.dumps(dict(arch=arch, rows=[asdict(r) for r in rows]), indent=2) if as_json else format_table(rows, title, "share"))
         return
     rows = inference_rows(spec, resolution, dev, DTYPES[dtype], repeats, decoders, with_50)

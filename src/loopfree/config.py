@@ -100,6 +100,9 @@ class DistillConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _opt("autocast precision (paper: mixed precision on GPU)", "no")
     gradient_checkpointing: bool = _opt("recompute activations to save memory (paper: on)", False)
     cache_prompt_embeds: bool = _opt("encode every prompt once up front and keep the embeddings", False)
+    batch_teacher_fake: bool = _opt(
+        "run the guided teacher and fake-score passes as one UNet call (per-row LoRA) instead of two", True
+    )
     # -- monitoring
     validate_every: int = _opt("sample validation images every N steps (0: off)", 0, check=_NON_NEGATIVE)
     validation_prompts: list[str] | None = _opt(

@@ -29,6 +29,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -44,6 +45,22 @@ from loopfree.sampler import Conditioning, Generator, NoiseSchedule, decoder_tim
 CHECKPOINT = "checkpoint-"  # complete checkpoints: checkpoint-00000100
 PARTIAL = ".tmp-"  # being written; renamed when complete, never resumed from
 STATE = "trainer_state.json"
+FAKE = "fake_score"  # the LoRA adapter's name; peft's "__base__" rows run the frozen base, i.e. the teacher
+
+
+@contextmanager
+def lora_rows(unet: torch.nn.Module, adapter_names: list[str]) -> Iterator[None]:
+    """For the calls inside, row b of the batch goes through adapter ``adapter_names[b]`` (peft mixed batches)."""
+
+    def pass_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapter_names}
+
+    handles = [m.register_forward_pre_hook(pass_names, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Sections:
@@ -90,7 +107,7 @@ class Distiller:
         base = unet.to(accelerator.device).requires_grad_(False)
         if weight_dtype != torch.float32:
             base.to(weight_dtype)
-        base.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets))
+        base.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets), FAKE)
         cast_training_params(base, dtype=torch.float32)
         self.lora_params = [p for p in base.parameters() if p.requires_grad]
         if cfg.gradient_checkpointing:
@@ -114,21 +131,40 @@ class Distiller:
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
     @contextmanager
-    def teacher(self) -> Iterator[UNet2DConditionModel]:
+    def teacher(self) -> Iterator[None]:
         """The frozen base with the LoRA switched off is the teacher."""
         self.base.disable_adapters()
         try:
-            yield self.base
+            yield
         finally:
             self.base.enable_adapters()
 
-    def _guided_eps(self, unet, x_t, t, cond: Conditioning, uncond: Conditioning) -> torch.Tensor:
-        """ε(x_t, t) with classifier-free guidance, unconditional and conditional halves as one batch."""
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """The base UNet's noise prediction (adapters as currently routed), in float32."""
+        unet = self.base
+        out = unet(x_t.to(unet.dtype), t, c.text.to(unet.dtype), added_cond_kwargs=c.added).sample.float()
+        return self.schedule.to_epsilon(out, x_t, t)
+
+    @torch.no_grad()
+    def guided_teacher_and_fake(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ε_ψ and ε_φ at (x_t, t), both with classifier-free guidance (SPEC §3.2).
+
+        Unconditional and conditional halves always share a call; with ``batch_teacher_fake`` the teacher's and
+        the fake score's passes share one too (teacher rows skip the LoRA), else they are two calls.
+        """
         c = Conditioning.cat([uncond, cond])
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-        out = unet(x2.to(unet.dtype), t2, c.text.to(unet.dtype), added_cond_kwargs=c.added).sample.float()
-        eps_uncond, eps_cond = self.schedule.to_epsilon(out, x2, t2).chunk(2)
-        return guided(eps_uncond, eps_cond, self.cfg.guidance)
+        if self.cfg.batch_teacher_fake:
+            with lora_rows(self.base, ["__base__"] * len(x2) + [FAKE] * len(x2)):
+                eps = self._eps(torch.cat([x2, x2]), torch.cat([t2, t2]), Conditioning.cat([c, c]))
+            eps_teacher, eps_fake = eps.chunk(2)
+        else:
+            with self.teacher():
+                eps_teacher = self._eps(x2, t2, c)
+            eps_fake = self._eps(x2, t2, c)
+        return guided(*eps_teacher.chunk(2), self.cfg.guidance), guided(*eps_fake.chunk(2), self.cfg.guidance)
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.alpha_bar(t.cpu()).to(t.device, torch.float32)
@@ -146,13 +182,11 @@ class Distiller:
             x0 = x0.float()
 
         # -- VSD (SPEC §3.2): guided teacher and fake score on a fresh noising of sg(x_0)
-        with sections("teacher+fake guided passes"), torch.no_grad(), acc.autocast():
+        with sections("teacher+fake guided passes"), acc.autocast():
             t = sample_timesteps(B, cfg.vsd_t_min, cfg.vsd_t_max, device=device)
             alpha_bar = self._alpha_bar(t)
             x_t = diffuse(x0.detach(), torch.randn_like(x0), alpha_bar)
-            with self.teacher() as teacher:
-                eps_teacher = self._guided_eps(teacher, x_t, t, cond, uncond)
-            eps_fake = self._guided_eps(self.base, x_t, t, cond, uncond)
+            eps_teacher, eps_fake = self.guided_teacher_and_fake(x_t, t, cond, uncond)
 
         # -- student update on L_vsd + λ_KL · L_KL (SPEC §3.3-3.4)
         with sections("student forward+backward"):
