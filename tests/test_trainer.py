@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from click.testing import CliRunner
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -114,8 +115,11 @@ def test_resume_is_exact_and_skips_partial_checkpoints(teacher, tmp_path):
 
 
 def test_final_pipeline_loads_everywhere_and_records_timesteps(teacher, tmp_path):
-    out = distill(config(teacher, tmp_path, max_steps=1, save_ema=False, checkpoint_every=1))
+    out = distill(config(teacher, tmp_path, max_steps=1, save_ema=False, checkpoint_every=1, validate_every=1,
+                         log_with="tensorboard", validation_prompts=["a red cat", "a blue dog"]))
     assert json.loads((out / "loopfree.json").read_text())["decoder_timesteps"] == [751, 501, 251, 1]
+    assert Image.open(out / "validation" / "step-00000001.png").size == (4 * 16, 2 * 16)  # seeds × prompts
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     student = load_pipeline(out)
     assert student.decoder_timesteps == [751, 501, 251, 1]
     raw = _weights(out / "checkpoints" / "checkpoint-00000001" / "student")

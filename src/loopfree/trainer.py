@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
 from peft import LoraConfig
@@ -223,13 +223,13 @@ class Distiller:
     # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA
     def save_weights(self, directory: Path) -> None:
         self.student.save_pretrained(directory / "student", safe_serialization=True)
-        save_file(get_peft_model_state_dict(self.base), directory / "fake_lora.safetensors")
+        save_file(get_peft_model_state_dict(self.base, adapter_name=FAKE), directory / "fake_lora.safetensors")
         named = dict(zip((n for n, _ in self.student.named_parameters()), self.ema.shadow_params))
         save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
 
     def load_weights(self, directory: Path, ema_step: int) -> None:
         self.student.load_state_dict(load_file(directory / "student" / "diffusion_pytorch_model.safetensors"))
-        set_peft_model_state_dict(self.base, load_file(directory / "fake_lora.safetensors"))
+        set_peft_model_state_dict(self.base, load_file(directory / "fake_lora.safetensors"), adapter_name=FAKE)
         ema = load_file(directory / "ema.safetensors")
         for (name, _), shadow in zip(self.student.named_parameters(), self.ema.shadow_params):
             shadow.data.copy_(ema[name])
@@ -314,6 +314,8 @@ def distill(cfg: DistillConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     main = acc.is_main_process
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise LoopfreeError(f"{acc.distributed_type.value} is not supported yet: launch with plain data parallel (--multi_gpu)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
