@@ -86,3 +86,16 @@ def test_bad_arguments_raise(saved):
         pipe("a red cat", mode="fast")
     with pytest.raises(ValueError, match="at least 1"):
         pipe("a red cat", num_inference_steps=0)
+
+
+def test_initial_noise_is_unit_gaussian_whatever_the_shipped_scheduler(saved):
+    from diffusers import EulerDiscreteScheduler
+
+    _, pipe, _ = saved
+    ddim_out = pipe("a red cat", generator=_gen(), output_type="latent").images
+    euler = type(pipe)(**{**pipe.components, "scheduler": EulerDiscreteScheduler.from_config(pipe.scheduler.config)})
+    assert euler.scheduler.init_noise_sigma > 1
+    euler.decoder_timesteps = pipe.decoder_timesteps
+    assert torch.allclose(euler("a red cat", generator=_gen(), output_type="latent").images, ddim_out)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe("a red cat", latents=torch.zeros(1, 4, 3, 3))

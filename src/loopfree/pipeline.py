@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from loopfree.sampler import Conditioning, NoiseSchedule, ddim_loop, decoder_timesteps, loop_free
 
@@ -124,10 +125,13 @@ class _LoopFreeMixin:
         device = self._execution_device
         guide = guidance_scale != 1.0
         cond, uncond = self.encode_conditioning(prompts, negatives, num_images_per_prompt, guide, device, (height, width))
-        x_T = self.prepare_latents(
-            len(prompts) * num_images_per_prompt, self.unet.config.in_channels, height, width,
-            cond.text.dtype, device, generator, latents,
-        )
+        # x_T ~ N(0, I): DDIM's scale, whatever scheduler the directory ships (Euler's init_noise_sigma is not 1)
+        shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=cond.text.dtype)
+        x_T = x_T.to(device, cond.text.dtype)
         if mode == "loop_free":
             schedule = NoiseSchedule.from_scheduler(self.scheduler, self.final_alpha_cumprod)
             ts = list(timesteps) if timesteps is not None else self.default_timesteps(num_inference_steps)
