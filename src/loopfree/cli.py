@@ -15,6 +15,7 @@ import torch
 
 from loopfree.config import DistillConfig, config_options, load_config
 from loopfree.errors import LoopfreeError
+from loopfree.toy.cli import toy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -151,3 +152,6 @@ def distill(config, **overrides) -> None:
     out = run(load_config(config, overrides))
     if PartialState().is_main_process:
         click.echo(f"student pipeline written to {out}")
+
+
+main.add_command(toy)
