@@ -176,6 +176,7 @@ def test_two_process_cpu_run_keeps_replicas_identical(teacher, tmp_path):
         (["--decoder-steps", "1"], "one-step"),
         (["--decoder-steps", "0"], "decoder_steps"),
         (["--batch-size", "0"], "batch_size"),
+        (["--resolution", "12"], "resolution"),
         (["--resume", "{tmp}/nockpt"], "not a complete loopfree checkpoint"),
     ],
 )

@@ -119,10 +119,14 @@ def bench(arch, resolution, device, dtype, decoders, repeats, with_50, as_json, 
     from loopfree.archs import ARCHS
     from loopfree.bench import format_table, inference_rows, train_rows
 
+    from loopfree.pipeline import check_size
+
     spec = ARCHS[arch]
     resolution = resolution or spec.resolution
-    if resolution < spec.vae_scale_factor or resolution % spec.vae_scale_factor:
-        raise LoopfreeError(f"--resolution must be a positive multiple of {spec.vae_scale_factor}, got {resolution}")
+    try:
+        check_size(resolution, resolution, spec.vae_scale_factor)
+    except ValueError as e:
+        raise LoopfreeError(f"--resolution: {e}") from None
     if decoders < 1 or repeats < 1:
         raise LoopfreeError("--decoders and --repeats must be at least 1")
     dev = resolve_device(device)

@@ -39,7 +39,7 @@ from loopfree.data import PromptStream, load_prompts
 from loopfree.errors import Interrupted, LoopfreeError
 from loopfree.images import image_grid
 from loopfree.losses import diffuse, fake_score_loss, guided, kl_loss, sample_timesteps, vsd_loss
-from loopfree.pipeline import inspect_pipeline, load_pipeline
+from loopfree.pipeline import check_size, inspect_pipeline, load_pipeline
 from loopfree.sampler import Conditioning, Generator, NoiseSchedule, decoder_timesteps
 
 CHECKPOINT = "checkpoint-"  # complete checkpoints: checkpoint-00000100
@@ -280,8 +280,10 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str]]:
         raise LoopfreeError(f"teacher: {e}") from None
     prompts = load_prompts(cfg.prompts, cfg.prompt_field).prompts
     resolution = cfg.resolution or info.default_size
-    if resolution % info.vae_scale_factor:
-        raise LoopfreeError(f"--resolution must be a multiple of {info.vae_scale_factor} for this teacher, got {resolution}")
+    try:
+        check_size(resolution, resolution, info.vae_scale_factor)
+    except ValueError as e:
+        raise LoopfreeError(f"--resolution: {e}") from None
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 on a CPU")
     if cfg.resume not in (None, "latest"):
