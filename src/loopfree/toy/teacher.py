@@ -273,7 +273,11 @@ def train_vae(run: _Run) -> AutoencoderKL:
     cfg = run.config
     vae = make_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    state = {"vae": vae, "optimizer": optimizer}
+    # cosine decay to 0: the last steps are small, so the autoencoder ends on a good point, not a spike
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / max(1, cfg.vae_steps)))
+    )
+    state = {"vae": vae, "optimizer": optimizer, "decay": decay}
     if run.resume("vae", state) < cfg.vae_steps and (run.checkpoints / "latents.safetensors").is_file():
         raise LoopfreeError(f"{run.out}: stage b started on a less trained autoencoder; use a new run folder")
 
@@ -287,6 +291,7 @@ def train_vae(run: _Run) -> AutoencoderKL:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
+        decay.step()
         return loss.item()
 
     run.train("vae", cfg.vae_steps, step, state)
