@@ -36,7 +36,8 @@ class Row:
     peak_mem_gib: float | None  # CUDA only
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so wall-clock timings cover it (no-op elsewhere)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -45,14 +46,14 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     """Median wall time of ``fn`` over ``repeats`` after ``warmup`` calls, and peak CUDA memory in GiB."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak
@@ -121,7 +122,7 @@ def train_rows(
     uncond = Conditioning(torch.zeros_like(text), added)
 
     distiller.step(cond, uncond)  # warm-up
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     per_step: list[dict[str, float]] = []
@@ -129,7 +130,7 @@ def train_rows(
         sections = Sections(device, enabled=True)
         t0 = time.perf_counter()
         distiller.step(cond, uncond, sections)
-        _sync(device)
+        synchronize(device)
         per_step.append({"one iteration": time.perf_counter() - t0, **sections.seconds})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     total = statistics.median(s["one iteration"] for s in per_step)

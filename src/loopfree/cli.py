@@ -81,7 +81,7 @@ def generate(prompt, model, out, num_images, seed, steps, height, width, mode, g
     timesteps = pipe.default_timesteps(steps) if mode == "loop_free" else None
     images = pipe(
         prompt, num_images_per_prompt=num_images, generator=torch.Generator(dev).manual_seed(seed),
-        num_inference_steps=steps, height=height, width=width, mode=mode, guidance_scale=guidance,
+        num_inference_steps=steps, timesteps=timesteps, height=height, width=width, mode=mode, guidance_scale=guidance,
     ).images
 
     os.makedirs(out, exist_ok=True)

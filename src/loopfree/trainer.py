@@ -34,6 +34,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from loopfree.bench import synchronize
 from loopfree.config import DistillConfig, save_config
 from loopfree.data import PromptStream, load_prompts
 from loopfree.errors import Interrupted, LoopfreeError
@@ -74,12 +75,10 @@ class Sections:
         if not self.enabled:
             yield
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
@@ -237,27 +236,31 @@ class Distiller:
 
 
 class PromptEncoder:
-    """Prompts → (conditional, unconditional) conditioning through the teacher's frozen text encoder(s)."""
+    """Prompts → (conditional, unconditional) conditioning through the teacher's frozen text encoder(s).
+
+    The unconditional side is the same for every prompt, so it is encoded once; with ``cache`` every prompt is too.
+    """
 
     def __init__(self, pipe, device: torch.device, resolution: int, cache: bool):
         self.pipe, self.device, self.size = pipe, device, (resolution, resolution)
         self.cache: dict[str, Conditioning] | None = {} if cache else None
+        with torch.no_grad():
+            self.uncond = pipe.encode_conditioning([""], None, 1, True, device, self.size)[1]
 
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
-        return self.pipe.encode_conditioning(prompts, None, 1, True, self.device, self.size)
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return self.pipe.encode_conditioning(prompts, None, 1, False, self.device, self.size)[0]
 
     def __call__(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
         if self.cache is None:
-            return self._encode(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing or "" not in self.cache:
-            cond, uncond = self._encode(missing + [""])
-            for i, p in enumerate(missing + [""]):
-                self.cache[p] = cond.rows(i, i + 1)
-            self.cache["\0uncond"] = uncond.rows(0, 1)
-        cond = Conditioning.cat([self.cache[p] for p in prompts])
-        return cond, self.cache["\0uncond"].repeat(len(prompts))
+            cond = self._encode(prompts)
+        else:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+            if missing:
+                encoded = self._encode(missing)
+                self.cache.update((p, encoded.rows(i, i + 1)) for i, p in enumerate(missing))
+            cond = Conditioning.cat([self.cache[p] for p in prompts])
+        return cond, self.uncond.repeat(len(prompts))
 
 
 def find_checkpoint(out: Path, resume: str) -> Path | None:
