@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from loopfree.losses import guided
 from loopfree.split import decode, encode
 
 
@@ -114,8 +115,7 @@ def ddim_combine(
 
 def _guided(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance over a batch laid out as [uncond; cond] along dim ``-4``."""
-    uncond, cond = out.chunk(2, dim=-4)
-    return uncond + guidance_scale * (cond - uncond)
+    return guided(*out.chunk(2, dim=-4), guidance_scale)
 
 
 def loop_free(
