@@ -113,6 +113,17 @@ def test_heldout_prompts_are_fixed_and_distinct():
         heldout_prompts(217)
 
 
+def test_training_prompts_leave_out_the_evaluation_combinations():
+    held_out = heldout_prompts(30, seed=2)
+    train = world.training_prompts(500, held_out, seed=1)
+    assert train == world.training_prompts(500, held_out, seed=1) and len(train) == 500
+    named = {parse_prompt(p) for p in train}
+    assert not named & {parse_prompt(p) for p in held_out}
+    assert len(named) > 150  # most of the other 186 combinations appear
+    with pytest.raises(LoopfreeError, match="every attribute combination"):
+        world.training_prompts(5, heldout_prompts(216))
+
+
 def test_render_for_prompt_draws_varied_images_of_that_prompt():
     prompt = "large yellow triangle, right, gray background"
     sample = render_for_prompt(prompt, 16, seed=4)

@@ -65,9 +65,10 @@ def test_sdxl_and_v_prediction_teachers_distill(tmp_path, kind, prediction_type)
     assert torch.isfinite(student("a red cat", output_type="pt").images).all()
 
 
-def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path):
+@pytest.mark.parametrize("targets", [["to_q", "to_v"], ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]])
+def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path, targets):
     pipe = load_pipeline(teacher / "pipe")
-    d = Distiller(config(teacher, tmp_path), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
+    d = Distiller(config(teacher, tmp_path, lora_targets=targets), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
     with torch.no_grad():
         for p in d.lora_params:  # a LoRA that really changes the fake score
             p.normal_(0, 0.2)

@@ -1,6 +1,7 @@
 """The ``loopfree`` command line: generate, bench (and the commands later modules add).
 
-    loopfree generate "a red circle on a white background" --model out/student --out images
+    loopfree demo
+    loopfree generate "a red circle on a white background"
     loopfree bench --arch sd21
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict
 
 import click
@@ -16,7 +18,9 @@ import torch
 from loopfree.config import DistillConfig, config_options, load_config
 from loopfree.errors import LoopfreeError
 from loopfree.toy.cli import toy
+from loopfree.toy.demo import DemoConfig
 
+_DEMO = DemoConfig()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,8 +51,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model", required=True, type=click.Path(), help="A diffusers Stable Diffusion (XL) pipeline directory.")
-@click.option("--out", "out", required=True, type=click.Path(), help="Directory for the PNGs and generate.json.")
+@click.option("--model", "model", default=None, type=click.Path(),
+              help="A diffusers Stable Diffusion (XL) pipeline directory (default: the bundled toy student).")
+@click.option("--out", "out", default="images", show_default=True, type=click.Path(), help="Directory for the PNGs and generate.json.")
 @click.option("--num-images", default=1, show_default=True, help="Images for the prompt.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--steps", default=4, show_default=True, help="K decoder steps (loop_free) or DDIM steps (loop).")
@@ -61,6 +66,7 @@ def main() -> None:
 def generate(prompt, model, out, num_images, seed, steps, height, width, mode, guidance, device, dtype) -> None:
     """Generate images for PROMPT with a loop-free student (or any SD pipeline)."""
     from loopfree.pipeline import check_size, inspect_pipeline, load_pipeline
+    from loopfree.toy.assets import bundled
 
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -69,6 +75,7 @@ def generate(prompt, model, out, num_images, seed, steps, height, width, mode, g
     if num_images < 1:
         raise LoopfreeError(f"--num-images must be at least 1, got {num_images}")
     dev = resolve_device(device)
+    model = model if model is not None else str(bundled("student"))
     try:
         info = inspect_pipeline(model)
         height = info.default_size if height is None else height
@@ -156,6 +163,36 @@ def distill(config, **overrides) -> None:
     out = run(load_config(config, overrides))
     if PartialState().is_main_process:
         click.echo(f"student pipeline written to {out}")
+
+
+@main.command()
+@click.option("--out", default=_DEMO.out, show_default=True, type=click.Path(file_okay=False), help="Output folder (reused: finished students are kept).")
+@click.option("--steps", default=_DEMO.steps, show_default=True, help="Distillation steps per student.")
+@click.option("--students", default=",".join(_DEMO.students), show_default=True,
+              help="Comma-separated student kinds, in table order: one-step, tiue-no-kl, tiue.")
+@click.option("--train-seeds", default=_DEMO.train_seeds, show_default=True, help="Train each student this many times; the table gives mean ± spread.")
+@click.option("--prompts", default=_DEMO.prompts, show_default=True, help="Held-out evaluation prompts.")
+@click.option("--seeds", default=_DEMO.seeds, show_default=True, help="Images per evaluation prompt.")
+@click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline directory (default: the bundled toy teacher).")
+@click.option("--teacher-steps", default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher row.")
+@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+def demo(out, steps, students, train_seeds, prompts, seeds, teacher, teacher_steps, threads) -> None:
+    """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from loopfree.toy.demo import DemoConfig, format_table, run_demo
+
+    diffusers_logging.disable_progress_bar()  # loading and saving bars would bury the demo's own
+    transformers_logging.disable_progress_bar()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = DemoConfig(out=out, steps=steps, students=tuple(s.strip() for s in students.split(",") if s.strip()),
+                     train_seeds=train_seeds, prompts=prompts, seeds=seeds, teacher=teacher, teacher_steps=teacher_steps)
+    started = time.monotonic()
+    rows = run_demo(cfg)
+    click.echo(format_table(rows))
+    click.echo(f"wrote {os.path.join(out, 'grid.png')} and {os.path.join(out, 'metrics.json')} in {time.monotonic() - started:.0f} s")
 
 
 main.add_command(toy)

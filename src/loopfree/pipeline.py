@@ -76,7 +76,8 @@ class _LoopFreeMixin:
             return list(self.decoder_timesteps)
         return decoder_timesteps(self.scheduler.config, num_steps)
 
-    def _decode(self, latents: torch.Tensor, output_type: str):
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents (as ``output_type="latent"`` returns them) to images of ``output_type``."""
         if output_type == "latent":
             return latents
         vae = self.vae
@@ -140,7 +141,7 @@ class _LoopFreeMixin:
             scheduler = DDIMScheduler.from_config(self.scheduler.config)
             with self.progress_bar(total=num_inference_steps) as bar:
                 x0 = ddim_loop(self.unet, scheduler, x_T, num_inference_steps, cond, uncond, guidance_scale, lambda i: bar.update())
-        images = self._decode(x0, output_type)
+        images = self.decode(x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, None)

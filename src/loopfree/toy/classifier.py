@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loopfree.errors import LoopfreeError
+from loopfree.toy.assets import asset_path
 from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, Attributes, ToyWorld, attribute_labels
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _REGRESSION_WEIGHT = 4.0
 
 def default_path() -> Path:
     """The folder of the shipped classifier."""
-    return Path(str(resources.files("loopfree") / "assets" / "classifier"))
+    return asset_path("classifier")
 
 
 @dataclass

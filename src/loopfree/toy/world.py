@@ -260,6 +260,17 @@ def heldout_prompts(n: int, seed: int = 0) -> list[str]:
     return [make_caption(combos[i], rng) for i in order]
 
 
+def training_prompts(n: int, exclude: list[str], seed: int = 0) -> list[str]:
+    """``n`` captions of random attribute combinations other than those ``exclude``'s prompts name
+    (prompts for distillation, kept apart from an evaluation set)."""
+    excluded = {parse_prompt(p) for p in exclude}
+    combos = [a for a in all_attributes() if a not in excluded]
+    if not combos:
+        raise LoopfreeError("training_prompts: every attribute combination is excluded")
+    rng = np.random.default_rng(seed)
+    return [make_caption(combos[i], rng) for i in rng.integers(len(combos), size=n)]
+
+
 def render_for_prompt(prompt: str, n: int, seed: int = 0) -> ToySample:
     """``n`` real images of the attributes ``prompt`` names (jitter drawn from ``seed``)."""
     attrs = parse_prompt(prompt)

@@ -1,0 +1,241 @@
+"""``loopfree demo``: the whole method on the bundled toy teacher, in minutes on a CPU.
+
+    loopfree demo --out loopfree-demo
+
+1. Distil the bundled teacher into students with the real ``loopfree distill`` machinery (prompts
+   only; the attribute combinations of the evaluation prompts are kept out of the training prompts).
+2. Sample a fixed held-out prompt set, several seeds per prompt, from the teacher (50- and 4-step
+   DDIM with guidance) and from every student (one pass, no guidance), all from the same x_T.
+3. Score every row against the toy world's ground truth (:mod:`loopfree.toy.evaluate`) and write
+   ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
+   trained N times and the table gives mean ± spread over them (the README's long run).
+
+Finished students are reused and interrupted ones resume, so the same command can be run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from loopfree.config import DistillConfig, load_config
+from loopfree.errors import LoopfreeError
+from loopfree.images import image_grid
+from loopfree.pipeline import load_pipeline
+from loopfree.toy.assets import bundled
+from loopfree.toy.classifier import load_classifier
+from loopfree.toy.evaluate import evaluate_images, real_reference
+from loopfree.toy.world import heldout_prompts, training_prompts
+from loopfree.trainer import distill
+
+#: Student kinds: row name and the DistillConfig keys that make them.
+STUDENTS: dict[str, tuple[str, dict]] = {
+    "one-step": ("one-step VSD", dict(student="one-step", kl_weight=0.0)),  # SwiftBrush: no KL term
+    "tiue-no-kl": ("TiUE w/o KL", dict(student="tiue", kl_weight=0.0)),
+    "tiue": ("TiUE", dict(student="tiue")),  # KL 0.1, summed (paper)
+}
+
+#: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
+TOY_DISTILL = dict(
+    batch_size=8,  # prompts per step (paper: 8 per GPU)
+    lr_student=3e-5,  # the paper's 1e-6 is for an 865 M-parameter UNet and 66 k steps; 1e-4 diverged here
+    lora_rank=16,  # the toy UNet is 48-96 channels wide (paper: 64 of 320-1280)
+    lora_alpha=27.0,  # same alpha/rank as the paper's 108/64
+    # the toy UNet has attention only at its coarse levels: a LoRA on to_q/to_v alone (paper) cannot
+    # follow the student and the student diverged within 400 steps; on every attention and resnet
+    # projection it does
+    lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    checkpoint_every=100,
+    checkpoints_total_limit=1,
+    cache_prompt_embeds=True,  # a few thousand short captions
+    log_with="none",
+)
+#: Evaluation prompts are drawn from this many held-out attribute combinations, never distilled on.
+EVAL_POOL = 64
+METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
+GRID_COLUMNS = 8
+
+
+@dataclass
+class DemoConfig:
+    """Options of :func:`run_demo`."""
+
+    out: str = "loopfree-demo"
+    steps: int = 400  # distillation steps per student
+    students: tuple[str, ...] = ("one-step", "tiue")  # kinds from STUDENTS, in table order
+    train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
+    prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
+    seeds: int = 4  # images per evaluation prompt
+    teacher: str | None = None  # default: the bundled toy teacher
+    teacher_steps: int = 50  # DDIM steps of the reference teacher row
+    guidance: float = 4.5  # teacher rows' and distillation's guidance (paper: 4.5)
+    distill_prompts: int = 4000  # distillation prompt file length
+    seed: int = 0  # evaluation prompts and x_T
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.students if s not in STUDENTS]
+        if unknown or not self.students:
+            raise LoopfreeError(f"--students must name some of {', '.join(STUDENTS)}, got {','.join(self.students) or 'none'}")
+        for name in ("steps", "train_seeds", "seeds", "teacher_steps", "distill_prompts"):
+            if getattr(self, name) < 1:
+                raise LoopfreeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.prompts <= EVAL_POOL:
+            raise LoopfreeError(f"--prompts must be in 1..{EVAL_POOL} (the held-out attribute combinations), got {self.prompts}")
+
+
+def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
+    """The ``loopfree distill`` configuration of one student run."""
+    return DistillConfig(
+        teacher=teacher, prompts=str(prompts_file), out=str(Path(cfg.out) / "students" / f"{kind}-seed{seed}"),
+        max_steps=cfg.steps, seed=seed, guidance=cfg.guidance, **TOY_DISTILL, **STUDENTS[kind][1],
+    )
+
+
+def finished(config: DistillConfig) -> bool:
+    """Whether ``config.out`` holds the finished student of ``config``; an error if it holds a run
+    with other settings (a run that only stopped earlier is resumed, or continued to more steps)."""
+    saved = Path(config.out) / "distill_config.yaml"
+    if not saved.is_file():
+        return False
+    previous = load_config(saved)
+    if dataclasses.replace(previous, max_steps=config.max_steps, resume=None) != dataclasses.replace(config, resume=None):
+        raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
+    return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], cfg: DemoConfig, **call) -> tuple[torch.Tensor, float]:
+    """``cfg.seeds`` images per prompt (prompt-major, in [-1, 1]) and the denoising time per image in
+    ms (text encoding, UNet passes and sampler; the VAE decode is not timed). Every pipeline gets the
+    same x_T."""
+    latent = pipe.unet.config.sample_size
+    x_T = torch.randn(len(prompts) * cfg.seeds, pipe.unet.config.in_channels, latent, latent,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+    per_call = max(1, 64 // cfg.seeds)
+    images, seconds = [], 0.0
+    for i in range(0, len(prompts), per_call):
+        chunk = prompts[i : i + per_call]
+        start = time.perf_counter()
+        latents = pipe(chunk, num_images_per_prompt=cfg.seeds, latents=x_T[i * cfg.seeds : (i + len(chunk)) * cfg.seeds],
+                       output_type="latent", **call).images
+        seconds += time.perf_counter() - start
+        images.append(pipe.decode(latents, "pt") * 2.0 - 1.0)
+    return torch.cat(images), 1000.0 * seconds / x_T.shape[0]
+
+
+def labelled_grid(rows: list[list[Image.Image]], labels: list[str], scale: int = 2) -> Image.Image:
+    """``image_grid`` of ``rows`` enlarged ``scale`` times, each row named on its left."""
+    rows = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row] for row in rows]
+    body = image_grid(rows)
+    margin, height = 6 * max(len(label) for label in labels) + 16, rows[0][0].height
+    picture = Image.new("RGB", (margin + body.width, body.height), "white")
+    picture.paste(body, (margin, 0))
+    draw = ImageDraw.Draw(picture)
+    for i, label in enumerate(labels):
+        draw.text((6, i * height + height // 2 - 6), label, fill="black")
+    return picture
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def summarise(name: str, runs: list[dict[str, float]]) -> dict:
+    """One table row: the mean of each metric over ``runs`` (training seeds) and its spread (sample
+    standard deviation; null for a single run)."""
+    row: dict = {"name": name, "runs": len(runs)}
+    for key in (*METRICS, "unet_ms_per_image"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        row[key] = float(values.mean())
+        row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+    row["per_attribute_accuracy"] = {k[len("accuracy_"):]: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.startswith("accuracy_")}
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table, ``mean ± spread`` where there are several runs."""
+    def cell(row: dict, key: str) -> str:
+        digits = 0 if key == "unet_ms_per_image" else 3
+        text = f"{row[key]:.{digits}f}"
+        return text + (f" ± {row[key + '_std']:.{digits}f}" if row.get(key + "_std") is not None else "")
+
+    keys = (*METRICS, "unet_ms_per_image")
+    table = [["", *[k.replace("unet_ms_per_image", "unet ms/img") for k in keys]]]
+    table += [[row["name"], *[cell(row, k) for k in keys]] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table)
+
+
+def _write_atomic(path: Path, write) -> None:
+    partial = path.with_name(f".tmp-{path.name}")
+    write(partial)
+    os.replace(partial, path)
+
+
+def run_demo(cfg: DemoConfig) -> list[dict]:
+    """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
+    teacher_path = cfg.teacher or str(bundled("teacher"))
+    try:
+        teacher = load_pipeline(teacher_path)
+    except (OSError, ValueError) as e:
+        raise LoopfreeError(f"--teacher: {e}") from None
+    teacher.set_progress_bar_config(disable=True)
+    out = Path(cfg.out)
+    pool = heldout_prompts(EVAL_POOL, seed=cfg.seed)
+    prompts = pool[: cfg.prompts]
+    aligned = [p for p in prompts for _ in range(cfg.seeds)]
+    prompts_file = out / f"distill_prompts-{cfg.distill_prompts}-seed{cfg.seed}.txt"
+    configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file) for s in range(cfg.train_seeds)]
+               for kind in cfg.students}
+    todo = [c for group in configs.values() for c in group if not finished(c)]  # checks before writing
+
+    # -- students: one distillation per kind and training seed
+    out.mkdir(parents=True, exist_ok=True)
+    if not prompts_file.is_file():
+        _write_atomic(prompts_file, lambda p: p.write_text("\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n"))
+    for config in todo:
+        distill(dataclasses.replace(config, resume="latest"))
+    runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
+
+    # -- sampling: the teacher rows once, then every trained student
+    guided = dict(guidance_scale=cfg.guidance, mode="loop")
+    jobs: list[tuple[str, list]] = [
+        (f"teacher {cfg.teacher_steps}-step DDIM", [(teacher, dict(guided, num_inference_steps=cfg.teacher_steps))]),
+        ("teacher 4-step DDIM", [(teacher, dict(guided, num_inference_steps=4))]),
+    ]
+    jobs += [(STUDENTS[kind][0], [(d, None) for d in dirs]) for kind, dirs in runs.items()]
+    classifier, reference = load_classifier(), real_reference(aligned, cfg.seed)
+    rows, grid_rows = [], []
+    bar = tqdm(total=sum(len(members) for _, members in jobs), desc="sample + score", unit="run")
+    for name, members in jobs:
+        scores = []
+        for pipe, call in members:
+            if call is None:  # a student directory: one pass over its recorded decoder timesteps, no guidance
+                pipe = load_pipeline(pipe)
+                pipe.set_progress_bar_config(disable=True)
+                call = dict(num_inference_steps=len(pipe.decoder_timesteps), guidance_scale=1.0, mode="loop_free")
+            images, ms = sample(pipe, prompts, cfg, **call)
+            scores.append({**evaluate_images(images, aligned, classifier, reference), "unet_ms_per_image": ms})
+            if len(scores) == 1:
+                grid_rows.append(_to_pil(images[:: cfg.seeds][:GRID_COLUMNS]))
+            bar.update()
+        rows.append(summarise(name, scores))
+    bar.close()
+
+    # -- outputs
+    labelled_grid(grid_rows, [name for name, _ in jobs]).save(out / "grid.png")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    report = {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts}
+    _write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    return rows

@@ -1,0 +1,118 @@
+"""The bundled toy teacher and student, and ``loopfree demo`` end to end in a shortened run."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from loopfree.cli import main
+from loopfree.pipeline import load_pipeline
+from loopfree.toy.assets import bundled
+from loopfree.toy.demo import METRICS, DemoConfig, format_table, run_demo, summarise
+from loopfree.toy.world import heldout_prompts, parse_prompt
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_bundled_pipelines_are_small_safetensors_and_load_in_plain_diffusers(name):
+    folder = bundled(name)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 30e6
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a white background", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_bundled_student_records_its_decoder_timesteps():
+    student = load_pipeline(bundled("student"))
+    assert len(student.decoder_timesteps) == 4
+    assert student.decoder_timesteps == sorted(student.decoder_timesteps, reverse=True)
+
+
+def test_generate_without_model_uses_the_bundled_student(tmp_path):
+    out = tmp_path / "images"
+    r = run("generate", "a red circle on a white background", "--out", out, "--num-images", 2)
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "generate.json").read_text())
+    assert settings["model"] == str(bundled("student")) and settings["decoder_timesteps"] == load_pipeline(bundled("student")).decoder_timesteps
+    assert Image.open(out / "001.png").size == (64, 64)
+
+
+def test_summarise_gives_mean_and_sample_spread():
+    runs = [{**{k: float(i) for k in METRICS}, "unet_ms_per_image": 10.0 * i, "accuracy_shape": i / 4} for i in (1, 2, 4)]
+    row = summarise("x", runs)
+    assert row["alignment"] == pytest.approx(7 / 3) and row["alignment_std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert row["unet_ms_per_image"] == pytest.approx(70 / 3) and row["per_attribute_accuracy"] == {"shape": pytest.approx(7 / 12)}
+    single = summarise("y", runs[:1])
+    assert single["fd_std"] is None and single["runs"] == 1
+    table = format_table([row, single]).splitlines()
+    assert len(table) == 3 and "2.333 ± 1.528" in table[1] and "±" not in table[2]
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "run"), steps=2, prompts=3, seeds=2, teacher_steps=3,
+                     distill_prompts=40)
+    return cfg, run_demo(cfg)
+
+
+def test_demo_writes_grid_metrics_and_students(short_demo):
+    cfg, rows = short_demo
+    out = Path(cfg.out)
+    report = json.loads((out / "metrics.json").read_text())
+    names = ["teacher 3-step DDIM", "teacher 4-step DDIM", "one-step VSD", "TiUE"]
+    assert [r["name"] for r in report["rows"]] == names and report["rows"] == rows
+    for row in rows:
+        assert 0 <= row["alignment"] <= 1 and math.isfinite(row["fd"]) and row["unet_ms_per_image"] > 0
+        assert set(METRICS) <= set(row)
+    # the evaluation prompts' attribute combinations were kept out of distillation
+    train = (out / "distill_prompts-40-seed0.txt").read_text().splitlines()
+    assert len(train) == 40 and not {parse_prompt(p) for p in train} & {parse_prompt(p) for p in heldout_prompts(64, seed=0)}
+    assert report["prompts"] == heldout_prompts(3, seed=0) == heldout_prompts(64, seed=0)[:3]
+    grid = Image.open(out / "grid.png")
+    assert grid.height == 4 * 2 * 64 and grid.width > 3 * 2 * 64
+    for kind in ("one-step", "tiue"):
+        student = StableDiffusionPipeline.from_pretrained(out / "students" / f"{kind}-seed0", safety_checker=None)
+        assert student.unet.config.sample_size == 16
+
+
+def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
+    cfg, rows = short_demo
+    unet = Path(cfg.out) / "students" / "tiue-seed0" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = unet.stat().st_mtime_ns
+    again = run_demo(DemoConfig(**{**cfg.__dict__, "students": ("tiue",)}))
+    assert unet.stat().st_mtime_ns == before
+    assert again[2]["alignment"] == rows[3]["alignment"] and again[2]["fd"] == rows[3]["fd"]
+    r = run("demo", "--out", cfg.out, "--steps", 2, "--prompts", 3, "--seeds", 2, "--teacher-steps", 3, "--students", "tiue")
+    assert r.exit_code == 2 and "other settings" in r.output, r.output  # its prompt file differs (CLI default length)
+    assert not (Path(cfg.out) / "distill_prompts-4000-seed0.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--students", "tiue,nope"], "--students must name some of"),
+        (["--prompts", "65"], "--prompts must be in 1..64"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--teacher", "{missing}"], "does not exist"),
+    ],
+)
+def test_demo_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = run("demo", "--out", out, *[str(tmp_path / "nope") if a == "{missing}" else a for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and len(r.output.strip().splitlines()) == 1
+    assert not out.exists()
