@@ -1,6 +1,6 @@
 """``loopfree toy``: commands for the toy world.
 
-    loopfree toy train-teacher --out runs/teacher --threads 2 --minutes 100
+    loopfree toy train-teacher --out runs/teacher
 """
 
 from __future__ import annotations
