@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from loopfree.cli import main
+from loopfree.errors import LoopfreeError
 from loopfree.pipeline import load_pipeline
 from loopfree.toy.assets import bundled
 from loopfree.toy.demo import METRICS, DemoConfig, format_table, run_demo, summarise
@@ -99,6 +100,8 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     r = run("demo", "--out", cfg.out, "--steps", 2, "--prompts", 3, "--seeds", 2, "--teacher-steps", 3, "--students", "tiue")
     assert r.exit_code == 2 and "other settings" in r.output, r.output  # its prompt file differs (CLI default length)
     assert not (Path(cfg.out) / "distill_prompts-4000-seed0.txt").exists()
+    with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --steps 1"):
+        run_demo(DemoConfig(**{**cfg.__dict__, "steps": 1}))
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -110,6 +109,8 @@ def finished(config: DistillConfig) -> bool:
     previous = load_config(saved)
     if dataclasses.replace(previous, max_steps=config.max_steps, resume=None) != dataclasses.replace(config, resume=None):
         raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
+    if previous.max_steps > config.max_steps:
+        raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --steps {config.max_steps}")
     return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
 
 
