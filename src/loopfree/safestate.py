@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it to ``path``: readers see
+    the old file or the whole new one, never a part."""
+    tmp = Path(str(path) + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def save_state(path: str | Path, state: Any) -> None:
@@ -30,9 +38,7 @@ def save_state(path: str | Path, state: Any) -> None:
         raise TypeError(f"cannot store a {type(obj).__name__} in a safetensors state file")
 
     meta = json.dumps(encode(state))
-    tmp = Path(str(path) + ".tmp")
-    save_file(tensors, tmp, metadata={"state": meta})
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"state": meta}))
 
 
 def load_state(path: str | Path) -> Any:

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from loopfree.config import DistillConfig, load_config
 from loopfree.errors import LoopfreeError
 from loopfree.images import image_grid
 from loopfree.pipeline import load_pipeline
+from loopfree.safestate import write_atomic
 from loopfree.toy.assets import bundled
 from loopfree.toy.classifier import load_classifier
 from loopfree.toy.evaluate import evaluate_images, real_reference
@@ -134,22 +134,9 @@ def sample(pipe, prompts: list[str], cfg: DemoConfig, **call) -> tuple[torch.Ten
     return torch.cat(images), 1000.0 * seconds / x_T.shape[0]
 
 
-def labelled_grid(rows: list[list[Image.Image]], labels: list[str], scale: int = 2) -> Image.Image:
-    """``image_grid`` of ``rows`` enlarged ``scale`` times, each row named on its left."""
-    rows = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in row] for row in rows]
-    body = image_grid(rows)
-    margin, height = 6 * max(len(label) for label in labels) + 16, rows[0][0].height
-    picture = Image.new("RGB", (margin + body.width, body.height), "white")
-    picture.paste(body, (margin, 0))
-    draw = ImageDraw.Draw(picture)
-    for i, label in enumerate(labels):
-        draw.text((6, i * height + height // 2 - 6), label, fill="black")
-    return picture
-
-
-def _to_pil(images: torch.Tensor) -> list[Image.Image]:
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
+def enlarged(images: list[Image.Image], scale: int = 2) -> list[Image.Image]:
+    """``images`` ``scale`` times larger, pixels kept sharp."""
+    return [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
 
 
 def summarise(name: str, runs: list[dict[str, float]]) -> dict:
@@ -178,12 +165,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table)
 
 
-def _write_atomic(path: Path, write) -> None:
-    partial = path.with_name(f".tmp-{path.name}")
-    write(partial)
-    os.replace(partial, path)
-
-
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
     teacher_path = cfg.teacher or str(bundled("teacher"))
@@ -204,39 +185,47 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     # -- students: one distillation per kind and training seed
     out.mkdir(parents=True, exist_ok=True)
     if not prompts_file.is_file():
-        _write_atomic(prompts_file, lambda p: p.write_text("\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n"))
+        write_atomic(prompts_file, lambda p: p.write_text("\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n"))
     for config in todo:
         distill(dataclasses.replace(config, resume="latest"))
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
-    # -- sampling: the teacher rows once, then every trained student
+    # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
     guided = dict(guidance_scale=cfg.guidance, mode="loop")
-    jobs: list[tuple[str, list]] = [
-        (f"teacher {cfg.teacher_steps}-step DDIM", [(teacher, dict(guided, num_inference_steps=cfg.teacher_steps))]),
-        ("teacher 4-step DDIM", [(teacher, dict(guided, num_inference_steps=4))]),
-    ]
-    jobs += [(STUDENTS[kind][0], [(d, None) for d in dirs]) for kind, dirs in runs.items()]
+    teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", dict(guided, num_inference_steps=cfg.teacher_steps)),
+                    ("teacher 4-step DDIM", dict(guided, num_inference_steps=4))]
     classifier, reference = load_classifier(), real_reference(aligned, cfg.seed)
-    rows, grid_rows = [], []
-    bar = tqdm(total=sum(len(members) for _, members in jobs), desc="sample + score", unit="run")
-    for name, members in jobs:
-        scores = []
-        for pipe, call in members:
-            if call is None:  # a student directory: one pass over its recorded decoder timesteps, no guidance
-                pipe = load_pipeline(pipe)
-                pipe.set_progress_bar_config(disable=True)
-                call = dict(num_inference_steps=len(pipe.decoder_timesteps), guidance_scale=1.0, mode="loop_free")
-            images, ms = sample(pipe, prompts, cfg, **call)
-            scores.append({**evaluate_images(images, aligned, classifier, reference), "unet_ms_per_image": ms})
-            if len(scores) == 1:
-                grid_rows.append(_to_pil(images[:: cfg.seeds][:GRID_COLUMNS]))
-            bar.update()
-        rows.append(summarise(name, scores))
+    names, rows, grid_rows = [], [], []
+    bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
+
+    def score(pipe, call: dict) -> tuple[dict[str, float], list[Image.Image]]:
+        """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
+        images, ms = sample(pipe, prompts, cfg, **call)
+        bar.update()
+        shown = teacher.image_processor.postprocess(images[:: cfg.seeds][:GRID_COLUMNS], output_type="pil")
+        return {**evaluate_images(images, aligned, classifier, reference), "unet_ms_per_image": ms}, enlarged(shown)
+
+    for name, call in teacher_rows:
+        scores, shown = score(teacher, call)
+        names.append(name)
+        rows.append(summarise(name, [scores]))
+        grid_rows.append(shown)
+    for kind, dirs in runs.items():
+        runs_scores = []
+        for directory in dirs:
+            student = load_pipeline(directory)
+            student.set_progress_bar_config(disable=True)
+            scores, shown = score(student, dict(num_inference_steps=len(student.decoder_timesteps), guidance_scale=1.0, mode="loop_free"))
+            runs_scores.append(scores)
+            if len(runs_scores) == 1:  # the grid shows the first training seed
+                grid_rows.append(shown)
+        names.append(STUDENTS[kind][0])
+        rows.append(summarise(names[-1], runs_scores))
     bar.close()
 
     # -- outputs
-    labelled_grid(grid_rows, [name for name, _ in jobs]).save(out / "grid.png")
+    image_grid(grid_rows, names).save(out / "grid.png")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     report = {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts}
-    _write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     return rows
