@@ -27,16 +27,25 @@ def run(*args):
 
 def test_generate_writes_pngs_and_settings(model_dir, tmp_path):
     out = tmp_path / "images"
-    r = run("generate", "a red cat", "--model", model_dir, "--out", out, "--num-images", 2, "--seed", 3, "--guidance", 2)
+    r = run("generate", "a red cat", "--model", model_dir, "--out", out, "--images-per-prompt", 2, "--seed", 3, "--guidance", 2)
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "generate.json").read_text())
     assert settings["files"] == ["000.png", "001.png"] and settings["seed"] == 3 and settings["guidance"] == 2.0
-    assert settings["decoder_timesteps"] == [751, 501, 251, 1] and settings["mode"] == "loop_free"
+    assert settings["timesteps"] == [751, 501, 251, 1] and settings["mode"] == "loop_free"
     assert Image.open(out / "000.png").size == (16, 16)
-    # same seed, same pictures
+    # same seed, same pictures, whatever the number of images asked for
     again = tmp_path / "again"
-    run("generate", "a red cat", "--model", model_dir, "--out", again, "--num-images", 2, "--seed", 3, "--guidance", 2)
+    run("generate", "a red cat", "--model", model_dir, "--out", again, "--images-per-prompt", 3, "--seed", 3, "--guidance", 2)
     assert (again / "001.png").read_bytes() == (out / "001.png").read_bytes()
+
+
+def test_old_spellings_work_with_a_note(model_dir, tmp_path):
+    r = CliRunner().invoke(main, ["generate", "a red cat", "--model", str(model_dir), "--out", str(tmp_path / "a"),
+                                                  "--num-images", "2", "--height", "16", "--width", "8"])
+    assert r.exit_code == 0, r.output
+    assert "--num-images is deprecated" in r.stderr and "use --resolution" in r.stderr
+    settings = json.loads((tmp_path / "a" / "generate.json").read_text())
+    assert settings["images_per_prompt"] == 2 and (settings["height"], settings["width"]) == (16, 8)
 
 
 @pytest.mark.parametrize(
@@ -46,9 +55,9 @@ def test_generate_writes_pngs_and_settings(model_dir, tmp_path):
         (["a red cat", "--model", "{notpipe}"], "not a diffusers pipeline"),
         (["a red cat", "--model", "{halfpipe}"], "no unet component"),
         (["   ", "--model", "{model}"], "prompt is empty"),
-        (["a red cat", "--model", "{model}", "--steps", "0"], "--steps must be at least 1"),
-        (["a red cat", "--model", "{model}", "--height", "15"], "height must be a positive multiple of 2"),
-        (["a red cat", "--model", "{model}", "--width", "0"], "width must be a positive multiple of 2"),
+        (["a red cat", "--model", "{model}", "--steps", "0"], "'--steps'"),
+        (["a red cat", "--model", "{model}", "--resolution", "16x15"], "height must be a positive multiple of 2"),
+        (["a red cat", "--model", "{model}", "--resolution", "0x16"], "width must be a positive multiple of 2"),
         (["a red cat", "--model", "{model}", "--device", "gpu7"], "unknown device"),
         (["a red cat", "--model", "{model}", "--device", "cuda:3"], "device 'cuda:3'"),
     ],

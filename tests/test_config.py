@@ -7,7 +7,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from loopfree.config import DistillConfig, config_options, load_config, save_config
+from loopfree.cli.config_options import config_options
+from loopfree.config import DistillConfig, load_config, save_config
 from loopfree.errors import LoopfreeError
 
 REQUIRED = {"teacher": "teacher_dir", "prompts": "prompts.txt", "out": "out_dir"}
@@ -22,13 +23,13 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 def _error(tmp_path: Path, text: str, overrides: dict | None = None) -> str:
     with pytest.raises(LoopfreeError) as info:
         load_config(_yaml(tmp_path, text), overrides)
-    assert "\n" not in info.value.message
-    return info.value.message
+    assert "\n" not in str(info.value)
+    return str(info.value)
 
 
 def test_defaults_are_the_papers():
     cfg = DistillConfig(**REQUIRED)
-    assert (cfg.decoder_steps, cfg.guidance, cfg.kl_weight, cfg.kl_reduction) == (4, 4.5, 0.1, "sum")
+    assert (cfg.steps, cfg.guidance, cfg.kl_weight, cfg.kl_reduction) == (4, 4.5, 0.1, "sum")
     assert (cfg.vsd_t_min, cfg.vsd_t_max, cfg.fake_cfg_dropout) == (20, 980, 0.1)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) == (64, 108.0, ["to_q", "to_v"])
     assert (cfg.lr_student, cfg.lr_fake, cfg.ema_decay, cfg.max_grad_norm) == (1e-6, 1e-3, 0.9999, 1.0)
@@ -37,7 +38,7 @@ def test_defaults_are_the_papers():
 def test_yaml_round_trip(tmp_path):
     cfg = DistillConfig(
         **REQUIRED,
-        decoder_timesteps=[900, 600, 300, 1],
+        timesteps=[900, 600, 300, 1],
         lora_targets=["to_q", "to_k", "to_v"],
         validation_prompts=["a cat, sitting", "no"],
         kl_reduction="mean",
@@ -48,13 +49,20 @@ def test_yaml_round_trip(tmp_path):
     )
     save_config(cfg, tmp_path / "sub" / "config.yaml")
     assert load_config(tmp_path / "sub" / "config.yaml", {}) == cfg
-    assert yaml.safe_load((tmp_path / "sub" / "config.yaml").read_text())["mixed_precision"] == "no"
+    assert yaml.safe_load((tmp_path / "sub" / "config.yaml").read_text())["dtype"] == "fp32"
 
 
-def test_yaml_spellings_are_accepted(tmp_path):
-    text = "teacher: t\nprompts: p\nout: o\nmixed-precision: no\nlr_student: 1e-6\nguidance: 5\n"
+def test_kl_weight_follows_the_student_unless_given():
+    assert DistillConfig(**REQUIRED).kl_weight == 0.1  # paper, TiUE
+    assert DistillConfig(**REQUIRED, student="one-step").kl_weight == 0.0  # SwiftBrush has no KL term
+    assert DistillConfig(**REQUIRED, student="one-step", kl_weight=0.05).kl_weight == 0.05
+
+
+def test_yaml_spellings_are_accepted(tmp_path, caplog):
+    text = "teacher: t\nprompts: p\nout: o\nmixed-precision: no\nlr_student: 1e-6\nguidance: 5\ndecoder_steps: 3\n"
     cfg = load_config(_yaml(tmp_path, text), {})
-    assert cfg.mixed_precision == "no"  # YAML 1.1 reads a bare `no` as false
+    assert cfg.dtype == "fp32" and cfg.mixed_precision == "no"  # deprecated key; YAML 1.1 reads a bare `no` as false
+    assert cfg.steps == 3 and "`decoder_steps`" in caplog.text and "deprecated" in caplog.text
     assert cfg.lr_student == 1e-6  # YAML 1.1 reads 1e-6 as a string
     assert cfg.guidance == 5.0 and isinstance(cfg.guidance, float)
 
@@ -89,18 +97,18 @@ def test_malformed_yaml_files(tmp_path):
         ("save_ema: maybe", ["save_ema", "true or false"]),
         ("guidance: true", ["guidance", "number"]),
         ("lora_targets: to_q", ["lora_targets", "list"]),
-        ("decoder_timesteps: [900, 1.5, 300, 1]", ["decoder_timesteps[1]", "integer"]),
+        ("timesteps: [900, 1.5, 300, 1]", ["timesteps[1]", "integer"]),
         ("student: two-step", ["student", "tiue, one-step"]),
-        ("mixed_precision: fp8", ["mixed_precision", "no, fp16, bf16"]),
+        ("dtype: fp8", ["dtype", "fp32, fp16, bf16"]),
         ("batch_size: 0", ["batch_size", "≥ 1"]),
-        ("decoder_steps: 0", ["decoder_steps", "≥ 1"]),
-        ("decoder_steps: 1", ["decoder_steps = 1", "one-step"]),
+        ("steps: 0", ["steps", "≥ 1"]),
+        ("steps: 1", ["steps = 1", "one-step"]),
         ("vsd_t_max: 1000", ["vsd_t_max", "[0, 999]"]),
         ("vsd_t_min: 500\nvsd_t_max: 400", ["vsd_t_min", "vsd_t_max"]),
-        ("decoder_timesteps: [900, 600, 1]", ["decoder_timesteps", "3 entries"]),
-        ("decoder_timesteps: [900, 300, 600, 1]", ["decoder_timesteps", "decreasing"]),
+        ("timesteps: [900, 600, 1]", ["timesteps", "3 entries"]),
+        ("timesteps: [900, 300, 600, 1]", ["timesteps", "decreasing"]),
         ("fake_cfg_dropout: 1.5", ["fake_cfg_dropout", "[0, 1]"]),
-        ("resolution: 500", ["resolution", "multiple of 8"]),
+        ("resolution: 0", ["resolution", "≥ 1"]),
     ],
 )
 def test_invalid_values_are_named(tmp_path, line, fragments):
@@ -110,7 +118,7 @@ def test_invalid_values_are_named(tmp_path, line, fragments):
 
 
 def test_single_decoder_step_is_fine_for_the_one_step_student():
-    assert DistillConfig(**REQUIRED, student="one-step", decoder_steps=1).decoder_steps == 1
+    assert DistillConfig(**REQUIRED, student="one-step", steps=1).steps == 1
 
 
 @click.command()
@@ -128,7 +136,7 @@ def test_click_options_parse_into_overrides():
         "--teacher", "t", "--prompts", "p.jsonl", "--out", "o",
         "--batch-size", "2", "--kl-weight", "3.2", "--kl-reduction", "mean",
         "--no-save-ema", "--gradient-checkpointing",
-        "--decoder-timesteps", "900, 600,300,1", "--lora-targets", "to_q,to_k,to_v",
+        "--timesteps", "900, 600,300,1", "--lora-targets", "to_q,to_k,to_v",
         "--validation-prompts", "a cat, sitting", "--validation-prompts", "a dog",
         standalone_mode=False,
     )  # fmt: skip
@@ -136,7 +144,7 @@ def test_click_options_parse_into_overrides():
     options = result.return_value
     assert options["batch_size"] == 2 and options["kl_weight"] == 3.2 and options["kl_reduction"] == "mean"
     assert options["save_ema"] is False and options["gradient_checkpointing"] is True
-    assert options["decoder_timesteps"] == [900, 600, 300, 1]
+    assert options["timesteps"] == [900, 600, 300, 1]
     assert options["lora_targets"] == ["to_q", "to_k", "to_v"]
     assert options["validation_prompts"] == ["a cat, sitting", "a dog"]
     not_given = {name for name, value in options.items() if value is None}
@@ -147,7 +155,7 @@ def test_click_options_parse_into_overrides():
 
 def test_click_rejects_bad_flag_values_with_exit_code_2():
     assert _invoke("--student", "two-step").exit_code == 2
-    assert _invoke("--decoder-timesteps", "900,x").exit_code == 2
+    assert _invoke("--timesteps", "900,x").exit_code == 2
     assert _invoke("--batch-size", "many").exit_code == 2
 
 

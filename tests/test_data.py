@@ -18,7 +18,7 @@ def _write(path: Path, text: str) -> Path:
 def _raises(path: Path, *fragments: str, field: str | None = None) -> None:
     with pytest.raises(LoopfreeError) as info:
         load_prompts(path, field)
-    message = info.value.message
+    message = str(info.value)
     assert "\n" not in message
     for fragment in (path.name, *fragments):
         assert fragment in message

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from loopfree.losses import diffuse, fake_score_loss, guided, kl_loss, sample_timesteps, vsd_loss
+from loopfree.guidance import guided
+from loopfree.losses import fake_score_loss, kl_loss, vsd_loss
+from loopfree.schedule import diffuse, sample_timesteps
 
 
 def _rand(*shape: int, seed: int) -> torch.Tensor:

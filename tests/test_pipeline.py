@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline, load_pipeline
+from loopfree.loading import load_pipeline
+from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline
 from tiny import make_pipeline
 
 PROMPTS = ["a red cat", "a photo of the blue dog"]
@@ -84,8 +85,38 @@ def test_bad_arguments_raise(saved):
         pipe("a red cat", height=15)
     with pytest.raises(ValueError, match="mode"):
         pipe("a red cat", mode="fast")
-    with pytest.raises(ValueError, match="at least 1"):
-        pipe("a red cat", num_inference_steps=0)
+    for steps in (0, 1001):
+        with pytest.raises(ValueError, match="steps must be in 1..1000"):
+            pipe("a red cat", num_inference_steps=steps)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        pipe("a red cat", guidance_scale=float("nan"))
+    for bad, why in [([501, 751], "strictly decreasing"), ([751, 751], "strictly decreasing"), ([1000, 1], r"\[0, 999\]"),
+                     ([5, -1], r"\[0, 999\]"), ([], "empty"), ([7.5], "integers")]:
+        with pytest.raises(ValueError, match=why):
+            pipe("a red cat", timesteps=bad)
+    with pytest.raises(ValueError, match="2 timesteps given but steps is 3"):
+        pipe("a red cat", timesteps=[751, 1], num_inference_steps=3)
+
+
+def test_recorded_timesteps_are_the_default_and_other_k_is_explicit(saved, caplog):
+    """Defect 1: a student that recorded its own decoder timesteps (a one-step student: [999], ā_final 1) is sampled
+    with them by default; another K uses the scheduler's DDIM timesteps and says so."""
+    _, pipe, _ = saved
+    one_step = type(pipe)(**pipe.components)
+    one_step.decoder_timesteps, one_step.final_alpha_cumprod = [999], 1.0
+    plan = one_step.plan_steps("loop_free")
+    assert (plan.num_steps, plan.timesteps, plan.final_alpha_cumprod) == (1, [999], 1.0)
+    assert one_step.plan_steps("loop_free", 1) == plan and one_step.plan_steps("loop_free", None, [999]) == plan
+    default = one_step("a red cat", generator=_gen(), output_type="latent").images
+    explicit = one_step("a red cat", generator=_gen(), output_type="latent", timesteps=[999]).images
+    assert torch.equal(default, explicit)
+    caplog.clear()
+    other = one_step.plan_steps("loop_free", 4)
+    assert other.timesteps == [751, 501, 251, 1] and other.final_alpha_cumprod is None
+    assert "distilled for decoder timesteps [999]" in caplog.text
+    teacher = type(pipe)(**pipe.components)  # records nothing: K = 4 of the scheduler (paper), loops 50 steps
+    assert teacher.plan_steps("loop_free").timesteps == [751, 501, 251, 1]
+    assert teacher.plan_steps("loop").num_steps == 50 and teacher.plan_steps("loop", 8).num_steps == 8
 
 
 def test_initial_noise_is_unit_gaussian_whatever_the_shipped_scheduler(saved):

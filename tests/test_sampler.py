@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from loopfree.sampler import Conditioning, NoiseSchedule, ddim_combine, decoder_timesteps, loop_free
+from loopfree.sampler import Conditioning, ddim_combine, loop_free
+from loopfree.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.split import decode, encode
 from tiny import make_scheduler, make_unet
 
 
 def test_sd21_base_default_decoder_timesteps():
     assert decoder_timesteps(make_scheduler().config, 4) == [751, 501, 251, 1]
-    with pytest.raises(ValueError, match="at least 1"):
-        decoder_timesteps(make_scheduler().config, 0)
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="steps must be in 1..1000"):
+            decoder_timesteps(make_scheduler().config, bad)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from loopfree.cli import main
 from loopfree.errors import LoopfreeError
-from loopfree.pipeline import load_pipeline
+from loopfree.loading import load_pipeline
 from loopfree.toy.assets import bundled
 from loopfree.toy.demo import METRICS, DemoConfig, format_table, run_demo, summarise
 from loopfree.toy.world import heldout_prompts, parse_prompt
@@ -45,10 +45,10 @@ def test_bundled_student_records_its_decoder_timesteps():
 
 def test_generate_without_model_uses_the_bundled_student(tmp_path):
     out = tmp_path / "images"
-    r = run("generate", "a red circle on a white background", "--out", out, "--num-images", 2)
+    r = run("generate", "a red circle on a white background", "--out", out, "--images-per-prompt", 2)
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "generate.json").read_text())
-    assert settings["model"] == str(bundled("student")) and settings["decoder_timesteps"] == load_pipeline(bundled("student")).decoder_timesteps
+    assert settings["model"] == str(bundled("student")) and settings["timesteps"] == load_pipeline(bundled("student")).decoder_timesteps
     assert Image.open(out / "001.png").size == (64, 64)
 
 
@@ -65,7 +65,7 @@ def test_summarise_gives_mean_and_sample_spread():
 
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
-    cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "run"), steps=2, prompts=3, seeds=2, teacher_steps=3,
+    cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "run"), max_steps=2, num_prompts=3, images_per_prompt=2, teacher_steps=3,
                      distill_prompts=40)
     return cfg, run_demo(cfg)
 
@@ -97,19 +97,21 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     again = run_demo(DemoConfig(**{**cfg.__dict__, "students": ("tiue",)}))
     assert unet.stat().st_mtime_ns == before
     assert again[2]["alignment"] == rows[3]["alignment"] and again[2]["fd"] == rows[3]["fd"]
-    r = run("demo", "--out", cfg.out, "--steps", 2, "--prompts", 3, "--seeds", 2, "--teacher-steps", 3, "--students", "tiue")
+    r = run("demo", "--out", cfg.out, "--max-steps", 2, "--num-prompts", 3, "--images-per-prompt", 2, "--teacher-steps", 3, "--students", "tiue")
     assert r.exit_code == 2 and "other settings" in r.output, r.output  # its prompt file differs (CLI default length)
     assert not (Path(cfg.out) / "distill_prompts-4000-seed0.txt").exists()
-    with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --steps 1"):
-        run_demo(DemoConfig(**{**cfg.__dict__, "steps": 1}))
+    with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --max-steps 1"):
+        run_demo(DemoConfig(**{**cfg.__dict__, "max_steps": 1}))
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--students", "tiue,nope"], "--students must name some of"),
-        (["--prompts", "65"], "--prompts must be in 1..64"),
-        (["--steps", "0"], "--steps must be at least 1"),
+        (["--num-prompts", "65"], "--num-prompts must be in 1..64"),
+        (["--max-steps", "0"], "'--max-steps'"),
+        (["--images-per-prompt", "1"], "--images-per-prompt must be at least 2"),
+        (["--num-prompts", "2", "--images-per-prompt", "2"], "must exceed 5"),
         (["--teacher", "{missing}"], "does not exist"),
     ],
 )

@@ -7,8 +7,9 @@ from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 
 from loopfree.errors import LoopfreeError
-from loopfree.pipeline import LoopFreePipeline, load_pipeline
-from loopfree.toy.cli import toy
+from loopfree.loading import load_pipeline
+from loopfree.pipeline import LoopFreePipeline
+from loopfree.cli.toy import toy
 from loopfree.toy.teacher import TeacherConfig, train_teacher
 
 TINY = dict(
@@ -79,5 +80,5 @@ def test_config_rejects_oversized_models(tmp_path):
 def test_cli_exposes_train_teacher():
     result = CliRunner().invoke(toy, ["train-teacher", "--help"])
     assert result.exit_code == 0
-    for option in ("--out", "--steps", "--minutes", "--seed", "--threads"):
+    for option in ("--out", "--max-steps", "--minutes", "--seed", "--threads"):
         assert option in result.output

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from loopfree.cli import main
 from loopfree.config import load_config
-from loopfree.pipeline import load_pipeline
+from loopfree.loading import load_pipeline
 from loopfree.trainer import Distiller, PromptEncoder, distill
 from tiny import make_pipeline
 
@@ -174,10 +174,11 @@ def test_two_process_cpu_run_keeps_replicas_identical(teacher, tmp_path):
         (["--prompts", "{tmp}/bad.jsonl"], "line 2"),
         (["--prompts", "{tmp}/nofile.txt"], "nofile.txt"),
         (["--config", "{tmp}/unknown.yaml"], "lora_rnk"),
-        (["--decoder-steps", "1"], "one-step"),
-        (["--decoder-steps", "0"], "decoder_steps"),
+        (["--steps", "1"], "one-step"),
+        (["--steps", "0"], "steps"),
         (["--batch-size", "0"], "batch_size"),
-        (["--resolution", "12"], "resolution"),
+        (["--resolution", "13"], "multiple of 2"),
+        (["--resolution", "1000000"], "over this model's limit"),
         (["--resume", "{tmp}/nockpt"], "not a complete loopfree checkpoint"),
     ],
 )

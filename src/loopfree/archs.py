@@ -23,17 +23,17 @@ class Arch:
         unet = UNet2DConditionModel(**self.unet).to(device).eval()
         return unet if dtype == torch.float32 else unet.to(dtype)
 
-    def inputs(self, batch: int, resolution: int, device, dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
-        """Random latents, text states and (SDXL) added conditioning for ``batch`` images."""
+    def inputs(self, batch: int, size: tuple[int, int], device, dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+        """Random latents, text states and (SDXL) added conditioning for ``batch`` images of ``size`` (height, width)."""
         g = torch.Generator().manual_seed(seed)
-        side = resolution // self.vae_scale_factor
-        x = torch.randn(batch, self.unet.get("in_channels", 4), side, side, generator=g)
+        height, width = size
+        x = torch.randn(batch, self.unet.get("in_channels", 4), height // self.vae_scale_factor, width // self.vae_scale_factor, generator=g)
         text = torch.randn(batch, self.text_len, self.unet["cross_attention_dim"], generator=g)
         added = None
         if self.pooled_dim is not None:
             added = {
                 "text_embeds": torch.randn(batch, self.pooled_dim, generator=g).to(device, dtype),
-                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch).to(device, dtype),
+                "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch).to(device, dtype),
             }
         return x.to(device, dtype), text.to(device, dtype), added
 

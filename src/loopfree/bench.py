@@ -18,14 +18,17 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from loopfree.archs import Arch
-from loopfree.sampler import Conditioning, NoiseSchedule, ddim_loop, decoder_timesteps, loop_free
+from loopfree.sampler import Conditioning, ddim_loop, loop_free
+from loopfree.schedule import NoiseSchedule, decoder_timesteps
+from loopfree.timing import Sections, measure, synchronize
 from loopfree.split import decode, encode
 
-# SD2.1-base's scheduler (leading spacing, steps_offset 1): DDIM timesteps as the teacher would use
-SCHEDULER = DDIMScheduler(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1,
-)
+def sd21_scheduler() -> DDIMScheduler:
+    """SD2.1-base's scheduler (leading spacing, steps_offset 1): DDIM timesteps as the teacher would use."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
 
 
 @dataclass
@@ -36,48 +39,26 @@ class Row:
     peak_mem_gib: float | None  # CUDA only
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work, so wall-clock timings cover it (no-op elsewhere)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float | None]:
-    """Median wall time of ``fn`` over ``repeats`` after ``warmup`` calls, and peak CUDA memory in GiB."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
-
-
 def inference_rows(
-    arch: Arch, resolution: int, device: torch.device, dtype: torch.dtype, repeats: int, decoders: int = 4,
+    arch: Arch, size: tuple[int, int], device: torch.device, dtype: torch.dtype, repeats: int, decoders: int = 4,
     with_50: bool = False, batch: int = 1,
 ) -> list[Row]:
     """Full UNet 1/K/50 steps, the one-pass sampler and its parts, each timed on the same UNet."""
     unet = arch.build(device, dtype)
-    x, text, added = arch.inputs(batch, resolution, device, dtype)
+    x, text, added = arch.inputs(batch, size, device, dtype)
     cond = Conditioning(text, added)
-    ts = decoder_timesteps(SCHEDULER.config, decoders)
-    schedule = NoiseSchedule.from_scheduler(SCHEDULER)
+    scheduler = sd21_scheduler()
+    ts = decoder_timesteps(scheduler.config, decoders)
+    schedule = NoiseSchedule.from_scheduler(scheduler)
     with torch.inference_mode():
         feats = encode(unet, x, ts[0], text, added)
 
     cases: list[tuple[str, Callable[[], object]]] = [
         ("full UNet, 1 step", lambda: unet(x, ts[0], text, added_cond_kwargs=added)),
-        (f"full UNet, {decoders} steps", lambda: ddim_loop(unet, SCHEDULER, x, decoders, cond)),
+        (f"full UNet, {decoders} steps", lambda: ddim_loop(unet, scheduler, x, decoders, cond)),
     ]
     if with_50:
-        cases.append(("full UNet, 50 steps", lambda: ddim_loop(unet, SCHEDULER, x, 50, cond)))
+        cases.append(("full UNet, 50 steps", lambda: ddim_loop(unet, scheduler, x, 50, cond)))
     cases += [
         (f"one pass, K={decoders}", lambda: loop_free(unet, schedule, x, ts, cond)),
         ("encoder alone", lambda: encode(unet, x, ts[0], text, added)),
@@ -102,22 +83,22 @@ def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") ->
 
 
 def train_rows(
-    arch: Arch, resolution: int, device: torch.device, mixed_precision: str, repeats: int, batch: int = 1, decoders: int = 4,
+    arch: Arch, size: tuple[int, int], device: torch.device, dtype: str, repeats: int, batch: int = 1, decoders: int = 4,
     gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
 ) -> list[Row]:
     """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
     from accelerate import Accelerator
 
     from loopfree.config import DistillConfig
-    from loopfree.trainer import Distiller, Sections
+    from loopfree.trainer import Distiller
 
     cfg = DistillConfig(
-        teacher="-", prompts="-", out="-", batch_size=batch, decoder_steps=decoders, mixed_precision=mixed_precision,
+        teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake,
     )
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
-    distiller = Distiller(cfg, arch.build(device), SCHEDULER, acc, resolution // arch.vae_scale_factor)
-    _, text, added = arch.inputs(batch, resolution, device, torch.float32)
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    distiller = Distiller(cfg, arch.build(device), sd21_scheduler(), acc, (size[0] // arch.vae_scale_factor, size[1] // arch.vae_scale_factor))
+    _, text, added = arch.inputs(batch, size, device, torch.float32)
     cond = Conditioning(text, added)
     uncond = Conditioning(torch.zeros_like(text), added)
 

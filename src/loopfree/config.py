@@ -1,23 +1,23 @@
-"""Typed configuration of `loopfree distill`: defaults (paper values marked), validation,
-YAML loading and saving, and one click option per setting.
+"""Typed configuration of `loopfree distill`: defaults (paper values marked), validation, YAML loading and
+saving. The command line gets one flag per field (``loopfree.cli.config_options``).
 
 Precedence: dataclass defaults < YAML file < command-line flags actually given.
 """
 
 import dataclasses
 import difflib
+import logging
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import click
 import yaml
 
 from .errors import LoopfreeError
 
-F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000  # training timesteps of the SD teachers: t ∈ {0, ..., 999}
 
@@ -28,7 +28,7 @@ _POSITIVE = (lambda v: v > 0, "> 0")
 _DECAY = (lambda v: 0 <= v < 1, "in [0, 1)")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _TIMESTEP = (lambda v: 0 <= v < NUM_TRAIN_TIMESTEPS, f"in [0, {NUM_TRAIN_TIMESTEPS - 1}]")
-_RESOLUTION = (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
+_POSITIVE_INT = (lambda v: v >= 1, "≥ 1")
 
 
 def _opt(text: str, default: Any = dataclasses.MISSING, **metadata: Any) -> Any:
@@ -53,16 +53,19 @@ class DistillConfig:
     )
     batch_size: int = _opt("prompts per process and step (paper: 8 per GPU, 8 GPUs)", 8, check=_AT_LEAST_1)
     resolution: int | None = _opt(
-        "image size in pixels (default: the teacher's native size; paper: 512)", None, check=_RESOLUTION
+        "square image size in pixels, a multiple of the teacher's VAE factor (default: its native size; paper: 512)",
+        None,
+        check=_POSITIVE_INT,
     )
     seed: int = _opt("random seed for prompts, noise and timesteps", 0)
     checkpoint_every: int = _opt("resumable checkpoint every N steps and at the end (0: none; SIGTERM/SIGINT still saves one)", 1000, check=_NON_NEGATIVE)
     checkpoints_total_limit: int | None = _opt("keep the newest N checkpoints (null: keep all)", 3, check=_AT_LEAST_1)
     resume: str | None = _opt("resume from 'latest' (newest checkpoint in --out) or a checkpoint directory", None)
+    overwrite: bool = _opt("replace a run already in --out (else it is refused unless resumed)", False)
     # -- student
     student: Literal["tiue", "one-step"] = _opt("tiue (loop-free, K decoders) or one-step (SwiftBrush)", "tiue")
-    decoder_steps: int = _opt("K, number of decoder timesteps of the TiUE student (paper: 4)", 4, check=_AT_LEAST_1)
-    decoder_timesteps: list[int] | None = _opt(
+    steps: int = _opt("K, the TiUE student's decoder timesteps (its sampling steps; paper: 4)", 4, check=_AT_LEAST_1)
+    timesteps: list[int] | None = _opt(
         "τ_K > … > τ_1, comma-separated (default: the teacher scheduler's DDIM timesteps for K steps, "
         "e.g. 751,501,251,1 for SD2.1-base)",
         None,
@@ -73,10 +76,10 @@ class DistillConfig:
     guidance: float = _opt("classifier-free guidance of teacher and fake score (paper: 4.5)", 4.5, check=_NON_NEGATIVE)
     vsd_t_min: int = _opt("smallest VSD timestep (paper: 20)", 20, check=_TIMESTEP)
     vsd_t_max: int = _opt("largest VSD timestep (paper: 980)", 980, check=_TIMESTEP)
-    kl_weight: float = _opt(
-        "λ_KL (paper: 0.1 with kl_reduction=sum; with mean, 3.2 gives the paper's weight at K=4 and 8 prompts "
-        "per process; 0: the w/o-KL ablation)",
-        0.1,
+    kl_weight: float | None = _opt(
+        "λ_KL (default: 0.1 for tiue — paper, with kl_reduction=sum — and 0 for one-step, which has no KL term; "
+        "with mean, 3.2 gives the paper's weight at K=4 and 8 prompts per process; 0: the w/o-KL ablation)",
+        None,
         check=_NON_NEGATIVE,
     )
     kl_reduction: Literal["sum", "mean"] = _opt(
@@ -97,7 +100,9 @@ class DistillConfig:
     max_grad_norm: float = _opt("gradient-norm clip of both networks (paper: 1.0)", 1.0, check=_POSITIVE)
     ema_decay: float = _opt("student EMA decay, warm-up min(decay, (1+s)/(10+s)) (paper: 0.9999)", 0.9999, check=_DECAY)
     save_ema: bool = _opt("the final pipeline gets the EMA student weights (else the raw ones)", True)
-    mixed_precision: Literal["no", "fp16", "bf16"] = _opt("autocast precision (paper: mixed precision on GPU)", "no")
+    dtype: Literal["fp32", "fp16", "bf16"] = _opt(
+        "compute precision: fp16/bf16 autocast with fp32 master weights (paper: mixed precision on GPU)", "fp32"
+    )
     gradient_checkpointing: bool = _opt("recompute activations to save memory (paper: on)", False)
     cache_prompt_embeds: bool = _opt("encode every prompt once up front and keep the embeddings", False)
     batch_teacher_fake: bool = _opt(
@@ -122,21 +127,28 @@ class DistillConfig:
                 for item in value if isinstance(value, list) else [value]:
                     if not ok(item):
                         raise LoopfreeError(f"config key `{f.name}` must be {requirement}, got {item!r}")
+        if self.kl_weight is None:
+            self.kl_weight = 0.0 if self.student == "one-step" else 0.1
         self._check_combinations()
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for ``dtype``."""
+        return {"fp32": "no"}.get(self.dtype, self.dtype)
 
     def _check_combinations(self) -> None:
         """Checks that involve several keys."""
-        if self.student == "tiue" and self.decoder_steps == 1:
+        if self.student == "tiue" and self.steps == 1:
             raise LoopfreeError(
-                "decoder_steps = 1 makes the tiue student a plain one-step student, which does not train well "
+                "steps = 1 makes the tiue student a plain one-step student, which does not train well "
                 "without the one-step re-parameterisation: use --student one-step (student: one-step) instead"
             )
-        if self.decoder_timesteps is not None:
-            t = self.decoder_timesteps
-            if self.student == "tiue" and len(t) != self.decoder_steps:
-                raise LoopfreeError(f"decoder_timesteps has {len(t)} entries but decoder_steps is {self.decoder_steps}")
+        if self.timesteps is not None:
+            t = self.timesteps
+            if self.student == "tiue" and len(t) != self.steps:
+                raise LoopfreeError(f"timesteps has {len(t)} entries but steps is {self.steps}")
             if any(a <= b for a, b in zip(t, t[1:])):
-                raise LoopfreeError(f"decoder_timesteps must be strictly decreasing, got {t}")
+                raise LoopfreeError(f"timesteps must be strictly decreasing, got {t}")
         if self.vsd_t_min > self.vsd_t_max:
             raise LoopfreeError(f"vsd_t_min ({self.vsd_t_min}) is larger than vsd_t_max ({self.vsd_t_max})")
         if not self.lora_targets:
@@ -183,12 +195,24 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     raise LoopfreeError(f"config key `{name}` must be {_TYPE_NAMES[hint]}, got {value!r}")
 
 
+#: Keys renamed for one vocabulary across commands: old key -> (new key, value map). Accepted for one release.
+DEPRECATED_KEYS: dict[str, tuple[str, dict[Any, Any]]] = {
+    "decoder_steps": ("steps", {}),
+    "decoder_timesteps": ("timesteps", {}),
+    "mixed_precision": ("dtype", {"no": "fp32", False: "fp32"}),
+}
+
+
 def _known_keys(mapping: Mapping[Any, Any], source: str) -> dict[str, Any]:
-    """`mapping` with hyphens in keys turned into underscores; unknown keys are errors."""
+    """`mapping` with hyphens in keys turned into underscores and deprecated keys renamed; unknown keys are errors."""
     names = [f.name for f in dataclasses.fields(DistillConfig)]
     result: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key).replace("-", "_")
+        if name in DEPRECATED_KEYS:
+            name, values = DEPRECATED_KEYS[name]
+            logger.warning("config key `%s` in %s is deprecated and goes in the next release; use `%s`", key, source, name)
+            value = values.get(value, value) if not isinstance(value, list) else value
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
@@ -233,59 +257,9 @@ def load_config(yaml_path: str | Path | None, overrides: Mapping[str, Any] | Non
 
 
 def save_config(cfg: DistillConfig, path: str | Path) -> None:
-    """Write `cfg` as YAML that `load_config` reads back to an equal config."""
+    """Write `cfg` atomically as YAML that `load_config` reads back to an equal config."""
+    from .outputs import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def _split_list(item_type: click.ParamType) -> Callable[[click.Context, click.Parameter, str | None], list[Any] | None]:
-    """Click callback turning "a,b,c" into a list of `item_type` values."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any] | None:
-        if value is None:
-            return None
-        return [item_type.convert(item.strip(), param, ctx) for item in value.split(",") if item.strip()]
-
-    return callback
-
-
-def _option(f: dataclasses.Field, hint: Any) -> Callable[[F], F]:
-    """The click option for one config field; its default is None so that only given flags override."""
-    hint = _without_none(hint)
-    flag = "--" + f.name.replace("_", "-")
-    text = f.metadata["help"]
-    if f.default not in (dataclasses.MISSING, None):
-        text += f" [default: {f.default}]"
-    elif f.default_factory is not dataclasses.MISSING:
-        text += f" [default: {','.join(map(str, f.default_factory()))}]"
-    if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
-    if get_origin(hint) is Literal:
-        return click.option(flag, f.name, type=click.Choice(get_args(hint)), default=None, help=text)
-    if get_origin(hint) is list:
-        item_type = click.types.convert_type(get_args(hint)[0])
-        if f.metadata.get("repeatable"):
-            return click.option(
-                flag, f.name, type=item_type, multiple=True, callback=lambda ctx, p, v: list(v) or None, help=text
-            )
-        return click.option(flag, f.name, type=str, default=None, callback=_split_list(item_type), help=text)
-    return click.option(flag, f.name, type=hint, default=None, help=text)
-
-
-def config_options(cls: type = DistillConfig) -> Callable[[F], F]:
-    """Decorator adding one click option per field of the config dataclass `cls`.
-
-    Every option defaults to None, so the command receives exactly the given flags as non-None
-    keyword arguments, ready to pass to `load_config` as overrides. Booleans are `--x/--no-x`,
-    lists comma-separated (or a repeatable flag), Literal fields a choice.
-    """
-    hints = get_type_hints(cls)
-    options = [_option(f, hints[f.name]) for f in dataclasses.fields(cls)]
-
-    def decorate(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))

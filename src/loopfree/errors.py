@@ -1,17 +1,13 @@
-"""The one error type the CLI turns into a one-line message and exit code 2."""
-
-import click
+"""The library's error types. Library code raises them; only the CLI turns them into exit codes."""
 
 
-class LoopfreeError(click.ClickException):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
-
-    exit_code = 2
+class LoopfreeError(ValueError):
+    """Bad input from the user (a file, a folder, a number): the CLI prints it as one line and exits 2."""
 
 
-class Interrupted(click.ClickException):
-    """Training stopped by SIGTERM/SIGINT after saving a checkpoint: exit code 128 + the signal number."""
+class Interrupted(Exception):
+    """Training stopped by SIGTERM/SIGINT after saving a checkpoint: the CLI exits 128 + the signal number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum = signum

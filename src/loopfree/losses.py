@@ -14,36 +14,6 @@ def _per_item(alpha_bar_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return alpha_bar_t.float().reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def sample_timesteps(
-    batch: int,
-    t_min: int,
-    t_max: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Draw `batch` integer timesteps from U{t_min, ..., t_max}, both bounds inclusive.
-
-    SPEC §3: VSD uses U{20, ..., 980}, the fake-score step U{0, ..., 999}.
-    """
-    if not 0 <= t_min <= t_max:
-        raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
-    return torch.randint(t_min, t_max + 1, (batch,), generator=generator, device=device)
-
-
-def diffuse(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """Forward process q(x_t | x_0)."""
-    # SPEC §3.2: x_t = sqrt(ā_t) x_0 + sqrt(1 - ā_t) ε
-    a = _per_item(alpha_bar_t, x0)
-    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype)
-
-
-def guided(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance combination of unconditional and conditional predictions."""
-    # SPEC §3.2 (guidance 4.5): ε = ε_uncond + w (ε_cond - ε_uncond)
-    return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
 def vsd_loss(
     x0: torch.Tensor,
     eps_teacher: torch.Tensor,

@@ -12,26 +12,38 @@ pass per step, so the same object serves as teacher. ``save_pretrained`` writes 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from loopfree.sampler import Conditioning, NoiseSchedule, ddim_loop, decoder_timesteps, loop_free
+from loopfree.errors import LoopfreeError
+from loopfree.loading import check_size
+from loopfree.outputs import write_json
+from loopfree.sampler import Conditioning, ddim_loop, loop_free
+from loopfree.schedule import NoiseSchedule, check_timesteps, decoder_timesteps
+
+logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
 MODES = ("loop_free", "loop")
+DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
+DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
 
 
-def check_size(height: int, width: int, vae_scale_factor: int) -> None:
-    """Image sizes the VAE can decode: positive multiples of its scale factor."""
-    for name, v in (("height", height), ("width", width)):
-        if v < vae_scale_factor or v % vae_scale_factor:
-            raise ValueError(f"{name} must be a positive multiple of {vae_scale_factor} for this model, got {v}")
+@dataclass(frozen=True)
+class StepPlan:
+    """How a call samples: steps, and for loop_free the decoder timesteps and ā_final override."""
+
+    num_steps: int
+    timesteps: list[int] | None = None  # loop_free only
+    final_alpha_cumprod: float | None = None  # recorded override (one-step students: 1.0)
 
 
 class _LoopFreeMixin:
@@ -64,17 +76,40 @@ class _LoopFreeMixin:
         with open(index) as f:
             config = json.load(f)
         config["_class_name"] = self._plain_class.__name__
-        with open(index, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        write_json(index, config)
         if self.decoder_timesteps is not None:
-            with open(os.path.join(save_directory, SIDECAR), "w") as f:
-                json.dump({"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}, f, indent=2)
+            recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
+            write_json(os.path.join(save_directory, SIDECAR), recorded)
 
-    def default_timesteps(self, num_steps: int) -> list[int]:
-        """The recorded decoder timesteps when K matches them, else the scheduler's DDIM timesteps."""
-        if self.decoder_timesteps is not None and len(self.decoder_timesteps) == num_steps:
-            return list(self.decoder_timesteps)
-        return decoder_timesteps(self.scheduler.config, num_steps)
+    def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None) -> StepPlan:
+        """What a call with these arguments samples. ``loop_free``: the recorded decoder timesteps (and ā_final)
+        by default; another K, or explicit ``timesteps``, replace them — with the scheduler's DDIM timesteps for
+        that K and its own ā_final — and a student that recorded its own says so in a warning. Loop modes: DDIM
+        with ``num_inference_steps`` (default 50)."""
+        if mode not in MODES:
+            raise LoopfreeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        num_train = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
+            raise LoopfreeError(f"steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_inference_steps}")
+        if mode != "loop_free":
+            if timesteps is not None:
+                raise LoopfreeError(f"timesteps are decoder timesteps of the loop_free mode, not of {mode!r}")
+            return StepPlan(num_inference_steps or DEFAULT_LOOP_STEPS)
+        recorded = list(self.decoder_timesteps) if self.decoder_timesteps else None
+        if timesteps is not None:
+            ts = check_timesteps(timesteps, num_train)
+            if num_inference_steps is not None and num_inference_steps != len(ts):
+                raise LoopfreeError(f"{len(ts)} timesteps given but steps is {num_inference_steps}")
+        elif num_inference_steps is None or (recorded and num_inference_steps == len(recorded)):
+            ts = recorded or decoder_timesteps(self.scheduler.config, num_inference_steps or DEFAULT_DECODERS)
+        else:
+            ts = decoder_timesteps(self.scheduler.config, num_inference_steps)
+        if ts == recorded:
+            return StepPlan(len(ts), ts, self.final_alpha_cumprod)
+        if recorded:
+            logger.warning(f"this student was distilled for decoder timesteps {recorded}; sampling with {ts} instead "
+                           "(and the scheduler's own final ā)")
+        return StepPlan(len(ts), ts)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents (as ``output_type="latent"`` returns them) to images of ``output_type``."""
@@ -98,7 +133,7 @@ class _LoopFreeMixin:
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 4,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         guidance_scale: float = 1.0,
         num_images_per_prompt: int = 1,
@@ -108,20 +143,20 @@ class _LoopFreeMixin:
         return_dict: bool = True,
         mode: str = "loop_free",
     ):
-        """Generate images. ``num_inference_steps`` is K (decoders) in ``loop_free`` mode, DDIM steps in ``loop``."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        """Generate images. ``num_inference_steps`` is K (decoders) in ``loop_free`` mode — by default the decoder
+        timesteps the student recorded (see :meth:`plan_steps`) — and DDIM steps in ``loop`` (default 50)."""
+        plan = self.plan_steps(mode, num_inference_steps, timesteps)
+        if not math.isfinite(guidance_scale):
+            raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("no prompt given")
+            raise LoopfreeError("no prompt given")
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        check_size(height, width, self.vae_scale_factor)
+        check_size(height, width, self.vae_scale_factor, self.unet.config.sample_size * self.vae_scale_factor)
 
         device = self._execution_device
         guide = guidance_scale != 1.0
@@ -130,17 +165,15 @@ class _LoopFreeMixin:
         shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=cond.text.dtype)
         x_T = x_T.to(device, cond.text.dtype)
         if mode == "loop_free":
-            schedule = NoiseSchedule.from_scheduler(self.scheduler, self.final_alpha_cumprod)
-            ts = list(timesteps) if timesteps is not None else self.default_timesteps(num_inference_steps)
-            x0, _ = loop_free(self.unet, schedule, x_T, ts, cond, uncond, guidance_scale)
+            schedule = NoiseSchedule.from_scheduler(self.scheduler, plan.final_alpha_cumprod)
+            x0, _ = loop_free(self.unet, schedule, x_T, plan.timesteps, cond, uncond, guidance_scale)
         else:
-            scheduler = DDIMScheduler.from_config(self.scheduler.config)
-            with self.progress_bar(total=num_inference_steps) as bar:
-                x0 = ddim_loop(self.unet, scheduler, x_T, num_inference_steps, cond, uncond, guidance_scale, lambda i: bar.update())
+            with self.progress_bar(total=plan.num_steps) as bar:
+                x0 = ddim_loop(self.unet, self.scheduler, x_T, plan.num_steps, cond, uncond, guidance_scale, lambda i: bar.update())
         images = self.decode(x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -179,44 +212,3 @@ class LoopFreeXLPipeline(_LoopFreeMixin, StableDiffusionXLPipeline):
         cond = Conditioning(text, {"text_embeds": pooled, "time_ids": time_ids})
         uncond = Conditioning(neg, {"text_embeds": neg_pooled, "time_ids": time_ids}) if guide else None
         return cond, uncond
-
-
-@dataclass(frozen=True)
-class PipelineInfo:
-    """What a pipeline directory's config files say, read without loading any weights."""
-
-    xl: bool  # two text encoders and added conditioning
-    vae_scale_factor: int
-    default_size: int  # UNet sample size × VAE scale factor, in pixels
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
-    """Check that ``path`` is a local Stable Diffusion (XL) pipeline directory and read its shapes."""
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    index = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index):
-        raise ValueError(f"{path!r} is not a diffusers pipeline directory (no model_index.json)")
-    components = _read_json(index)
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if name not in components or not os.path.isdir(os.path.join(path, name)):
-            raise ValueError(f"{path!r} is not a Stable Diffusion pipeline (no {name} component)")
-    vae_scale = 2 ** (len(_read_json(os.path.join(path, "vae", "config.json"))["block_out_channels"]) - 1)
-    sample_size = _read_json(os.path.join(path, "unet", "config.json"))["sample_size"]
-    return PipelineInfo("text_encoder_2" in components, vae_scale, sample_size * vae_scale)
-
-
-def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoopFreePipeline | LoopFreeXLPipeline:
-    """Load a local Stable Diffusion (XL) pipeline directory as the matching loop-free pipeline."""
-    info = inspect_pipeline(path)
-    cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    if cls is LoopFreePipeline:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return cls.from_pretrained(path, **kwargs)

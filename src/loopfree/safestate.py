@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
-def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Have ``write`` fill a temporary file beside ``path``, then rename it to ``path``: readers see
-    the old file or the whole new one, never a part."""
-    tmp = Path(str(path) + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+from loopfree.outputs import write_atomic
 
 
 def save_state(path: str | Path, state: Any) -> None:

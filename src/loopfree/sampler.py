@@ -1,7 +1,8 @@
 """The one-pass (loop-free) sampler of SPEC §2 and the ordinary DDIM loop it is compared with.
 
 One pass: ``f = E(x_T, τ_K, c)`` once, ``ε^k = D(f, τ_k, c)`` for all K decoder timesteps as one batch,
-then the DDIM (η = 0) recurrence ``x_{k-1} = a_k x_k + b_k ε^k`` from τ_K down to ā_final::
+then the DDIM (η = 0) recurrence ``x_{k-1} = a_k x_k + b_k ε^k`` from τ_K down to ā_final
+(:meth:`NoiseSchedule.ddim_step`)::
 
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     x0, eps = loop_free(unet, schedule, x_T, decoder_timesteps(pipe.scheduler.config, 4), cond)
@@ -15,7 +16,8 @@ from typing import Callable
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from loopfree.losses import guided
+from loopfree.guidance import guided_halves
+from loopfree.schedule import NoiseSchedule
 from loopfree.split import decode, encode
 
 
@@ -52,70 +54,19 @@ class Conditioning:
         return Conditioning(self.text.repeat_interleave(n, 0), added)
 
 
-@dataclass
-class NoiseSchedule:
-    """ā_t of the teacher's training scheduler, ā_final, and its prediction type (SPEC §1)."""
-
-    alphas_cumprod: torch.Tensor  # (num_train_timesteps,), float64
-    final_alpha_cumprod: float  # 1.0 if set_alpha_to_one else ā_0
-    prediction_type: str  # "epsilon" or "v_prediction"
-
-    @classmethod
-    def from_scheduler(cls, scheduler, final_alpha_cumprod: float | None = None) -> "NoiseSchedule":
-        """From any diffusers scheduler's config; ``final_alpha_cumprod`` overrides ā_final (one-step: 1.0)."""
-        ddim = DDIMScheduler.from_config(scheduler.config)
-        if ddim.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type {ddim.config.prediction_type!r} is not supported (epsilon, v_prediction)")
-        final = float(ddim.final_alpha_cumprod) if final_alpha_cumprod is None else final_alpha_cumprod
-        return cls(ddim.alphas_cumprod.double(), final, ddim.config.prediction_type)
-
-    def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
-        """ā at integer timesteps; t < 0 means 'after the last step' (ā_final)."""
-        t = torch.as_tensor(t)
-        final = torch.tensor(self.final_alpha_cumprod, dtype=torch.float64)
-        return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0).cpu()], final)
-
-    def to_epsilon(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """Noise prediction from the model output: v → ε = sqrt(ā) v + sqrt(1-ā) x_t; t scalar or per item (B,)."""
-        if self.prediction_type == "epsilon":
-            return model_output
-        ab = self.alpha_bar(t).to(x_t.device, torch.float32)
-        ab = ab.reshape(-1, *[1] * (x_t.ndim - 1)) if ab.ndim else ab
-        return (ab.sqrt() * model_output + (1 - ab).sqrt() * x_t).to(model_output.dtype)
-
-
-def decoder_timesteps(scheduler_config, num_steps: int) -> list[int]:
-    """The teacher's DDIM timesteps for ``num_steps`` steps (SD2.1-base, 4 → [751, 501, 251, 1])."""
-    if num_steps < 1:
-        raise ValueError(f"the number of decoder steps must be at least 1, got {num_steps}")
-    ddim = DDIMScheduler.from_config(scheduler_config)
-    ddim.set_timesteps(num_steps)
-    return [int(t) for t in ddim.timesteps]
-
-
 def ddim_combine(
     schedule: NoiseSchedule, x_T: torch.Tensor, outputs: torch.Tensor, timesteps: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chain DDIM (η = 0) over K model outputs: (K, B, ...) → (x_0, ε) with ε the (K, B, ...) noise predictions.
 
-    Step τ_k → τ_{k-1} (τ_0 ≡ final): ``x ← a_k x + b_k ε^k`` with ``a_k = sqrt(ā_{k-1}/ā_k)``,
-    ``b_k = sqrt(ā_{k-1})(sqrt(1/ā_{k-1} - 1) - sqrt(1/ā_k - 1))`` (SPEC §2, paper Eqs. 7-10).
+    Step τ_k → τ_{k-1}, τ_0 ≡ 'after the last step' (ā_final); v-predictions become ε with the running x_k.
     """
     x, eps = x_T, []
     for k, t in enumerate(timesteps):
-        ab = schedule.alpha_bar(t).item()
-        ab_prev = schedule.alpha_bar(timesteps[k + 1] if k + 1 < len(timesteps) else -1).item()
         e = schedule.to_epsilon(outputs[k], x, t)
-        a = (ab_prev / ab) ** 0.5
-        b = ab_prev**0.5 * ((1 / ab_prev - 1) ** 0.5 - (1 / ab - 1) ** 0.5)
-        x = a * x + b * e
+        x = schedule.ddim_step(x, e, t, timesteps[k + 1] if k + 1 < len(timesteps) else -1)
         eps.append(e)
     return x, torch.stack(eps)
-
-
-def _guided(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance over a batch laid out as [uncond; cond] along dim ``-4``."""
-    return guided(*out.chunk(2, dim=-4), guidance_scale)
 
 
 def loop_free(
@@ -134,7 +85,7 @@ def loop_free(
     feats = encode(unet, x_in, timesteps[0], c.text, c.added)
     out = decode(unet, feats, timesteps)
     if guide:
-        out = _guided(out, guidance_scale)
+        out = guided_halves(out, guidance_scale, dim=-4)
     return ddim_combine(schedule, x_T, out, timesteps)
 
 
@@ -157,7 +108,7 @@ class Generator(torch.nn.Module):
 
 def ddim_loop(
     unet: UNet2DConditionModel,
-    scheduler: DDIMScheduler,
+    scheduler,
     x_T: torch.Tensor,
     num_steps: int,
     cond: Conditioning,
@@ -165,16 +116,20 @@ def ddim_loop(
     guidance_scale: float = 1.0,
     callback: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """The ordinary DDIM loop: a full UNet pass per step (teacher sampling; paper Fig. 10)."""
+    """The ordinary DDIM loop: a full UNet pass per step (teacher sampling; paper Fig. 10).
+
+    ``scheduler`` only lends its configuration: the loop runs its own DDIM scheduler and leaves it untouched.
+    """
     guide = uncond is not None and guidance_scale != 1.0
     c = Conditioning.cat([uncond, cond]) if guide else cond
+    scheduler = DDIMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(num_steps, device=x_T.device)
     x = x_T * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guide else x
         out = unet(scheduler.scale_model_input(x_in, t), t, c.text, added_cond_kwargs=c.added).sample
         if guide:
-            out = _guided(out, guidance_scale)
+            out = guided_halves(out, guidance_scale)
         x = scheduler.step(out, t, x).prev_sample
         if callback is not None:
             callback(i)

@@ -34,14 +34,16 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from loopfree.bench import synchronize
 from loopfree.config import DistillConfig, save_config
 from loopfree.data import PromptStream, load_prompts
 from loopfree.errors import Interrupted, LoopfreeError
 from loopfree.images import image_grid
-from loopfree.losses import diffuse, fake_score_loss, guided, kl_loss, sample_timesteps, vsd_loss
-from loopfree.pipeline import check_size, inspect_pipeline, load_pipeline
-from loopfree.sampler import Conditioning, Generator, NoiseSchedule, decoder_timesteps
+from loopfree.guidance import guided
+from loopfree.loading import inspect_pipeline, load_pipeline
+from loopfree.losses import fake_score_loss, kl_loss, vsd_loss
+from loopfree.sampler import Conditioning, Generator
+from loopfree.schedule import NoiseSchedule, decoder_timesteps, diffuse, sample_timesteps
+from loopfree.timing import Sections
 
 CHECKPOINT = "checkpoint-"  # complete checkpoints: checkpoint-00000100
 PARTIAL = ".tmp-"  # being written; renamed when complete, never resumed from
@@ -64,36 +66,20 @@ def lora_rows(unet: torch.nn.Module, adapter_names: list[str]) -> Iterator[None]
             h.remove()
 
 
-class Sections:
-    """Wall time per named section of a step (synchronised on CUDA); a no-op unless enabled."""
-
-    def __init__(self, device: torch.device, enabled: bool = False):
-        self.device, self.enabled, self.seconds = device, enabled, {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
 def student_timesteps(cfg: DistillConfig, scheduler_config) -> tuple[list[int], float | None]:
     """The student's decoder timesteps and its ā_final override (one-step: [T] and 1.0)."""
     if cfg.student == "one-step":
         return [cfg.one_step_timestep], 1.0
-    return cfg.decoder_timesteps or decoder_timesteps(scheduler_config, cfg.decoder_steps), None
+    return cfg.timesteps or decoder_timesteps(scheduler_config, cfg.steps), None
 
 
 class Distiller:
     """Teacher ε_ψ, fake score ε_φ (teacher + LoRA), student ε_θ (+ EMA), their optimisers, and one step."""
 
-    def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel, scheduler, accelerator: Accelerator, latent_size: int):
-        self.cfg, self.acc, self.latent_size = cfg, accelerator, latent_size
+    def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel, scheduler, accelerator: Accelerator,
+                 latent_size: int | tuple[int, int]):
+        self.cfg, self.acc = cfg, accelerator
+        self.latent_size = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
         self.schedule = NoiseSchedule.from_scheduler(scheduler)
         self.timesteps, self.final_alpha = student_timesteps(cfg, scheduler.config)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -173,7 +159,7 @@ class Distiller:
         cfg, acc = self.cfg, self.acc
         sections = sections or Sections(acc.device)
         B, device = cond.text.shape[0], acc.device
-        x_T = torch.randn(B, self.latent_channels, self.latent_size, self.latent_size, device=device)
+        x_T = torch.randn(B, self.latent_channels, *self.latent_size, device=device)
 
         # -- student forward (SPEC §2): x_0 and its K·B noise predictions, with gradient
         with sections("student forward+backward"), acc.autocast():
@@ -279,16 +265,16 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str]]:
     """Everything that can be wrong with the user's input, checked before anything is written."""
     try:
         info = inspect_pipeline(cfg.teacher)
-    except (OSError, ValueError) as e:
+    except LoopfreeError as e:
         raise LoopfreeError(f"teacher: {e}") from None
     prompts = load_prompts(cfg.prompts, cfg.prompt_field).prompts
     resolution = cfg.resolution or info.default_size
     try:
-        check_size(resolution, resolution, info.vae_scale_factor)
-    except ValueError as e:
+        info.check_size(resolution, resolution)
+    except LoopfreeError as e:
         raise LoopfreeError(f"--resolution: {e}") from None
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 on a CPU")
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --dtype bf16 on a CPU")
     if cfg.resume not in (None, "latest"):
         find_checkpoint(Path(cfg.out), cfg.resume)
     if cfg.log_with == "wandb" and importlib.util.find_spec("wandb") is None:

@@ -16,9 +16,7 @@ Finished students are reused and interrupted ones resume, so the same command ca
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,74 +27,24 @@ from tqdm.auto import tqdm
 from loopfree.config import DistillConfig, load_config
 from loopfree.errors import LoopfreeError
 from loopfree.images import image_grid
-from loopfree.pipeline import load_pipeline
-from loopfree.safestate import write_atomic
+from loopfree.loading import inspect_pipeline, load_pipeline
+from loopfree.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
 from loopfree.toy.classifier import load_classifier
 from loopfree.toy.evaluate import evaluate_images, real_reference
+from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, training_prompts
 from loopfree.trainer import distill
 
-#: Student kinds: row name and the DistillConfig keys that make them.
-STUDENTS: dict[str, tuple[str, dict]] = {
-    "one-step": ("one-step VSD", dict(student="one-step", kl_weight=0.0)),  # SwiftBrush: no KL term
-    "tiue-no-kl": ("TiUE w/o KL", dict(student="tiue", kl_weight=0.0)),
-    "tiue": ("TiUE", dict(student="tiue")),  # KL 0.1, summed (paper)
-}
-
-#: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
-TOY_DISTILL = dict(
-    batch_size=8,  # prompts per step (paper: 8 per GPU)
-    lr_student=3e-5,  # the paper's 1e-6 is for an 865 M-parameter UNet and 66 k steps; 1e-4 diverged here
-    lora_rank=16,  # the toy UNet is 48-96 channels wide (paper: 64 of 320-1280)
-    lora_alpha=27.0,  # same alpha/rank as the paper's 108/64
-    # the toy UNet has attention only at its coarse levels: a LoRA on to_q/to_v alone (paper) cannot
-    # follow the student and the student diverged within 400 steps; on every attention and resnet
-    # projection it does
-    lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-    checkpoint_every=100,
-    checkpoints_total_limit=1,
-    cache_prompt_embeds=True,  # a few thousand short captions
-    log_with="none",
-)
-#: Evaluation prompts are drawn from this many held-out attribute combinations, never distilled on.
-EVAL_POOL = 64
 METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
 GRID_COLUMNS = 8
-
-
-@dataclass
-class DemoConfig:
-    """Options of :func:`run_demo`."""
-
-    out: str = "loopfree-demo"
-    steps: int = 400  # distillation steps per student
-    students: tuple[str, ...] = ("one-step", "tiue")  # kinds from STUDENTS, in table order
-    train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
-    prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
-    seeds: int = 4  # images per evaluation prompt
-    teacher: str | None = None  # default: the bundled toy teacher
-    teacher_steps: int = 50  # DDIM steps of the reference teacher row
-    guidance: float = 4.5  # teacher rows' and distillation's guidance (paper: 4.5)
-    distill_prompts: int = 4000  # distillation prompt file length
-    seed: int = 0  # evaluation prompts and x_T
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.students if s not in STUDENTS]
-        if unknown or not self.students:
-            raise LoopfreeError(f"--students must name some of {', '.join(STUDENTS)}, got {','.join(self.students) or 'none'}")
-        for name in ("steps", "train_seeds", "seeds", "teacher_steps", "distill_prompts"):
-            if getattr(self, name) < 1:
-                raise LoopfreeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 1 <= self.prompts <= EVAL_POOL:
-            raise LoopfreeError(f"--prompts must be in 1..{EVAL_POOL} (the held-out attribute combinations), got {self.prompts}")
 
 
 def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
     """The ``loopfree distill`` configuration of one student run."""
     return DistillConfig(
-        teacher=teacher, prompts=str(prompts_file), out=str(Path(cfg.out) / "students" / f"{kind}-seed{seed}"),
-        max_steps=cfg.steps, seed=seed, guidance=cfg.guidance, **TOY_DISTILL, **STUDENTS[kind][1],
+        teacher=teacher, prompts=str(prompts_file), out=str(Path(cfg.out).absolute() / "students" / f"{kind}-seed{seed}"),
+        max_steps=cfg.max_steps, seed=seed, guidance=cfg.guidance, **TOY_DISTILL, **STUDENTS[kind][1],
     )
 
 
@@ -110,24 +58,24 @@ def finished(config: DistillConfig) -> bool:
     if dataclasses.replace(previous, max_steps=config.max_steps, resume=None) != dataclasses.replace(config, resume=None):
         raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
     if previous.max_steps > config.max_steps:
-        raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --steps {config.max_steps}")
+        raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --max-steps {config.max_steps}")
     return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
 
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], cfg: DemoConfig, **call) -> tuple[torch.Tensor, float]:
-    """``cfg.seeds`` images per prompt (prompt-major, in [-1, 1]) and the denoising time per image in
+    """``cfg.images_per_prompt`` images per prompt (prompt-major, in [-1, 1]) and the denoising time per image in
     ms (text encoding, UNet passes and sampler; the VAE decode is not timed). Every pipeline gets the
     same x_T."""
     latent = pipe.unet.config.sample_size
-    x_T = torch.randn(len(prompts) * cfg.seeds, pipe.unet.config.in_channels, latent, latent,
+    x_T = torch.randn(len(prompts) * cfg.images_per_prompt, pipe.unet.config.in_channels, latent, latent,
                       generator=torch.Generator().manual_seed(cfg.seed))
-    per_call = max(1, 64 // cfg.seeds)
+    per_call = max(1, 64 // cfg.images_per_prompt)
     images, seconds = [], 0.0
     for i in range(0, len(prompts), per_call):
         chunk = prompts[i : i + per_call]
         start = time.perf_counter()
-        latents = pipe(chunk, num_images_per_prompt=cfg.seeds, latents=x_T[i * cfg.seeds : (i + len(chunk)) * cfg.seeds],
+        latents = pipe(chunk, num_images_per_prompt=cfg.images_per_prompt, latents=x_T[i * cfg.images_per_prompt : (i + len(chunk)) * cfg.images_per_prompt],
                        output_type="latent", **call).images
         seconds += time.perf_counter() - start
         images.append(pipe.decode(latents, "pt") * 2.0 - 1.0)
@@ -165,27 +113,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table)
 
 
-def run_demo(cfg: DemoConfig) -> list[dict]:
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
-    teacher_path = cfg.teacher or str(bundled("teacher"))
+    teacher_path = str(Path(cfg.teacher).absolute()) if cfg.teacher else str(bundled("teacher"))
     try:
-        teacher = load_pipeline(teacher_path)
-    except (OSError, ValueError) as e:
+        inspect_pipeline(teacher_path)
+    except LoopfreeError as e:
         raise LoopfreeError(f"--teacher: {e}") from None
-    teacher.set_progress_bar_config(disable=True)
-    out = Path(cfg.out)
+    # what decides the students: a rerun with these settings continues the folder, others are refused
+    identity = dict(teacher=teacher_path, seed=cfg.seed, guidance=cfg.guidance, distill_prompts=cfg.distill_prompts)
+    folder = OutputFolder(cfg.out, "demo", identity, overwrite=overwrite, resumable=True)
+    out = folder.final
     pool = heldout_prompts(EVAL_POOL, seed=cfg.seed)
-    prompts = pool[: cfg.prompts]
-    aligned = [p for p in prompts for _ in range(cfg.seeds)]
+    prompts = pool[: cfg.num_prompts]
     prompts_file = out / f"distill_prompts-{cfg.distill_prompts}-seed{cfg.seed}.txt"
     configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file) for s in range(cfg.train_seeds)]
                for kind in cfg.students}
-    todo = [c for group in configs.values() for c in group if not finished(c)]  # checks before writing
+    todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]  # checked before writing
+    teacher = load_pipeline(teacher_path)
+    teacher.set_progress_bar_config(disable=True)
+    with folder:
+        return _train_and_score(cfg, folder.final, teacher, teacher_path, configs, todo, prompts, pool, prompts_file)
 
+
+def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, configs: dict, todo: list, prompts: list[str],
+                     pool: list[str], prompts_file: Path) -> list[dict]:
+    aligned = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     # -- students: one distillation per kind and training seed
-    out.mkdir(parents=True, exist_ok=True)
     if not prompts_file.is_file():
-        write_atomic(prompts_file, lambda p: p.write_text("\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n"))
+        write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
     for config in todo:
         distill(dataclasses.replace(config, resume="latest"))
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
@@ -202,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
         """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
         images, ms = sample(pipe, prompts, cfg, **call)
         bar.update()
-        shown = teacher.image_processor.postprocess(images[:: cfg.seeds][:GRID_COLUMNS], output_type="pil")
+        shown = teacher.image_processor.postprocess(images[:: cfg.images_per_prompt][:GRID_COLUMNS], output_type="pil")
         return {**evaluate_images(images, aligned, classifier, reference), "unet_ms_per_image": ms}, enlarged(shown)
 
     for name, call in teacher_rows:
@@ -224,8 +180,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
     bar.close()
 
     # -- outputs
-    image_grid(grid_rows, names).save(out / "grid.png")
+    save_image(out / "grid.png", image_grid(grid_rows, names))
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    report = {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts}
-    write_atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    write_json(out / "metrics.json", {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts})
     return rows

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -33,10 +33,12 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from loopfree.errors import LoopfreeError
-from loopfree.pipeline import LoopFreePipeline, load_pipeline
+from loopfree.loading import load_pipeline
+from loopfree.pipeline import LoopFreePipeline
 from loopfree.safestate import load_state, save_state
 from loopfree.toy.classifier import load_classifier, matches
 from loopfree.toy.evaluate import evaluate_images
+from loopfree.toy.settings import TeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
 from loopfree.toy.world import IMAGE_SIZE, Attributes, ToyWorld, heldout_prompts, make_caption, parse_prompt
 
@@ -54,63 +56,6 @@ SCHEDULER_CONFIG = dict(
     timestep_spacing="leading",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclass
-class TeacherConfig:
-    """Architecture, optimisation and evaluation settings of :func:`train_teacher`."""
-
-    seed: int = 0
-    threads: int = 2
-    # (a) autoencoder: one 2x downsampling per channel entry after the first
-    vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_groups: int = 8
-    latent_channels: int = 4
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 5e-4
-    vae_kl_weight: float = 1e-4  # on the per-element KL, against the per-element MSE
-    # (b) text encoder + UNet
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    unet_channels: tuple[int, ...] = (48, 96, 96, 96)  # 16, 8, 4, 2 latent pixels
-    # cross-attention per resolution, finest first: the coarse levels know where they are (from the
-    # zero padding), which "left"/"right" need; none at 16x16, where attention costs most
-    unet_cross_attention: tuple[bool, ...] = (False, True, True, True)
-    unet_layers: int = 1
-    unet_groups: int = 16
-    unet_heads: int = 4
-    unet_steps: int = 6000  # about 30 minutes on 2 CPU cores
-    unet_batch: int = 32
-    unet_lr: float = 3e-4
-    warmup_steps: int = 500
-    prompt_dropout: float = 0.1
-    prediction_type: str = "epsilon"
-    snr_gamma: float = 5.0  # min-SNR-γ loss weights; 0 = plain MSE
-    ema_decay: float = 0.999
-    latent_cache: int = 16384  # toy images encoded once for stage (b)
-    minutes: float | None = None  # wall-clock cap on stage (b); it checkpoints and the run goes on to (c), (d)
-    # bookkeeping and probes
-    checkpoint_minutes: float = 5.0
-    log_every: int = 50
-    probe_every: int = 1000  # stage (b): quick accuracy probe every this many steps (0 = never)
-    probe_prompts: int = 24
-    probe_steps: int = 20
-    # (c), (d)
-    max_megabytes: float = 30.0
-    eval_prompts: int = 64
-    eval_images_per_prompt: int = 2
-    eval_steps: int = 50
-    guidance_scales: tuple[float, ...] = (4.5, 2.0)
-
-    def __post_init__(self) -> None:
-        if len(self.unet_cross_attention) != len(self.unet_channels):
-            raise LoopfreeError("unet_cross_attention needs one entry per unet_channels entry")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise LoopfreeError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        if IMAGE_SIZE % 2 ** (len(self.vae_channels) - 1):
-            raise LoopfreeError(f"{len(self.vae_channels)} VAE levels do not divide {IMAGE_SIZE} pixels")
 
 
 class _Stateful(Protocol):
@@ -262,6 +207,8 @@ def make_scheduler(config: TeacherConfig) -> DDIMScheduler:
 
 def check_size(config: TeacherConfig, tokenizer: CLIPTokenizer) -> float:
     """MB of the teacher's weights; an error if they exceed ``max_megabytes``."""
+    if IMAGE_SIZE % 2 ** (len(config.vae_channels) - 1):
+        raise LoopfreeError(f"{len(config.vae_channels)} VAE levels do not divide {IMAGE_SIZE} pixels")
     parts = {"vae": make_vae(config), "text_encoder": make_text_encoder(config, tokenizer), "unet": make_unet(config)}
     size = _megabytes(*parts.values())
     logger.info("model: %.1f MB of weights (%s)", size, ", ".join(f"{k} {_megabytes(m):.1f}" for k, m in parts.items()))

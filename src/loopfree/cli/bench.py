@@ -1,0 +1,60 @@
+"""``loopfree bench``: one loop-free pass against full UNet steps, or one distillation iteration, timed.
+
+    loopfree bench --arch sd21 --resolution 512
+    loopfree bench --train --arch small
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+
+from loopfree.cli import options
+from loopfree.errors import LoopfreeError
+
+ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
+
+
+@click.command(cls=options.Command, aliases={"--decoders": ("--steps", None)})
+@click.option("--arch", type=click.Choice(ARCH_NAMES), default="sd21", show_default=True, help="UNet shape (random weights).")
+@options.resolution("Image size: N or WIDTHxHEIGHT (default: the architecture's native).")
+@options.device()
+@options.dtype()
+@click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True, help="K, decoders of the one-pass sampler (and DDIM steps of the K-step row).")
+@click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repeats per row (median reported).")
+@click.option("--with-50", is_flag=True, help="Also time a 50-step DDIM loop (long on a CPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--train", is_flag=True, help="Time one distillation iteration instead, split into its sections.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True, help="Images (prompts with --train) per call.")
+@click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
+@click.option("--batch-teacher-fake/--no-batch-teacher-fake", default=True, show_default=True,
+              help="With --train: teacher and fake-score passes as one UNet call.")
+def bench(arch, resolution, device, dtype, steps, repeats, with_50, as_json, train, batch_size, gradient_checkpointing,
+          batch_teacher_fake) -> None:
+    """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
+    from loopfree.archs import ARCHS
+    from loopfree.bench import format_table, inference_rows, train_rows
+    from loopfree.devices import resolve_device, resolve_dtype
+    from loopfree.loading import check_size
+
+    spec = ARCHS[arch]
+    height, width = resolution or (spec.resolution, spec.resolution)
+    check_size(height, width, spec.vae_scale_factor, spec.resolution)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    size = f"{width}x{height}"
+    if train:
+        if dev.type == "cpu" and dtype == "fp16":
+            raise LoopfreeError("fp16 mixed precision needs a GPU; use --dtype bf16 on a CPU")
+        rows = train_rows(spec, (height, width), dev, dtype, repeats, batch_size, steps, gradient_checkpointing, batch_teacher_fake)
+        title = (f"loopfree bench --train: {arch}, {size}, {dev}, {dtype}, batch {batch_size}, K={steps}, "
+                 f"teacher+fake {'batched' if batch_teacher_fake else 'separate'}, median of {repeats}")
+        click.echo(json.dumps(dict(arch=arch, rows=[asdict(r) for r in rows]), indent=2) if as_json else format_table(rows, title, "share"))
+        return
+    rows = inference_rows(spec, (height, width), dev, torch_dtype, repeats, steps, with_50, batch_size)
+    if as_json:
+        click.echo(json.dumps(dict(arch=arch, resolution=size, device=str(dev), dtype=dtype, rows=[asdict(r) for r in rows]), indent=2))
+    else:
+        click.echo(format_table(rows, f"loopfree bench: {arch}, {size}, {dev}, {dtype}, batch {batch_size}, median of {repeats}"))

@@ -1,0 +1,57 @@
+"""``loopfree demo``: distil the bundled toy teacher, then compare teacher and students on held-out prompts.
+
+    loopfree demo --out loopfree-demo
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from loopfree.cli import options
+from loopfree.toy.settings import STUDENTS, DemoConfig
+
+_DEMO = DemoConfig()
+ALIASES = {"--steps": ("--max-steps", None), "--prompts": ("--num-prompts", None), "--seeds": ("--images-per-prompt", None)}
+
+
+@click.command(cls=options.Command, aliases=ALIASES)
+@click.option("--out", default=_DEMO.out, show_default=True, type=click.Path(), help="Output folder (rerun: finished students are kept).")
+@options.overwrite()
+@click.option("--max-steps", type=click.IntRange(1, None), default=_DEMO.max_steps, show_default=True, help="Distillation steps per student.")
+@click.option("--students", default=",".join(_DEMO.students), show_default=True,
+              help=f"Comma-separated student kinds, in table order: {', '.join(STUDENTS)}.")
+@click.option("--train-seeds", type=click.IntRange(1, None), default=_DEMO.train_seeds, show_default=True,
+              help="Train each student this many times; the table gives mean ± spread.")
+@click.option("--num-prompts", type=int, default=_DEMO.num_prompts, show_default=True, help="Held-out evaluation prompts.")
+@options.images_per_prompt(_DEMO.images_per_prompt)
+@click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher).")
+@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher row.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
+def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_steps, threads) -> None:
+    """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from loopfree.devices import cpu_threads
+    from loopfree.toy.demo import format_table, run_demo
+
+    cfg = DemoConfig(out=out, max_steps=max_steps, students=tuple(s.strip() for s in students.split(",") if s.strip()),
+                     train_seeds=train_seeds, num_prompts=num_prompts, images_per_prompt=images_per_prompt, teacher=teacher,
+                     teacher_steps=teacher_steps)
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # loading and saving bars would bury the demo's own
+    transformers_logging.disable_progress_bar()
+    started = time.monotonic()
+    try:
+        with cpu_threads(threads):
+            rows = run_demo(cfg, overwrite=overwrite)
+    finally:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+    click.echo(format_table(rows))
+    click.echo(f"wrote {Path(out) / 'grid.png'} and {Path(out) / 'metrics.json'} in {time.monotonic() - started:.0f} s")

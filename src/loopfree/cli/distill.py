@@ -1,0 +1,34 @@
+"""``loopfree distill``: distil a teacher into a TiUE (or one-step) student from text prompts alone.
+
+    loopfree distill --teacher path/to/sd21-base --prompts prompts.txt --out runs/tiue
+    accelerate launch --multi_gpu --num_processes 8 -m loopfree distill --config distill.yaml
+"""
+
+from __future__ import annotations
+
+import click
+
+from loopfree.cli import options
+from loopfree.cli.config_options import config_options
+from loopfree.config import DistillConfig
+
+ALIASES = {
+    "--decoder-steps": ("--steps", None),
+    "--decoder-timesteps": ("--timesteps", None),
+    "--mixed-precision": ("--dtype", {"no": "fp32"}),
+}
+
+
+@click.command(cls=options.Command, aliases=ALIASES)
+@click.option("--config", "config", type=click.Path(), default=None, help="YAML file of options (keys as below, with underscores).")
+@config_options(DistillConfig)
+def distill(config, **overrides) -> None:
+    """Distil a teacher pipeline into a loop-free (TiUE) or one-step student from text prompts alone."""
+    from accelerate import PartialState
+
+    from loopfree.config import load_config
+    from loopfree.trainer import distill as run
+
+    out = run(load_config(config, overrides))
+    if PartialState().is_main_process:
+        click.echo(f"student pipeline written to {out}")

@@ -1,0 +1,47 @@
+"""``loopfree generate``: images for one prompt from a student (or any SD pipeline).
+
+    loopfree generate "a red circle on a white background" --images-per-prompt 4 --out images
+"""
+
+from __future__ import annotations
+
+import click
+
+from loopfree.cli import options
+from loopfree.errors import LoopfreeError
+
+
+@click.command(cls=options.Command, aliases={"--num-images": ("--images-per-prompt", None)})
+@click.argument("prompt")
+@options.model()
+@options.out("images", "Output folder for the PNGs and generate.json.")
+@options.overwrite()
+@options.images_per_prompt()
+@options.seed()
+@options.steps()
+@options.timesteps()
+@options.resolution()
+@click.option("--height", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
+@click.option("--width", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
+@options.mode()
+@options.guidance()
+@options.device()
+@options.dtype()
+def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, height, width, mode,
+             guidance, device, dtype) -> None:
+    """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
+    if not prompt.strip():
+        raise LoopfreeError("the prompt is empty")
+    if height is not None or width is not None:
+        click.echo("note: --height/--width are deprecated and go in the next release; use --resolution WIDTHxHEIGHT", err=True)
+        if resolution is not None:
+            raise LoopfreeError("give --resolution or the deprecated --height/--width, not both")
+        resolution = (height, width)
+
+    from loopfree.generate import generate_images
+
+    folder = generate_images(
+        prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
+        timesteps=timesteps, resolution=resolution, mode=mode, guidance=guidance, device=device, dtype=dtype,
+    )
+    click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

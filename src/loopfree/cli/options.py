@@ -1,0 +1,151 @@
+"""The command line's one vocabulary: shared options, value types and the deprecated spellings.
+
+Every command takes its common options from here, so a concept has one flag everywhere (README, "One
+vocabulary"). Old spellings keep working for one release: :class:`Command` rewrites them before parsing and
+prints a one-line note.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import click
+
+F = Callable[..., Any]
+
+DTYPES = ("fp32", "fp16", "bf16")
+MODES = ("loop_free", "loop", "propagate")
+MAX_SEED = 2**64 - 1
+
+
+class Command(click.Command):
+    """A click command that accepts deprecated spellings of its options, rewritten with a note on stderr.
+
+    ``aliases`` maps an old flag to (new flag, value map or None).
+    """
+
+    def __init__(self, *args: Any, aliases: dict[str, tuple[str, dict[str, str] | None]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.aliases = aliases or {}
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        values = iter(args)
+        for arg in values:
+            flag, eq, value = arg.partition("=")
+            if flag not in self.aliases or arg == "--":
+                rewritten.append(arg)
+                continue
+            new, value_map = self.aliases[flag]
+            click.echo(f"note: {flag} is deprecated and goes in the next release; use {new}", err=True)
+            if not eq:
+                value = next(values, None)
+                if value is None:
+                    rewritten.append(new)
+                    break
+            rewritten += [new, (value_map or {}).get(value, value)]
+        return super().parse_args(ctx, rewritten)
+
+
+class Resolution(click.ParamType):
+    """``512`` (square) or ``WIDTHxHEIGHT`` (``768x512``), as (height, width) in pixels."""
+
+    name = "N|WxH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?", str(value))
+        if not match:
+            self.fail(f"{value!r} is not a size: give N (square) or WIDTHxHEIGHT", param, ctx)
+        width = int(match.group(1))
+        height = int(match.group(2)) if match.group(2) else width
+        return height, width
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of integers, ``751,501,251,1``."""
+
+    name = "N,N,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            items = [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not items:
+            self.fail("the list is empty", param, ctx)
+        return items
+
+
+def number_check(low: float | None = None, high: float | None = None, finite: bool = True) -> Callable:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return value
+        if finite and not math.isfinite(value):
+            raise click.BadParameter(f"must be a finite number, got {value}", ctx, param)
+        if low is not None and value < low:
+            raise click.BadParameter(f"must be at least {low}, got {value}", ctx, param)
+        if high is not None and value > high:
+            raise click.BadParameter(f"must be at most {high}, got {value}", ctx, param)
+        return value
+
+    return check
+
+
+def model(help: str = "A local diffusers Stable Diffusion (XL) pipeline folder (default: the bundled toy student).") -> F:
+    return click.option("--model", type=click.Path(), default=None, help=help)
+
+
+def out(default: str | None = None, help: str = "Output folder.") -> F:
+    return click.option("--out", type=click.Path(), default=default, required=default is None, show_default=default is not None, help=help)
+
+
+def overwrite() -> F:
+    return click.option("--overwrite", is_flag=True, help="Replace the results already in --out (kept until the new ones are complete).")
+
+
+def seed(default: int = 0) -> F:
+    return click.option("--seed", type=click.IntRange(0, MAX_SEED), default=default, show_default=True, help="Random seed.")
+
+
+def steps(help: str = "Sampling steps: K decoders (loop_free, default: what the student recorded, else 4) or DDIM steps (loop, propagate; default 50).") -> F:
+    return click.option("--steps", type=click.IntRange(1, None), default=None, help=help)
+
+
+def timesteps() -> F:
+    return click.option("--timesteps", type=IntList(), default=None, help="Explicit decoder timesteps τ_K > … > τ_1, e.g. 751,501,251,1.")
+
+
+def guidance(default: float = 1.0) -> F:
+    return click.option("--guidance", type=float, default=default, show_default=True, callback=number_check(0.0, 100.0),
+                        help="Classifier-free guidance scale (1 = off).")
+
+
+def device() -> F:
+    return click.option("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available).")
+
+
+def dtype(default: str = "fp32") -> F:
+    return click.option("--dtype", type=click.Choice(DTYPES), default=default, show_default=True, help="Weights and compute precision.")
+
+
+def resolution(help: str = "Image size: N (square) or WIDTHxHEIGHT (default: the model's).") -> F:
+    return click.option("--resolution", type=Resolution(), default=None, help=help)
+
+
+def images_per_prompt(default: int = 1) -> F:
+    return click.option("--images-per-prompt", type=click.IntRange(1, 10_000), default=default, show_default=True, help="Images per prompt.")
+
+
+def mode(choices: tuple[str, ...] = MODES) -> F:
+    return click.option("--mode", type=click.Choice(choices), default="loop_free", show_default=True,
+                        help="loop_free: one pass; loop: DDIM, a full UNet pass per step; propagate: encoder propagation.")
+
+
+def compile_() -> F:
+    return click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder and the decoder (static shapes).")

@@ -1,0 +1,123 @@
+"""Settings of the toy-world commands, importable without torch (the CLI reads their defaults).
+
+``TeacherConfig``: ``loopfree toy train-teacher``. ``DemoConfig``, ``STUDENTS`` and ``TOY_DISTILL``: ``loopfree demo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loopfree.errors import LoopfreeError
+
+
+@dataclass
+class TeacherConfig:
+    """Architecture, optimisation and evaluation settings of :func:`train_teacher`."""
+
+    seed: int = 0
+    threads: int = 2
+    # (a) autoencoder: one 2x downsampling per channel entry after the first
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    vae_groups: int = 8
+    latent_channels: int = 4
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-4  # on the per-element KL, against the per-element MSE
+    # (b) text encoder + UNet
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    unet_channels: tuple[int, ...] = (48, 96, 96, 96)  # 16, 8, 4, 2 latent pixels
+    # cross-attention per resolution, finest first: the coarse levels know where they are (from the
+    # zero padding), which "left"/"right" need; none at 16x16, where attention costs most
+    unet_cross_attention: tuple[bool, ...] = (False, True, True, True)
+    unet_layers: int = 1
+    unet_groups: int = 16
+    unet_heads: int = 4
+    unet_steps: int = 6000  # about 30 minutes on 2 CPU cores
+    unet_batch: int = 32
+    unet_lr: float = 3e-4
+    warmup_steps: int = 500
+    prompt_dropout: float = 0.1
+    prediction_type: str = "epsilon"
+    snr_gamma: float = 5.0  # min-SNR-γ loss weights; 0 = plain MSE
+    ema_decay: float = 0.999
+    latent_cache: int = 16384  # toy images encoded once for stage (b)
+    minutes: float | None = None  # wall-clock cap on stage (b); it checkpoints and the run goes on to (c), (d)
+    # bookkeeping and probes
+    checkpoint_minutes: float = 5.0
+    log_every: int = 50
+    probe_every: int = 1000  # stage (b): quick accuracy probe every this many steps (0 = never)
+    probe_prompts: int = 24
+    probe_steps: int = 20
+    # (c), (d)
+    max_megabytes: float = 30.0
+    eval_prompts: int = 64
+    eval_images_per_prompt: int = 2
+    eval_steps: int = 50
+    guidance_scales: tuple[float, ...] = (4.5, 2.0)
+
+    def __post_init__(self) -> None:
+        if len(self.unet_cross_attention) != len(self.unet_channels):
+            raise LoopfreeError("unet_cross_attention needs one entry per unet_channels entry")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise LoopfreeError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+
+#: Student kinds: row name and the DistillConfig keys that make them.
+STUDENTS: dict[str, tuple[str, dict]] = {
+    "one-step": ("one-step VSD", dict(student="one-step")),  # SwiftBrush: no KL term (the one-step default)
+    "tiue-no-kl": ("TiUE w/o KL", dict(student="tiue", kl_weight=0.0)),
+    "tiue": ("TiUE", dict(student="tiue")),  # KL 0.1, summed (paper)
+}
+
+#: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
+TOY_DISTILL = dict(
+    batch_size=8,  # prompts per step (paper: 8 per GPU)
+    lr_student=3e-5,  # the paper's 1e-6 is for an 865 M-parameter UNet and 66 k steps; 1e-4 diverged here
+    lora_rank=16,  # the toy UNet is 48-96 channels wide (paper: 64 of 320-1280)
+    lora_alpha=27.0,  # same alpha/rank as the paper's 108/64
+    # the toy UNet has attention only at its coarse levels: a LoRA on to_q/to_v alone (paper) cannot
+    # follow the student and the student diverged within 400 steps; on every attention and resnet
+    # projection it does
+    lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+    checkpoint_every=100,
+    checkpoints_total_limit=1,
+    cache_prompt_embeds=True,  # a few thousand short captions
+    log_with="none",
+)
+#: Nearest neighbours of precision/recall/density/coverage (Naeem et al. 2020: 5).
+PRDC_K = 5
+#: Evaluation prompts are drawn from this many held-out attribute combinations, never distilled on.
+EVAL_POOL = 64
+
+
+@dataclass
+class DemoConfig:
+    """Options of :func:`run_demo`."""
+
+    out: str = "loopfree-demo"
+    max_steps: int = 400  # distillation steps per student
+    students: tuple[str, ...] = ("one-step", "tiue")  # kinds from STUDENTS, in table order
+    train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
+    num_prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
+    images_per_prompt: int = 4  # images per evaluation prompt
+    teacher: str | None = None  # default: the bundled toy teacher
+    teacher_steps: int = 50  # DDIM steps of the reference teacher row
+    guidance: float = 4.5  # teacher rows' and distillation's guidance (paper: 4.5)
+    distill_prompts: int = 4000  # distillation prompt file length
+    seed: int = 0  # evaluation prompts and x_T
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.students if s not in STUDENTS]
+        if unknown or not self.students:
+            raise LoopfreeError(f"--students must name some of {', '.join(STUDENTS)}, got {','.join(self.students) or 'none'}")
+        for name in ("max_steps", "train_seeds", "images_per_prompt", "teacher_steps", "distill_prompts"):
+            if getattr(self, name) < 1:
+                raise LoopfreeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.num_prompts <= EVAL_POOL:
+            raise LoopfreeError(f"--num-prompts must be in 1..{EVAL_POOL} (the held-out attribute combinations), got {self.num_prompts}")
+        if self.images_per_prompt < 2:
+            raise LoopfreeError("--images-per-prompt must be at least 2: diversity is the spread over one prompt's images")
+        if self.num_prompts * self.images_per_prompt <= PRDC_K:
+            raise LoopfreeError(f"--num-prompts × --images-per-prompt must exceed {PRDC_K}: precision/recall use {PRDC_K} nearest neighbours")
