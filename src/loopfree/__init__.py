@@ -1,3 +1,39 @@
-"""loopfree: loop-free (TiUE) text-to-image diffusion — encoder once, K decoders in parallel."""
+"""loopfree: loop-free (TiUE) text-to-image diffusion — encoder once, K decoders in parallel.
+
+    from loopfree import load_pipeline, DistillConfig, distill
+
+    pipe = load_pipeline("runs/tiue")                       # a diffusers pipeline
+    images = pipe("a red circle on a white background").images
+
+Names are imported on first use, so ``import loopfree`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_PUBLIC = {
+    "LoopFreePipeline": "loopfree.pipeline",
+    "LoopFreeXLPipeline": "loopfree.pipeline",
+    "load_pipeline": "loopfree.loading",
+    "inspect_pipeline": "loopfree.loading",
+    "DistillConfig": "loopfree.config",
+    "load_config": "loopfree.config",
+    "distill": "loopfree.trainer",
+    "LoopfreeError": "loopfree.errors",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'loopfree' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
