@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loopfree.guidance import guided
-from loopfree.losses import fake_score_loss, kl_loss, vsd_loss
+from loopfree.objective import fake_score_loss, kl_loss, vsd_loss
 from loopfree.schedule import diffuse, sample_timesteps
 
 

@@ -16,26 +16,16 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from loopfree.cli import main
-from loopfree.config import load_config
 from loopfree.loading import load_pipeline
-from loopfree.trainer import Distiller, PromptEncoder, distill
-from tiny import make_pipeline
-
-PROMPTS = "a red cat\na blue dog\n\na green circle\nthe red dog\na red cat\nthe blue circle\n"
+from loopfree.distiller import Distiller
+from loopfree.trainer import PromptEncoder, distill
+from tiny import distill_config as config
+from tiny import make_teacher_folder
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    make_pipeline(root, "sd").save_pretrained(root / "pipe")
-    (root / "prompts.txt").write_text(PROMPTS)
-    return root
-
-
-def config(teacher, out, **kw):
-    base = dict(teacher=str(teacher / "pipe"), prompts=str(teacher / "prompts.txt"), out=str(out), batch_size=2,
-                lora_rank=4, log_with="none", checkpoint_every=2, max_steps=4, lr_student=1e-3)
-    return load_config(None, {**base, **kw})
+    return make_teacher_folder(tmp_path_factory.mktemp("teacher"))
 
 
 def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teacher, tmp_path):
@@ -50,15 +40,14 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student_params))
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, d.lora_params))
-    base = {k.replace(".base_layer", ""): v for k, v in d.base.state_dict().items() if "lora_" not in k}
+    base = {k.replace(".base_layer", ""): v for k, v in d.scores.base.state_dict().items() if "lora_" not in k}
     assert base.keys() == teacher_before.keys()
     assert all(torch.equal(base[k], v) for k, v in teacher_before.items())
 
 
 @pytest.mark.parametrize("kind, prediction_type", [("sdxl", "epsilon"), ("sd", "v_prediction")])
 def test_sdxl_and_v_prediction_teachers_distill(tmp_path, kind, prediction_type):
-    make_pipeline(tmp_path, kind, prediction_type).save_pretrained(tmp_path / "pipe")
-    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    make_teacher_folder(tmp_path, kind, prediction_type)
     out = distill(config(tmp_path, tmp_path / "out", max_steps=1, checkpoint_every=0, guidance=2.0))
     student = load_pipeline(out)
     assert student.decoder_timesteps == [751, 501, 251, 1]
@@ -74,12 +63,12 @@ def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path,
             p.normal_(0, 0.2)
     cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
-    d.cfg.batch_teacher_fake = False
-    plain_teacher, plain_fake = d.guided_teacher_and_fake(x_t, t, cond, uncond)
-    with d.teacher():
-        assert torch.equal(d._eps(x_t, t, cond), pipe.unet(x_t, t, cond.text).sample)  # adapters off = teacher
-    d.cfg.batch_teacher_fake = True
-    fast_teacher, fast_fake = d.guided_teacher_and_fake(x_t, t, cond, uncond)
+    d.scores.batch_pair = False
+    plain_teacher, plain_fake = d.scores.pair(x_t, t, cond, uncond)
+    with d.scores.teacher():
+        assert torch.equal(d.scores.eps(x_t, t, cond), pipe.unet(x_t, t, cond.text).sample)  # adapters off = teacher
+    d.scores.batch_pair = True
+    fast_teacher, fast_fake = d.scores.pair(x_t, t, cond, uncond)
     assert (plain_fake - plain_teacher).abs().max() > 1e-3
     assert torch.allclose(fast_teacher, plain_teacher, atol=1e-5) and torch.allclose(fast_fake, plain_fake, atol=1e-5)
 

@@ -122,3 +122,22 @@ def make_pipeline(root, kind: str = "sd", prediction_type: str = "epsilon"):
             tokenizer_2=tok, **parts,
         )
     return LoopFreePipeline(text_encoder=make_text_encoder(len(tok)), **parts)
+
+
+PROMPTS = "a red cat\na blue dog\n\na green circle\nthe red dog\na red cat\nthe blue circle\n"
+
+
+def make_teacher_folder(root, kind: str = "sd", prediction_type: str = "epsilon"):
+    """A tiny teacher pipeline saved at ``root/pipe`` and a prompt file ``root/prompts.txt``; returns ``root``."""
+    make_pipeline(root, kind, prediction_type).save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text(PROMPTS)
+    return root
+
+
+def distill_config(teacher_root, out, **kw):
+    """A quick ``DistillConfig`` for the tiny teacher: batch 2, LoRA rank 4, 4 steps, checkpoint every 2."""
+    from loopfree.config import load_config
+
+    base = dict(teacher=str(teacher_root / "pipe"), prompts=str(teacher_root / "prompts.txt"), out=str(out), batch_size=2,
+                lora_rank=4, log_with="none", checkpoint_every=2, max_steps=4, lr_student=1e-3)
+    return load_config(None, {**base, **kw})

@@ -90,7 +90,7 @@ def train_rows(
     from accelerate import Accelerator
 
     from loopfree.config import DistillConfig
-    from loopfree.trainer import Distiller
+    from loopfree.distiller import Distiller
 
     cfg = DistillConfig(
         teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,

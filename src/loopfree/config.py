@@ -60,7 +60,11 @@ class DistillConfig:
     seed: int = _opt("random seed for prompts, noise and timesteps", 0)
     checkpoint_every: int = _opt("resumable checkpoint every N steps and at the end (0: none; SIGTERM/SIGINT still saves one)", 1000, check=_NON_NEGATIVE)
     checkpoints_total_limit: int | None = _opt("keep the newest N checkpoints (null: keep all)", 3, check=_AT_LEAST_1)
-    resume: str | None = _opt("resume from 'latest' (newest checkpoint in --out) or a checkpoint directory", None)
+    resume: str | None = _opt(
+        "continue the run in --out: 'latest' (its newest checkpoint; an error if there is none), 'auto' (the newest "
+        "checkpoint if there is one, else start) or a checkpoint folder",
+        None,
+    )
     overwrite: bool = _opt("replace a run already in --out (else it is refused unless resumed)", False)
     # -- student
     student: Literal["tiue", "one-step"] = _opt("tiue (loop-free, K decoders) or one-step (SwiftBrush)", "tiue")

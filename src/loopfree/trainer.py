@@ -3,22 +3,24 @@
     loopfree distill --teacher path/to/sd21-base --prompts prompts.txt --out runs/tiue --max-steps 20000
     accelerate launch --multi_gpu --num_processes 8 -m loopfree distill --config distill.yaml
 
-One step: the student makes x_0 in one pass → VSD against the guided teacher and fake score, plus the KL
-regulariser on the student's noise predictions → student update → fake-score (LoRA) update on sg(x_0).
-The teacher and the fake score share one frozen UNet: the fake score is that UNet with its LoRA switched on.
+The loop: prompts → conditioning → :meth:`Distiller.step` (objective: :mod:`loopfree.objective`), with
+checkpoints (:mod:`loopfree.checkpoint`), SIGTERM/SIGINT handling, validation grids and logging. ``--out``
+follows :class:`~loopfree.outputs.OutputFolder`: a run is continued only with ``--resume`` and the settings
+that decide it; a changed one is refused by name, harmless ones (run length, logging, …) are recorded.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager
-from dataclasses import asdict
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -26,199 +28,28 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from diffusers import UNet2DConditionModel
-from diffusers.training_utils import EMAModel, cast_training_params
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from loopfree.checkpoint import STATE, find_checkpoint, save_checkpoint
 from loopfree.config import DistillConfig, save_config
 from loopfree.data import PromptStream, load_prompts
+from loopfree.distiller import Distiller
 from loopfree.errors import Interrupted, LoopfreeError
 from loopfree.images import image_grid
-from loopfree.guidance import guided
 from loopfree.loading import inspect_pipeline, load_pipeline
-from loopfree.losses import fake_score_loss, kl_loss, vsd_loss
-from loopfree.sampler import Conditioning, Generator
-from loopfree.schedule import NoiseSchedule, decoder_timesteps, diffuse, sample_timesteps
-from loopfree.timing import Sections
+from loopfree.outputs import OutputFolder, save_image
+from loopfree.sampler import Conditioning
 
-CHECKPOINT = "checkpoint-"  # complete checkpoints: checkpoint-00000100
-PARTIAL = ".tmp-"  # being written; renamed when complete, never resumed from
-STATE = "trainer_state.json"
-FAKE = "fake_score"  # the LoRA adapter's name; peft's "__base__" rows run the frozen base, i.e. the teacher
+#: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
+HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every",
+            "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
+            "gradient_checkpointing")
 
 
-@contextmanager
-def lora_rows(unet: torch.nn.Module, adapter_names: list[str]) -> Iterator[None]:
-    """For the calls inside, row b of the batch goes through adapter ``adapter_names[b]`` (peft mixed batches)."""
-
-    def pass_names(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": adapter_names}
-
-    handles = [m.register_forward_pre_hook(pass_names, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def student_timesteps(cfg: DistillConfig, scheduler_config) -> tuple[list[int], float | None]:
-    """The student's decoder timesteps and its ā_final override (one-step: [T] and 1.0)."""
-    if cfg.student == "one-step":
-        return [cfg.one_step_timestep], 1.0
-    return cfg.timesteps or decoder_timesteps(scheduler_config, cfg.steps), None
-
-
-class Distiller:
-    """Teacher ε_ψ, fake score ε_φ (teacher + LoRA), student ε_θ (+ EMA), their optimisers, and one step."""
-
-    def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel, scheduler, accelerator: Accelerator,
-                 latent_size: int | tuple[int, int]):
-        self.cfg, self.acc = cfg, accelerator
-        self.latent_size = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
-        self.schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.timesteps, self.final_alpha = student_timesteps(cfg, scheduler.config)
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-        # -- student ε_θ: a full trainable copy of the teacher, with an EMA
-        student = copy.deepcopy(unet).to(accelerator.device).train().requires_grad_(True)
-        self.student_params = list(student.parameters())
-        self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False)
-        # -- teacher ε_ψ frozen; fake score ε_φ = the same base weights + LoRA (paper: r 64, alpha 108, to_q/to_v)
-        base = unet.to(accelerator.device).requires_grad_(False)
-        if weight_dtype != torch.float32:
-            base.to(weight_dtype)
-        base.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets), FAKE)
-        cast_training_params(base, dtype=torch.float32)
-        self.lora_params = [p for p in base.parameters() if p.requires_grad]
-        if cfg.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-            base.enable_gradient_checkpointing()
-        self.student, self.base = student, base
-
-        def adam(params, lr):
-            return torch.optim.AdamW(
-                params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
-            )
-
-        schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha)
-        self.generator, self.fake, self.opt_student, self.opt_fake = accelerator.prepare(
-            Generator(student, schedule, self.timesteps), base, adam(self.student_params, cfg.lr_student),
-            adam(self.lora_params, cfg.lr_fake),
-        )
-        self.latent_channels = unet.config.in_channels
-        # checkpoints hold the student, the LoRA and the EMA (save_weights), never a copy of the frozen teacher
-        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
-        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
-
-    @contextmanager
-    def teacher(self) -> Iterator[None]:
-        """The frozen base with the LoRA switched off is the teacher."""
-        self.base.disable_adapters()
-        try:
-            yield
-        finally:
-            self.base.enable_adapters()
-
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
-        """The base UNet's noise prediction (adapters as currently routed), in float32."""
-        unet = self.base
-        out = unet(x_t.to(unet.dtype), t, c.text.to(unet.dtype), added_cond_kwargs=c.added).sample.float()
-        return self.schedule.to_epsilon(out, x_t, t)
-
-    @torch.no_grad()
-    def guided_teacher_and_fake(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ε_ψ and ε_φ at (x_t, t), both with classifier-free guidance (SPEC §3.2).
-
-        Unconditional and conditional halves always share a call; with ``batch_teacher_fake`` the teacher's and
-        the fake score's passes share one too (teacher rows skip the LoRA), else they are two calls.
-        """
-        c = Conditioning.cat([uncond, cond])
-        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-        if self.cfg.batch_teacher_fake:
-            with lora_rows(self.base, ["__base__"] * len(x2) + [FAKE] * len(x2)):
-                eps = self._eps(torch.cat([x2, x2]), torch.cat([t2, t2]), Conditioning.cat([c, c]))
-            eps_teacher, eps_fake = eps.chunk(2)
-        else:
-            with self.teacher():
-                eps_teacher = self._eps(x2, t2, c)
-            eps_fake = self._eps(x2, t2, c)
-        return guided(*eps_teacher.chunk(2), self.cfg.guidance), guided(*eps_fake.chunk(2), self.cfg.guidance)
-
-    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.alpha_bar(t.cpu()).to(t.device, torch.float32)
-
-    def step(self, cond: Conditioning, uncond: Conditioning, sections: Sections | None = None) -> dict[str, float]:
-        """One distillation iteration on a batch of prompts; returns the logged scalars."""
-        cfg, acc = self.cfg, self.acc
-        sections = sections or Sections(acc.device)
-        B, device = cond.text.shape[0], acc.device
-        x_T = torch.randn(B, self.latent_channels, *self.latent_size, device=device)
-
-        # -- student forward (SPEC §2): x_0 and its K·B noise predictions, with gradient
-        with sections("student forward+backward"), acc.autocast():
-            x0, eps = self.generator(x_T, cond.text, cond.added)
-            x0 = x0.float()
-
-        # -- VSD (SPEC §3.2): guided teacher and fake score on a fresh noising of sg(x_0)
-        with sections("teacher+fake guided passes"), acc.autocast():
-            t = sample_timesteps(B, cfg.vsd_t_min, cfg.vsd_t_max, device=device)
-            alpha_bar = self._alpha_bar(t)
-            x_t = diffuse(x0.detach(), torch.randn_like(x0), alpha_bar)
-            eps_teacher, eps_fake = self.guided_teacher_and_fake(x_t, t, cond, uncond)
-
-        # -- student update on L_vsd + λ_KL · L_KL (SPEC §3.3-3.4)
-        with sections("student forward+backward"):
-            loss_vsd = vsd_loss(x0, eps_teacher, eps_fake, alpha_bar)
-            loss_kl = kl_loss(eps.flatten(0, 1), cfg.kl_reduction)
-            acc.backward(loss_vsd + cfg.kl_weight * loss_kl)
-            grad_student = acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm)
-            self.opt_student.step()
-            self.opt_student.zero_grad(set_to_none=True)
-            self.ema.step(self.student_params)
-
-        # -- fake-score update (SPEC §3.5): denoising MSE on sg(x_0), empty prompt with p = 0.1
-        with sections("fake-score update"):
-            t = sample_timesteps(B, 0, len(self.schedule.alphas_cumprod) - 1, device=device)
-            alpha_bar = self._alpha_bar(t)
-            noise = torch.randn_like(x0)
-            x_t = diffuse(x0.detach(), noise, alpha_bar)
-            drop = torch.rand(B, device=device) < cfg.fake_cfg_dropout
-            c = cond.where(~drop, uncond)
-            with acc.autocast():
-                out = self.fake(x_t.to(self.base.dtype), t, c.text.to(self.base.dtype), added_cond_kwargs=c.added).sample
-            loss_fake = fake_score_loss(self.schedule.to_epsilon(out.float(), x_t, t), noise, alpha_bar)
-            acc.backward(loss_fake)
-            grad_fake = acc.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
-            self.opt_fake.step()
-            self.opt_fake.zero_grad(set_to_none=True)
-
-        return {
-            "loss/vsd": loss_vsd.item(), "loss/kl": loss_kl.item(), "loss/fake_mse": loss_fake.item(),
-            "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
-            "lr/student": self.opt_student.param_groups[0]["lr"], "lr/fake": self.opt_fake.param_groups[0]["lr"],
-        }
-
-    # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA
-    def save_weights(self, directory: Path) -> None:
-        self.student.save_pretrained(directory / "student", safe_serialization=True)
-        save_file(get_peft_model_state_dict(self.base, adapter_name=FAKE), directory / "fake_lora.safetensors")
-        named = dict(zip((n for n, _ in self.student.named_parameters()), self.ema.shadow_params))
-        save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
-
-    def load_weights(self, directory: Path, ema_step: int) -> None:
-        self.student.load_state_dict(load_file(directory / "student" / "diffusion_pytorch_model.safetensors"))
-        set_peft_model_state_dict(self.base, load_file(directory / "fake_lora.safetensors"), adapter_name=FAKE)
-        ema = load_file(directory / "ema.safetensors")
-        for (name, _), shadow in zip(self.student.named_parameters(), self.ema.shadow_params):
-            shadow.data.copy_(ema[name])
-        self.ema.optimization_step = ema_step
+def run_identity(cfg: DistillConfig) -> dict:
+    """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in HARMLESS and k != "out"}
+    return {**values, "teacher": str(Path(cfg.teacher).absolute()), "prompts": str(Path(cfg.prompts).absolute())}
 
 
 class PromptEncoder:
@@ -249,20 +80,9 @@ class PromptEncoder:
         return cond, self.uncond.repeat(len(prompts))
 
 
-def find_checkpoint(out: Path, resume: str) -> Path | None:
-    """``latest``: the newest complete checkpoint in ``out/checkpoints`` (None if there is none); else the path."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / STATE).is_file():
-            raise LoopfreeError(f"--resume {resume!r} is not a complete loopfree checkpoint (no {STATE})")
-        return path
-    root = out / "checkpoints"
-    done = [p for p in root.glob(CHECKPOINT + "*") if (p / STATE).is_file()] if root.is_dir() else []
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT):]), default=None)
-
-
-def check_inputs(cfg: DistillConfig) -> tuple[int, list[str]]:
-    """Everything that can be wrong with the user's input, checked before anything is written."""
+def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path | None]:
+    """Everything that can be wrong with the user's input, checked before anything is loaded or written; the
+    image size, the prompts, the output folder and the (verified) checkpoint to resume from."""
     try:
         info = inspect_pipeline(cfg.teacher)
     except LoopfreeError as e:
@@ -275,42 +95,87 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str]]:
         raise LoopfreeError(f"--resolution: {e}") from None
     if cfg.dtype == "fp16" and not torch.cuda.is_available():
         raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --dtype bf16 on a CPU")
-    if cfg.resume not in (None, "latest"):
-        find_checkpoint(Path(cfg.out), cfg.resume)
     if cfg.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
         raise LoopfreeError("--log-with wandb needs the wandb package: pip install wandb")
-    return resolution, prompts
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise LoopfreeError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True)
+    if folder.resuming and cfg.resume is None:
+        raise LoopfreeError(f"--out {cfg.out} holds a distillation with these settings: pass --resume latest to continue it "
+                            "or --overwrite to start again")
+    # every process of the launch reads the same checkpoint; it must hold their RNG states
+    checkpoint = find_checkpoint(out, cfg.resume, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE).read_text())
+        changed = [k for k, v in state["identity"].items() if run_identity(cfg).get(k) != v]
+        if changed:
+            raise LoopfreeError(f"checkpoint {checkpoint} was made with other settings ({', '.join(changed)}): they would alter the run")
+    return resolution, prompts, folder, checkpoint
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops."""
 
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    signum = 0
 
-    def _handle(self, signum, frame) -> None:
+    def handle(self, signum, frame) -> None:
         self.signum = signum
 
 
-def distill(cfg: DistillConfig) -> Path:
-    """Run the whole distillation described by ``cfg``; returns the directory of the final pipeline."""
-    resolution, prompts = check_inputs(cfg)
-    out = Path(cfg.out)
-    acc = Accelerator(
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # CPU data parallel uses gloo
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.log_with == "none" else cfg.log_with,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    main = acc.is_main_process
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise LoopfreeError(f"{acc.distributed_type.value} is not supported yet: launch with plain data parallel (--multi_gpu)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != acc.num_processes:
-        raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """SIGTERM/SIGINT set the flag inside; the previous handlers are back afterwards (so Ctrl-C works again)."""
+    flag, previous = StopFlag(), {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, flag.handle)
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """The global random states (python, numpy, torch) seeded inside are restored afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Run the whole distillation described by ``cfg``; returns the folder of the final pipeline."""
+    resolution, prompts, folder, checkpoint = check_inputs(cfg)
+    with preserved_rng():
+        acc = Accelerator(
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # CPU data parallel uses gloo
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.log_with == "none" else cfg.log_with,
+            project_config=ProjectConfiguration(project_dir=str(folder.final), logging_dir=str(folder.final / "logs")),
+        )
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise LoopfreeError(f"{acc.distributed_type.value} is not supported yet: launch with plain data parallel (--multi_gpu)")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
+        acc.wait_for_everyone()  # every process has checked --out before the main one writes to it
+        with folder if acc.is_main_process else nullcontext():
+            return _train(cfg, acc, folder.final, resolution, prompts, checkpoint)
+
+
+def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, prompts: list[str], checkpoint: Path | None) -> Path:
+    main = acc.is_main_process
     # -- models: same initial weights on every process, then a different random stream per process
     set_seed(cfg.seed)
     pipe = load_pipeline(cfg.teacher)
@@ -325,70 +190,64 @@ def distill(cfg: DistillConfig) -> Path:
 
     # -- resume: weights, optimisers, RNG states (accelerate), EMA, data position, step
     step = 0
-    checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE).read_text())
         acc.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         distiller.load_weights(checkpoint, state["ema_step"])
         stream.load_state_dict(state["stream"])
         step = state["step"]
+        if main:
+            record_changes(out, state["config"], cfg, step)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "distill_config.yaml")
     if cfg.log_with != "none":
-        acc.init_trackers("loopfree", config={k: str(v) for k, v in asdict(cfg).items()})
+        acc.init_trackers("loopfree", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
-    def save_checkpoint() -> None:
-        final = out / "checkpoints" / f"{CHECKPOINT}{step:08d}"
-        partial = out / "checkpoints" / f"{PARTIAL}{CHECKPOINT}{step:08d}"
-        if main:
-            shutil.rmtree(partial, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        if main:
-            distiller.save_weights(partial)
-            state = {"step": step, "stream": stream.state_dict(), "ema_step": distiller.ema.optimization_step}
-            (partial / STATE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(partial, final)
-            done = sorted((out / "checkpoints").glob(CHECKPOINT + "*"))
-            for old in done[: max(0, len(done) - (cfg.checkpoints_total_limit or len(done)))]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
+    def checkpoint_now() -> None:
+        state = {"stream": stream.state_dict(), "ema_step": distiller.ema.optimization_step,
+                 "identity": run_identity(cfg), "config": dataclasses.asdict(cfg)}
+        save_checkpoint(acc, distiller, out, step, state, cfg.checkpoints_total_limit)
 
-    # -- the loop
-    stop = _StopFlag()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="distill", unit="step", disable=not main)
     t_last = time.perf_counter()
-    while step < cfg.max_steps:
-        cond, uncond = encode(stream.next_batch())
-        logs = distiller.step(cond, uncond)
-        step += 1
-        now = time.perf_counter()
-        logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
-        acc.log(logs, step=step)
-        bar.update()
-        bar.set_postfix(vsd=f"{logs['loss/vsd']:.3g}", kl=f"{logs['loss/kl']:.3g}", fake=f"{logs['loss/fake_mse']:.3g}")
-        if cfg.validate_every and step % cfg.validate_every == 0 and main:
-            validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", acc)
-        signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
-        if signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            save_checkpoint()
-        if signum:
-            bar.close()
-            acc.end_training()
-            raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
+    with stop_on_signals() as stop:
+        while step < cfg.max_steps:
+            cond, uncond = encode(stream.next_batch())
+            logs = distiller.step(cond, uncond)
+            step += 1
+            now = time.perf_counter()
+            logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
+            acc.log(logs, step=step)
+            bar.update()
+            bar.set_postfix(vsd=f"{logs['loss/vsd']:.3g}", kl=f"{logs['loss/kl']:.3g}", fake=f"{logs['loss/fake_mse']:.3g}")
+            if cfg.validate_every and step % cfg.validate_every == 0 and main:
+                validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", step, resolution, acc)
+            signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
+            if signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                checkpoint_now()
+            if signum:
+                bar.close()
+                acc.end_training()
+                raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
     bar.close()
-    if cfg.checkpoint_every and not (out / "checkpoints" / f"{CHECKPOINT}{step:08d}").is_dir():
-        save_checkpoint()
+    if cfg.checkpoint_every and not (out / "checkpoints" / f"checkpoint-{step:08d}").is_dir():
+        checkpoint_now()
     check_replicas_agree(distiller, acc)
 
     # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
     if main:
-        save_pipeline(pipe, distiller, out, ema=cfg.save_ema)
+        publish_pipeline(student_pipeline(pipe, distiller, ema=cfg.save_ema), out)
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int) -> None:
+    """Append the harmless options that differ from the checkpoint's run to ``resumes.jsonl``."""
+    now = dataclasses.asdict(cfg)
+    changed = {k: [saved.get(k), now[k]] for k in HARMLESS if saved.get(k) != now[k] and k not in ("resume", "overwrite")}
+    with open(out / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}) + "\n")
 
 
 def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
@@ -413,22 +272,34 @@ def student_pipeline(pipe, distiller: Distiller, ema: bool):
     return student
 
 
-def save_pipeline(pipe, distiller: Distiller, out: Path, ema: bool) -> None:
-    student_pipeline(pipe, distiller, ema).save_pretrained(out)
+def publish_pipeline(pipe, out: Path) -> None:
+    """Save ``pipe`` into ``out`` beside the run's other files; ``model_index.json`` goes in last, so a folder
+    that has it holds a whole pipeline."""
+    staging = out / ".tmp-pipeline"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)
+    (out / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
 
 
 @torch.no_grad()
-def validate(pipe, distiller: Distiller, prompts: list[str], path: Path, acc: Accelerator, seeds: int = 4) -> None:
-    """A grid of the current student's samples: one row per prompt, one column per seed."""
+def validate(pipe, distiller: Distiller, prompts: list[str], path: Path, step: int, resolution: int, acc: Accelerator,
+             seeds: int = 4) -> None:
+    """A grid of the current student's samples at the training resolution: one row per prompt, one column per seed."""
     student = student_pipeline(pipe, distiller, ema=False)
     student.set_progress_bar_config(disable=True)
     rows = []
     for prompt in prompts:
         gens = [torch.Generator(acc.device).manual_seed(s) for s in range(seeds)]
-        rows.append(student([prompt] * seeds, generator=gens).images)
+        rows.append(student([prompt] * seeds, generator=gens, height=resolution, width=resolution).images)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(rows)
-    grid.save(path)
+    save_image(path, grid)
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", np.asarray(grid), int(path.stem.split("-")[1]), dataformats="HWC")
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")

@@ -143,7 +143,7 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
     for config in todo:
-        distill(dataclasses.replace(config, resume="latest"))
+        distill(dataclasses.replace(config, resume="auto"))
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
