@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from loopfree.outputs import OutputFolder, save_image, write_json
 from loopfree.seeding import derive_seed, initial_noise

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from loopfree.errors import LoopfreeError
+from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline, check_size
 
 #: Components a Stable Diffusion (XL) pipeline needs, and the weight file stem each one's library writes.
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-MAX_SIDE_FACTOR = 4  # largest image side: this many times the model's native size (memory bound, see check_size)
 
 
 def read_json(path: Path) -> Any:
@@ -87,17 +87,6 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     raise LoopfreeError(f"{single} is missing")
 
 
-def check_size(height: int, width: int, vae_scale_factor: int, native_size: int) -> None:
-    """Image sizes the model takes: positive multiples of the VAE's scale factor, each side at most
-    ``MAX_SIDE_FACTOR`` × the native size (SD2.1: 2048 px; beyond that activations outgrow any single GPU)."""
-    limit = MAX_SIDE_FACTOR * native_size
-    for name, v in (("height", height), ("width", width)):
-        if v < vae_scale_factor or v % vae_scale_factor:
-            raise LoopfreeError(f"{name} must be a positive multiple of {vae_scale_factor} for this model, got {v}")
-        if v > limit:
-            raise LoopfreeError(f"{name} {v} is over this model's limit of {limit} px ({MAX_SIDE_FACTOR}× its native {native_size})")
-
-
 @dataclass(frozen=True)
 class PipelineInfo:
     """What a pipeline folder's config files say, read without loading any weights."""
@@ -152,8 +141,6 @@ def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
 
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load a local Stable Diffusion (XL) pipeline folder as the matching loop-free pipeline (safetensors only)."""
-    from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline
-
     info = inspect_pipeline(path)
     cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}

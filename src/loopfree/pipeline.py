@@ -24,7 +24,6 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from loopfree.errors import LoopfreeError
-from loopfree.loading import check_size
 from loopfree.outputs import write_json
 from loopfree.sampler import Conditioning, ddim_loop, loop_free
 from loopfree.schedule import NoiseSchedule, check_timesteps, decoder_timesteps
@@ -35,6 +34,20 @@ SIDECAR = "loopfree.json"
 MODES = ("loop_free", "loop")
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
+
+
+MAX_SIDE_FACTOR = 4  # largest image side: this many times the model's native size (memory bound, see check_size)
+
+
+def check_size(height: int, width: int, vae_scale_factor: int, native_size: int) -> None:
+    """Image sizes the model takes: positive multiples of the VAE's scale factor, each side at most
+    ``MAX_SIDE_FACTOR`` × the native size (SD2.1: 2048 px; beyond that activations outgrow any single GPU)."""
+    limit = MAX_SIDE_FACTOR * native_size
+    for name, v in (("height", height), ("width", width)):
+        if v < vae_scale_factor or v % vae_scale_factor:
+            raise LoopfreeError(f"{name} must be a positive multiple of {vae_scale_factor} for this model, got {v}")
+        if v > limit:
+            raise LoopfreeError(f"{name} {v} is over this model's limit of {limit} px ({MAX_SIDE_FACTOR}× its native {native_size})")
 
 
 @dataclass(frozen=True)

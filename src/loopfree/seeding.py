@@ -7,9 +7,10 @@ import numpy as np
 import torch
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 64-bit seed derived from ``seed`` and integer ``keys`` (SeedSequence: no collisions in practice)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0])
+def derive_seed(seed: int, *keys: int, bits: int = 64) -> int:
+    """A ``bits``-bit (32 or 64) seed derived from ``seed`` and integer ``keys`` (SeedSequence: no collisions in
+    practice)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64 if bits == 64 else np.uint32)[0])
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device | str = "cpu",

@@ -37,7 +37,7 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, as_json, tra
     from loopfree.archs import ARCHS
     from loopfree.bench import format_table, inference_rows, train_rows
     from loopfree.devices import resolve_device, resolve_dtype
-    from loopfree.loading import check_size
+    from loopfree.pipeline import check_size
 
     spec = ARCHS[arch]
     height, width = resolution or (spec.resolution, spec.resolution)

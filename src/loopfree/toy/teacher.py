@@ -8,20 +8,19 @@ with a CLIP text encoder from scratch on cached latents, with empty-prompt dropo
 classifier-free guidance), min-SNR loss weights and an EMA of the weights. (c) The EMA weights
 are saved as a Stable Diffusion pipeline directory, ``OUT/pipeline`` (safetensors only).
 (d) 50-step DDIM samples with guidance are scored by the shipped classifier, ``OUT/eval.json``.
-Stages (a) and (b) checkpoint into ``OUT/checkpoints`` every few minutes and when they stop;
-running the same command again resumes them (raise ``unet_steps`` to train on). Every sample
-stream is derived from the seed and the step, so a resumed run draws what an unbroken one would.
+Stages (a) and (b) checkpoint into ``OUT/checkpoints`` every few minutes and when they stop
+(:class:`~loopfree.toy.run.TrainingRun`); running the same command again resumes them (raise
+``unet_steps`` to train on). Every sample stream is derived from the seed and the step, so a resumed
+run draws what an unbroken one would.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -32,12 +31,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from loopfree.devices import cpu_threads
 from loopfree.errors import LoopfreeError
 from loopfree.loading import load_pipeline
+from loopfree.outputs import write_json
 from loopfree.pipeline import LoopFreePipeline
-from loopfree.safestate import load_state, save_state
+from loopfree.seeding import derive_seed
 from loopfree.toy.classifier import load_classifier, matches
 from loopfree.toy.evaluate import evaluate_images
+from loopfree.toy.run import TrainingRun
 from loopfree.toy.settings import TeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
 from loopfree.toy.world import IMAGE_SIZE, Attributes, ToyWorld, heldout_prompts, make_caption, parse_prompt
@@ -58,95 +60,12 @@ SCHEDULER_CONFIG = dict(
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-class _Stateful(Protocol):
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> object: ...
-
-
-def _derive(seed: int, *keys: int) -> int:
-    """A 32-bit seed derived from ``seed`` and ``keys`` (stage, step, ...)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
 def _format(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
 
 
 def _megabytes(*modules: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 1e6
-
-
-class _Run:
-    """The output folder of one teacher run: checkpoints, the JSONL log, the pipeline and the scores."""
-
-    def __init__(self, out_dir: str | Path, config: TeacherConfig) -> None:
-        self.out = Path(out_dir)
-        self.checkpoints = self.out / "checkpoints"
-        self.pipeline = self.out / "pipeline"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        (self.out / "teacher_config.json").write_text(json.dumps(asdict(config), indent=2))
-
-    def log(self, record: dict) -> None:
-        with open(self.out / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def resume(self, name: str, state: dict[str, _Stateful]) -> int:
-        """Load checkpoint ``name`` into ``state`` if there is one; the step it reached, else 0."""
-        path = self.checkpoints / f"{name}.safetensors"
-        if not path.is_file():
-            return 0
-        saved = load_state(path)
-        for key, obj in state.items():
-            obj.load_state_dict(saved[key])
-        logger.info("resumed %s at step %d", name, saved["step"])
-        return int(saved["step"])
-
-    def checkpoint(self, name: str, state: dict[str, _Stateful], step: int) -> None:
-        save_state(self.checkpoints / f"{name}.safetensors", {"step": step, **{key: obj.state_dict() for key, obj in state.items()}})
-
-    def train(
-        self,
-        name: str,
-        steps: int,
-        step_fn: Callable[[int], float],
-        state: dict[str, _Stateful],
-        deadline: float | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> int:
-        """Run ``step_fn(step) -> loss`` from the checkpointed step up to ``steps`` or ``deadline``
-        (``time.monotonic``); checkpoint every ``checkpoint_minutes`` and at the end. The step reached."""
-        cfg = self.config
-        start = self.resume(name, state)
-        done = logged = start
-        t0 = last_save = last_log = time.monotonic()
-        smoothed = math.nan
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, dynamic_ncols=True)
-        for step in bar:
-            loss = step_fn(step)
-            smoothed = loss if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * loss
-            done = step + 1
-            bar.set_postfix(loss=f"{smoothed:.4f}")
-            now = time.monotonic()
-            if done % cfg.log_every == 0:
-                rate = (done - logged) / (now - last_log)
-                self.log({"stage": name, "step": done, "loss": loss, "loss_smoothed": smoothed,
-                          "it_per_s": rate, "elapsed_s": now - t0})
-                last_log, logged = now, done
-            if on_step is not None:  # probes are left out of the logged speed
-                paused = time.monotonic()
-                on_step(done)
-                last_log += time.monotonic() - paused
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            if now - last_save > cfg.checkpoint_minutes * 60 or out_of_time or done == steps:
-                self.checkpoint(name, state, done)
-                last_save = now
-            if out_of_time:
-                logger.info("%s: time budget spent at step %d of %d", name, done, steps)
-                break
-        bar.close()
-        return done
 
 
 def make_vae(config: TeacherConfig) -> AutoencoderKL:
@@ -217,9 +136,8 @@ def check_size(config: TeacherConfig, tokenizer: CLIPTokenizer) -> float:
     return size
 
 
-def train_vae(run: _Run) -> AutoencoderKL:
+def train_vae(run: TrainingRun, cfg: TeacherConfig) -> AutoencoderKL:
     """Stage (a): reconstruction + KL on fresh toy images, then the latent scaling factor."""
-    cfg = run.config
     vae = make_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     # cosine decay to 0: the last steps are small, so the autoencoder ends on a good point, not a spike
@@ -231,9 +149,9 @@ def train_vae(run: _Run) -> AutoencoderKL:
         raise LoopfreeError(f"{run.out}: stage b started on a less trained autoencoder; use a new run folder")
 
     def step(i: int) -> float:
-        images = ToyWorld(_derive(cfg.seed, 1, i)).sample(cfg.vae_batch).tensor()
+        images = ToyWorld(derive_seed(cfg.seed, 1, i, bits=32)).sample(cfg.vae_batch).tensor()
         posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(torch.Generator().manual_seed(_derive(cfg.seed, 2, i)))).sample
+        recon = vae.decode(posterior.sample(torch.Generator().manual_seed(derive_seed(cfg.seed, 2, i, bits=32)))).sample
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - posterior.logvar - 1.0).mean()
         loss = F.mse_loss(recon, images) + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
@@ -245,7 +163,7 @@ def train_vae(run: _Run) -> AutoencoderKL:
 
     run.train("vae", cfg.vae_steps, step, state)
     vae.eval().requires_grad_(False)
-    held_out = ToyWorld(_derive(cfg.seed, 3)).sample(512)
+    held_out = ToyWorld(derive_seed(cfg.seed, 3, bits=32)).sample(512)
     with torch.no_grad():
         latents = vae.encode(held_out.tensor()).latent_dist.mean
         recon = vae.decode(latents).sample.clamp(-1, 1)
@@ -258,11 +176,10 @@ def train_vae(run: _Run) -> AutoencoderKL:
     return vae
 
 
-def encode_cache(run: _Run, vae: AutoencoderKL) -> tuple[torch.Tensor, list[Attributes]]:
+def encode_cache(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list[Attributes]]:
     """Scaled latent means of ``latent_cache`` toy images and their attributes (latents stored in
     the checkpoints folder; the images are redrawn from the seed)."""
-    cfg = run.config
-    world = ToyWorld(_derive(cfg.seed, 4))
+    world = ToyWorld(derive_seed(cfg.seed, 4, bits=32))
     chunks = [world.sample(min(1024, cfg.latent_cache - i)) for i in range(0, cfg.latent_cache, 1024)]
     attrs = [a for chunk in chunks for a in chunk.attrs]
     path = run.checkpoints / "latents.safetensors"
@@ -289,14 +206,13 @@ def _sample(
     return images * 2.0 - 1.0
 
 
-def train_denoiser(run: _Run, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> tuple[LoopFreePipeline, int]:
+def train_denoiser(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> tuple[LoopFreePipeline, int]:
     """Stage (b): UNet + text encoder on the latent cache; returns the pipeline (EMA weights loaded)
     and the step reached."""
-    cfg = run.config
     text_encoder, unet, scheduler = make_text_encoder(cfg, tokenizer), make_unet(cfg), make_scheduler(cfg)
     pipe = LoopFreePipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
-    latents, attrs = encode_cache(run, vae)
+    latents, attrs = encode_cache(run, cfg, vae)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -309,13 +225,13 @@ def train_denoiser(run: _Run, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> t
         weights = clipped / snr if cfg.prediction_type == "epsilon" else clipped / (snr + 1.0)
 
     def step(i: int) -> float:
-        rng = np.random.default_rng(_derive(cfg.seed, 5, i))
+        rng = np.random.default_rng(derive_seed(cfg.seed, 5, i, bits=32))
         rows = rng.integers(len(attrs), size=cfg.unet_batch)
         captions = ["" if rng.random() < cfg.prompt_dropout else make_caption(attrs[r], rng) for r in rows]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         z = latents[torch.from_numpy(rows)]
-        g = torch.Generator().manual_seed(_derive(cfg.seed, 6, i))
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, 6, i, bits=32))
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=g)
         noise = torch.randn(z.shape, generator=g)
         target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
@@ -330,7 +246,7 @@ def train_denoiser(run: _Run, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> t
         return loss.item()
 
     classifier = load_classifier()
-    probe_prompts = heldout_prompts(cfg.probe_prompts, seed=_derive(cfg.seed, 7))
+    probe_prompts = heldout_prompts(cfg.probe_prompts, seed=derive_seed(cfg.seed, 7, bits=32))
 
     def probe(done: int) -> None:
         if not cfg.probe_every or done % cfg.probe_every:
@@ -357,16 +273,16 @@ def train_denoiser(run: _Run, vae: AutoencoderKL, tokenizer: CLIPTokenizer) -> t
     return pipe, done
 
 
-def save_teacher(run: _Run, pipe: LoopFreePipeline) -> float:
+def save_teacher(folder: Path, pipe: LoopFreePipeline) -> float:
     """Stage (c): write the pipeline directory; its size in MB. Only safetensors weights are allowed."""
-    pipe.save_pretrained(run.pipeline, safe_serialization=True)
-    build_tokenizer(run.pipeline / "tokenizer", max_length=pipe.tokenizer.model_max_length)
-    files = [p for p in run.pipeline.rglob("*") if p.is_file()]
+    pipe.save_pretrained(folder, safe_serialization=True)
+    build_tokenizer(folder / "tokenizer", max_length=pipe.tokenizer.model_max_length)
+    files = [p for p in folder.rglob("*") if p.is_file()]
     unsafe = [str(p) for p in files if p.suffix in WEIGHT_SUFFIXES and p.suffix != ".safetensors"]
     if unsafe:
         raise LoopfreeError(f"non-safetensors weights written: {unsafe}")
     size = sum(p.stat().st_size for p in files) / 1e6
-    print(f"teacher pipeline: {run.pipeline} ({size:.2f} MB)")
+    print(f"teacher pipeline: {folder} ({size:.2f} MB)")
     return size
 
 
@@ -387,18 +303,22 @@ def evaluate_teacher(path: str | Path, config: TeacherConfig) -> dict:
 
 
 def train_teacher(out_dir: str | Path, config: TeacherConfig | None = None) -> dict:
-    """All four stages into ``out_dir``; returns (and writes to ``eval.json``) the evaluation."""
+    """All four stages into ``out_dir``; returns (and writes to ``eval.json``) the evaluation. The process's
+    thread count and global random state are as they were afterwards."""
     config = config or TeacherConfig()
-    torch.set_num_threads(config.threads)
     tokenizer = build_tokenizer()
     check_size(config, tokenizer)
-    torch.manual_seed(config.seed)  # module initialisation
-    run = _Run(out_dir, config)
+    out = Path(out_dir)
+    run = TrainingRun(out, config.checkpoint_minutes, config.log_every)
+    write_json(out / "teacher_config.json", asdict(config))
     started = time.monotonic()
-    vae = train_vae(run)
-    pipe, steps = train_denoiser(run, vae, tokenizer)
-    size = save_teacher(run, pipe)
-    scores = evaluate_teacher(run.pipeline, config)
+    with cpu_threads(config.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # module initialisation
+        vae = train_vae(run, config)
+        pipe, steps = train_denoiser(run, config, vae, tokenizer)
+    size = save_teacher(out / "pipeline", pipe)
+    with cpu_threads(config.threads):
+        scores = evaluate_teacher(out / "pipeline", config)
     report = {
         "unet_steps": steps,
         "megabytes": size,
@@ -408,5 +328,5 @@ def train_teacher(out_dir: str | Path, config: TeacherConfig | None = None) -> d
         "wall_s": time.monotonic() - started,
         "guidance": scores,
     }
-    (run.out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "eval.json", report)
     return report

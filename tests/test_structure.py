@@ -1,0 +1,86 @@
+"""The code base's shape: no import cycles, library code free of click, and a CLI whose help loads no torch."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import loopfree
+
+ROOT = Path(loopfree.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """loopfree module → the loopfree modules it imports, anywhere in its body (function-level imports too)."""
+    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module if node.level == 0 else ".".join(name.split(".")[: -node.level] + [node.module])
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            graph[name] |= {t for t in targets if t in modules and t != name and t != "loopfree"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_library_code_does_not_depend_on_click():
+    graph = import_graph()
+    for path in ROOT.rglob("*.py"):
+        name = _module_name(path)
+        if not name.startswith("loopfree.cli") and name != "loopfree.__main__":  # the command line and its entry point
+            text = path.read_text()
+            assert "import click" not in text and "from click" not in text, name
+            assert not any(t.startswith("loopfree.cli") for t in graph[name]), name
+
+
+def test_help_loads_no_torch():
+    code = "import sys; from loopfree.cli import main; main(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "False", p.stderr
