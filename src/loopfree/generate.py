@@ -30,6 +30,7 @@ def generate_images(
     info = inspect_pipeline(model)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
+    plan = info.plan_steps(mode, steps, timesteps)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     settings = dict(prompt=prompt, model=str(Path(model).absolute()), images_per_prompt=images_per_prompt, seed=seed,
@@ -39,7 +40,6 @@ def generate_images(
     pipe = load_pipeline(model, dtype=torch_dtype)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    plan = pipe.plan_steps(mode, steps, timesteps)
     shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     seeds = [derive_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from loopfree.errors import LoopfreeError
-from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline, check_size
+from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
 
 #: Components a Stable Diffusion (XL) pipeline needs, and the weight file stem each one's library writes.
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
@@ -51,6 +51,8 @@ def check_safetensors(path: Path) -> None:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
             header = f.read(n) if n is not None and 2 <= n <= min(size - 8, 100_000_000) else None
+    except FileNotFoundError:
+        raise LoopfreeError(f"{path} is missing") from None
     except PermissionError:
         raise LoopfreeError(f"cannot read {path} (permission denied)") from None
     except IsADirectoryError:
@@ -95,11 +97,16 @@ class PipelineInfo:
     xl: bool  # two text encoders and added conditioning
     vae_scale_factor: int
     default_size: int  # UNet sample size × VAE scale factor, in pixels
-    num_train_timesteps: int
+    scheduler_config: dict
     decoder_timesteps: list[int] | None  # recorded by distillation (loopfree.json)
+    final_alpha_cumprod: float | None  # recorded with them (one-step students: 1.0)
 
     def check_size(self, height: int, width: int) -> None:
         check_size(height, width, self.vae_scale_factor, self.default_size)
+
+    def plan_steps(self, mode: str, steps: int | None = None, timesteps: list[int] | None = None) -> StepPlan:
+        """What the loaded pipeline's ``plan_steps`` will say, from the configs alone."""
+        return plan_steps(mode, steps, timesteps, self.scheduler_config, self.decoder_timesteps, self.final_alpha_cumprod)
 
 
 def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
@@ -131,12 +138,14 @@ def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
         vae_scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
         sample_size = configs["unet"]["sample_size"]
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else int(sample_size)
-        num_train = int(scheduler.get("num_train_timesteps", 1000))
+        scheduler = {**scheduler, "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000))}
     except (KeyError, TypeError, ValueError) as e:
         raise LoopfreeError(f"{root}: a component config lacks a required entry ({e})") from None
-    sidecar = root / "loopfree.json"
-    recorded = read_json(sidecar).get("decoder_timesteps") if sidecar.is_file() else None
-    return PipelineInfo(root, xl, vae_scale, sample_size * vae_scale, num_train, recorded)
+    recorded = read_json(root / "loopfree.json") if (root / "loopfree.json").is_file() else {}
+    if not isinstance(recorded, dict):
+        raise LoopfreeError(f"{root / 'loopfree.json'} is not a JSON object")
+    return PipelineInfo(root, xl, vae_scale, sample_size * vae_scale, scheduler, recorded.get("decoder_timesteps"),
+                        recorded.get("final_alpha_cumprod"))
 
 
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None):

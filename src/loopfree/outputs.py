@@ -117,13 +117,31 @@ class OutputFolder:
         self.path = self.final
         self._lock_fd: int | None = None
         self._aside: Path | None = None
+        self._probe_lock()
 
     def _sibling(self, tag: str) -> Path:
         return self.final.with_name(f".{self.final.name}.{tag}-{os.getpid()}")
 
+    def _lock_path(self) -> Path:
+        return self.final.with_name(f".{self.final.name}.lock")
+
+    def _probe_lock(self) -> None:
+        """Refuse now, before any work, if another process holds the folder's lock (taken for real on ``with``)."""
+        try:
+            fd = os.open(self._lock_path(), os.O_RDWR)
+        except OSError:
+            return  # no lock file: nobody is writing
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise LoopfreeError(f"--out {self.final}: another loopfree process is writing to it; wait for it or choose another folder") from None
+        finally:
+            os.close(fd)
+
     def _lock(self) -> None:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.final.with_name(f".{self.final.name}.lock")
+        lock = self._lock_path()
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

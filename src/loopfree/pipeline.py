@@ -59,6 +59,38 @@ class StepPlan:
     final_alpha_cumprod: float | None = None  # recorded override (one-step students: 1.0)
 
 
+def plan_steps(mode: str, num_inference_steps: int | None, timesteps: list[int] | None, scheduler_config,
+               recorded: list[int] | None = None, final_alpha_cumprod: float | None = None) -> StepPlan:
+    """What a call samples. ``loop_free``: the ``recorded`` decoder timesteps (and ā_final) by default; another K,
+    or explicit ``timesteps``, replace them — with the scheduler's DDIM timesteps for that K and its own
+    ā_final — and a student that recorded its own says so in a warning. Loop modes: DDIM with
+    ``num_inference_steps`` (default 50). Needs only configs, so commands check before loading weights."""
+    if mode not in MODES:
+        raise LoopfreeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    num_train = scheduler_config["num_train_timesteps"]
+    if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
+        raise LoopfreeError(f"steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_inference_steps}")
+    if mode != "loop_free":
+        if timesteps is not None:
+            raise LoopfreeError(f"timesteps are decoder timesteps of the loop_free mode, not of {mode!r}")
+        return StepPlan(num_inference_steps or DEFAULT_LOOP_STEPS)
+    recorded = list(recorded) if recorded else None
+    if timesteps is not None:
+        ts = check_timesteps(timesteps, num_train)
+        if num_inference_steps is not None and num_inference_steps != len(ts):
+            raise LoopfreeError(f"{len(ts)} timesteps given but steps is {num_inference_steps}")
+    elif num_inference_steps is None or (recorded and num_inference_steps == len(recorded)):
+        ts = recorded or decoder_timesteps(scheduler_config, num_inference_steps or DEFAULT_DECODERS)
+    else:
+        ts = decoder_timesteps(scheduler_config, num_inference_steps)
+    if ts == recorded:
+        return StepPlan(len(ts), ts, final_alpha_cumprod)
+    if recorded:
+        logger.warning(f"this student was distilled for decoder timesteps {recorded}; sampling with {ts} instead "
+                       "(and the scheduler's own final ā)")
+    return StepPlan(len(ts), ts)
+
+
 class _LoopFreeMixin:
     """``__call__``, sidecar I/O and VAE decoding shared by the SD and SDXL variants."""
 
@@ -95,34 +127,9 @@ class _LoopFreeMixin:
             write_json(os.path.join(save_directory, SIDECAR), recorded)
 
     def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None) -> StepPlan:
-        """What a call with these arguments samples. ``loop_free``: the recorded decoder timesteps (and ā_final)
-        by default; another K, or explicit ``timesteps``, replace them — with the scheduler's DDIM timesteps for
-        that K and its own ā_final — and a student that recorded its own says so in a warning. Loop modes: DDIM
-        with ``num_inference_steps`` (default 50)."""
-        if mode not in MODES:
-            raise LoopfreeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        num_train = self.scheduler.config.num_train_timesteps
-        if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
-            raise LoopfreeError(f"steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_inference_steps}")
-        if mode != "loop_free":
-            if timesteps is not None:
-                raise LoopfreeError(f"timesteps are decoder timesteps of the loop_free mode, not of {mode!r}")
-            return StepPlan(num_inference_steps or DEFAULT_LOOP_STEPS)
-        recorded = list(self.decoder_timesteps) if self.decoder_timesteps else None
-        if timesteps is not None:
-            ts = check_timesteps(timesteps, num_train)
-            if num_inference_steps is not None and num_inference_steps != len(ts):
-                raise LoopfreeError(f"{len(ts)} timesteps given but steps is {num_inference_steps}")
-        elif num_inference_steps is None or (recorded and num_inference_steps == len(recorded)):
-            ts = recorded or decoder_timesteps(self.scheduler.config, num_inference_steps or DEFAULT_DECODERS)
-        else:
-            ts = decoder_timesteps(self.scheduler.config, num_inference_steps)
-        if ts == recorded:
-            return StepPlan(len(ts), ts, self.final_alpha_cumprod)
-        if recorded:
-            logger.warning(f"this student was distilled for decoder timesteps {recorded}; sampling with {ts} instead "
-                           "(and the scheduler's own final ā)")
-        return StepPlan(len(ts), ts)
+        """What a call with these arguments samples (:func:`plan_steps` with this pipeline's scheduler and record)."""
+        return plan_steps(mode, num_inference_steps, timesteps, self.scheduler.config, self.decoder_timesteps,
+                          self.final_alpha_cumprod)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents (as ``output_type="latent"`` returns them) to images of ``output_type``."""
