@@ -117,6 +117,11 @@ def test_invalid_values_are_named(tmp_path, line, fragments):
         assert fragment in message
 
 
+def test_resolution_is_checked_against_the_model_not_a_fixed_factor():
+    """Defect 8: the toy VAE's factor is 4, so 60 px is a valid size; the model decides (distill's check_inputs)."""
+    assert DistillConfig(**REQUIRED, resolution=60).resolution == 60
+
+
 def test_single_decoder_step_is_fine_for_the_one_step_student():
     assert DistillConfig(**REQUIRED, student="one-step", steps=1).steps == 1
 

@@ -97,3 +97,16 @@ def test_one_step_generator_is_the_swiftbrush_reparameterisation():
     ab = sched.alphas_cumprod[999].double().item()
     assert torch.allclose(eps[0], e)
     assert torch.allclose(x0, (x_T - (1 - ab) ** 0.5 * e) / ab**0.5, atol=1e-5)
+
+
+def test_ddim_loop_leaves_the_callers_scheduler_untouched():
+    """bench shared one scheduler between rows and ddim_loop re-set its timesteps (module-level mutable state)."""
+    from loopfree.sampler import ddim_loop
+
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(4)
+    before = scheduler.timesteps.clone()
+    unet = make_unet()
+    with torch.no_grad():
+        ddim_loop(unet, scheduler, torch.randn(1, 4, 8, 8), 3, Conditioning(torch.randn(1, 4, 16)))
+    assert torch.equal(scheduler.timesteps, before)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     r = run("demo", "--out", cfg.out, "--max-steps", 2, "--num-prompts", 3, "--images-per-prompt", 2, "--teacher-steps", 3, "--students", "tiue")
     assert r.exit_code == 2 and "other settings" in r.output, r.output  # its prompt file differs (CLI default length)
     assert not (Path(cfg.out) / "distill_prompts-4000-seed0.txt").exists()
+    # the same folder given relatively is the same run (the saved settings hold what paths mean, not how they were spelt)
+    relative = run_demo(DemoConfig(**{**cfg.__dict__, "out": os.path.relpath(cfg.out), "students": ("tiue",)}))
+    assert unet.stat().st_mtime_ns == before and relative[2]["fd"] == rows[3]["fd"]
     with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --max-steps 1"):
         run_demo(DemoConfig(**{**cfg.__dict__, "max_steps": 1}))
 

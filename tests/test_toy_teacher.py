@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 
@@ -24,7 +25,11 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    return out, train_teacher(out, TeacherConfig(**TINY))
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    report = train_teacher(out, TeacherConfig(**{**TINY, "threads": 1}))
+    # the process's thread count and random state are as they were (they were left changed before)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    return out, report
 
 
 def test_pipeline_directory_loads_and_holds_safetensors_only(run):

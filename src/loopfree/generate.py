@@ -7,6 +7,7 @@ Image i gets x_T from ``derive_seed(seed, 0, i)``, so the same seed gives the sa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -33,7 +34,7 @@ def generate_images(
     plan = info.plan_steps(mode, steps, timesteps)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    settings = dict(prompt=prompt, model=str(Path(model).absolute()), images_per_prompt=images_per_prompt, seed=seed,
+    settings = dict(prompt=prompt, model=os.path.abspath(model), images_per_prompt=images_per_prompt, seed=seed,
                     mode=mode, guidance=guidance, height=height, width=width, dtype=dtype)
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
 

@@ -95,7 +95,7 @@ class OutputFolder:
 
     def __init__(self, path: str | Path, command: str, settings: dict | None = None, *, overwrite: bool = False,
                  resumable: bool = False):
-        self.final = Path(path).absolute()
+        self.final = Path(os.path.abspath(path))
         self.command, self.settings, self.overwrite, self.resumable = command, settings or {}, overwrite, resumable
         self.resuming = False
         if self.final.exists() and not self.final.is_dir():

@@ -49,7 +49,7 @@ HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume"
 def run_identity(cfg: DistillConfig) -> dict:
     """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere)."""
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in HARMLESS and k != "out"}
-    return {**values, "teacher": str(Path(cfg.teacher).absolute()), "prompts": str(Path(cfg.prompts).absolute())}
+    return {**values, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
 
 
 class PromptEncoder:

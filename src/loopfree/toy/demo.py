@@ -16,6 +16,7 @@ Finished students are reused and interrupted ones resume, so the same command ca
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ GRID_COLUMNS = 8
 def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
     """The ``loopfree distill`` configuration of one student run."""
     return DistillConfig(
-        teacher=teacher, prompts=str(prompts_file), out=str(Path(cfg.out).absolute() / "students" / f"{kind}-seed{seed}"),
+        teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
         max_steps=cfg.max_steps, seed=seed, guidance=cfg.guidance, **TOY_DISTILL, **STUDENTS[kind][1],
     )
 
@@ -115,7 +116,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
-    teacher_path = str(Path(cfg.teacher).absolute()) if cfg.teacher else str(bundled("teacher"))
+    teacher_path = os.path.abspath(cfg.teacher) if cfg.teacher else str(bundled("teacher"))
     try:
         inspect_pipeline(teacher_path)
     except LoopfreeError as e:

@@ -306,19 +306,21 @@ def train_teacher(out_dir: str | Path, config: TeacherConfig | None = None) -> d
     """All four stages into ``out_dir``; returns (and writes to ``eval.json``) the evaluation. The process's
     thread count and global random state are as they were afterwards."""
     config = config or TeacherConfig()
+    with cpu_threads(config.threads), torch.random.fork_rng(devices=[]):
+        return _train_teacher(Path(out_dir), config)
+
+
+def _train_teacher(out: Path, config: TeacherConfig) -> dict:
     tokenizer = build_tokenizer()
     check_size(config, tokenizer)
-    out = Path(out_dir)
     run = TrainingRun(out, config.checkpoint_minutes, config.log_every)
     write_json(out / "teacher_config.json", asdict(config))
     started = time.monotonic()
-    with cpu_threads(config.threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # module initialisation
-        vae = train_vae(run, config)
-        pipe, steps = train_denoiser(run, config, vae, tokenizer)
+    torch.manual_seed(config.seed)  # module initialisation
+    vae = train_vae(run, config)
+    pipe, steps = train_denoiser(run, config, vae, tokenizer)
     size = save_teacher(out / "pipeline", pipe)
-    with cpu_threads(config.threads):
-        scores = evaluate_teacher(out / "pipeline", config)
+    scores = evaluate_teacher(out / "pipeline", config)
     report = {
         "unet_steps": steps,
         "megabytes": size,
