@@ -150,3 +150,23 @@ def test_damaged_checkpoint_is_refused_naming_the_file(teacher, two_steps, tmp_p
                                   "--checkpoint-every", "2", "--max-steps", "4", "--lr-student", "1e-3", "--resume", "latest"])
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert load_file(ckpt / "student" / "diffusion_pytorch_model.safetensors")  # nothing was overwritten
+
+
+def test_learning_curve_scores_the_ema_student_on_schedule_without_touching_training(teacher, tmp_path):
+    seen = []
+
+    def evaluate(student, step):
+        seen.append((step, student.decoder_timesteps))
+        torch.randn(100)  # an evaluation draws random numbers of its own
+        return {"mean_pixel": float(student("a red cat", output_type="pt", generator=torch.Generator().manual_seed(0)).images.mean())}
+
+    plain = distill(config(teacher, tmp_path / "plain", max_steps=4))
+    scored = distill(config(teacher, tmp_path / "scored", max_steps=4, eval_every=2), evaluate)
+    assert [s for s, _ in seen] == [0, 2, 4] and seen[0][1] == [751, 501, 251, 1]
+    lines = [json.loads(line) for line in (scored / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 2, 4] and all("mean_pixel" in r for r in lines)
+    a = load_file(plain / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(scored / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring along the way changes nothing in the run
+    distill(config(teacher, scored, max_steps=6, eval_every=2, resume="latest"), evaluate)
+    assert [json.loads(line)["step"] for line in (scored / "eval.jsonl").read_text().splitlines()] == [0, 2, 4, 6]

@@ -114,6 +114,12 @@ class DistillConfig:
     )
     # -- monitoring
     validate_every: int = _opt("sample validation images every N steps (0: off)", 0, check=_NON_NEGATIVE)
+    eval_every: int = _opt(
+        "score the EMA student every N steps and at step 0 with the evaluation given to distill() (0: off); "
+        "the scores go to eval.jsonl and the trackers",
+        0,
+        check=_NON_NEGATIVE,
+    )
     validation_prompts: list[str] | None = _opt(
         "prompt for validation images; repeat the flag for several (default: the first training prompts)",
         None,

@@ -22,7 +22,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from loopfree.outputs import OutputFolder, save_image
 from loopfree.sampler import Conditioning
 
 #: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
-HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every",
+HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every", "eval_every",
             "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
             "gradient_checkpointing")
 
@@ -154,8 +154,13 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def distill(cfg: DistillConfig) -> Path:
-    """Run the whole distillation described by ``cfg``; returns the folder of the final pipeline."""
+#: (student pipeline, step) -> scores; called on the main process every ``eval_every`` steps (learning curves)
+Evaluation = Callable[[object, int], dict[str, float]]
+
+
+def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
+    """Run the whole distillation described by ``cfg``; returns the folder of the final pipeline. With
+    ``evaluate`` and ``cfg.eval_every``, the EMA student is scored along the way (``eval.jsonl``)."""
     resolution, prompts, folder, checkpoint = check_inputs(cfg)
     with preserved_rng():
         acc = Accelerator(
@@ -171,10 +176,11 @@ def distill(cfg: DistillConfig) -> Path:
             raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
         acc.wait_for_everyone()  # every process has checked --out before the main one writes to it
         with folder if acc.is_main_process else nullcontext():
-            return _train(cfg, acc, folder.final, resolution, prompts, checkpoint)
+            return _train(cfg, acc, folder.final, resolution, prompts, checkpoint, evaluate)
 
 
-def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, prompts: list[str], checkpoint: Path | None) -> Path:
+def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, prompts: list[str], checkpoint: Path | None,
+           evaluate: Evaluation | None) -> Path:
     main = acc.is_main_process
     # -- models: same initial weights on every process, then a different random stream per process
     set_seed(cfg.seed)
@@ -208,6 +214,17 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
                  "identity": run_identity(cfg), "config": dataclasses.asdict(cfg)}
         save_checkpoint(acc, distiller, out, step, state, cfg.checkpoints_total_limit)
 
+    def score_now() -> None:
+        if not (evaluate and cfg.eval_every and step % cfg.eval_every == 0 and main):
+            return
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):  # the evaluation's draws leave the training stream alone
+            scores = evaluate(student_pipeline(pipe, distiller, ema=True), step)
+        acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scores}) + "\n")
+
+    if checkpoint is None:
+        score_now()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="distill", unit="step", disable=not main)
     t_last = time.perf_counter()
     with stop_on_signals() as stop:
@@ -222,6 +239,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
             bar.set_postfix(vsd=f"{logs['loss/vsd']:.3g}", kl=f"{logs['loss/kl']:.3g}", fake=f"{logs['loss/fake_mse']:.3g}")
             if cfg.validate_every and step % cfg.validate_every == 0 and main:
                 validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", step, resolution, acc)
+            score_now()
             signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
             if signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint_now()
