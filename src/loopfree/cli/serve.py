@@ -9,6 +9,9 @@ from __future__ import annotations
 import click
 
 from loopfree.cli import options
+from loopfree.errors import LoopfreeError
+
+SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve] extra
 
 
 @click.command(cls=options.Command)
@@ -23,15 +26,21 @@ from loopfree.cli import options
               help="Most images in one pipeline call; waiting requests with the same settings share a call.")
 @click.option("--max-queue", type=click.IntRange(1, 1_000_000), default=64, show_default=True,
               help="Most requests waiting; more are answered 429.")
-def serve(model, teacher, host, port, device, dtype, max_batch, max_queue) -> None:
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
+def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads) -> None:
     """Serve a web page at / and an OpenAI-compatible image API at /v1/images/generations.
 
     SIGTERM or Ctrl-C finishes the requests in flight, then exits with code 0."""
-    from loopfree.serve.app import serve as run
+    try:
+        from loopfree.serve.app import serve as run
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
+        raise LoopfreeError(f"loopfree serve needs {e.name}: pip install 'loopfree[serve]'") from None
 
     def ready(url: str) -> None:
         click.echo(f"loopfree serve: {url} (page at /, API at /v1/images/generations)")
 
     run(model=model, teacher=teacher, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch,
-        max_queue=max_queue, on_ready=ready)
+        max_queue=max_queue, threads=threads, on_ready=ready)
     click.echo("loopfree serve: stopped; every accepted request was answered")

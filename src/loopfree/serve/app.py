@@ -14,7 +14,7 @@ import asyncio
 import signal
 import socket
 import threading
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
@@ -22,11 +22,13 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
+from loopfree.devices import cpu_threads
 from loopfree.errors import LoopfreeError
 from loopfree.serve.batcher import Batcher
 from loopfree.serve.engine import Engine, check_models, load_engine
 from loopfree.serve.page import CSS, build_page
 from loopfree.serve.routes import api_router, install_error_handlers
+from loopfree.toy.world import heldout_prompts
 
 
 def create_app(engine: Engine, batcher: Batcher, examples: list[str] | None = None) -> FastAPI:
@@ -79,24 +81,19 @@ def _drained_signal_ends_cleanly() -> Iterator[None]:
 
 def serve(model: str | Path | None = None, teacher: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
           device: str | None = None, dtype: str = "fp32", max_batch: int = 8, max_queue: int = 64,
-          on_ready: Callable[[str], None] = print) -> None:
+          threads: int | None = None, on_ready: Callable[[str], None] = print) -> None:
     """Check the model folders and the address, load the models, then serve until SIGTERM/SIGINT; ``on_ready``
-    gets the URL once requests are answered. Without ``model``: the bundled toy student and teacher."""
+    gets the URL once requests are answered. Without ``model``: the bundled toy student and teacher.
+    ``threads``: torch's CPU threads while serving (None: torch's default)."""
     spec = check_models(model, teacher, device, dtype)  # bad folders fail here, before anything starts
     if max_batch < 1 or max_queue < 1:
         raise LoopfreeError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
     sock = listen(host, port)
-    try:
+    with closing(sock), cpu_threads(threads):
         engine = load_engine(spec)
         batcher = Batcher(engine.render, max_batch, max_queue)
-        examples = None
-        if model is None:
-            from loopfree.toy.world import heldout_prompts
-
-            examples = heldout_prompts(8)
+        examples = heldout_prompts(8) if model is None else None
         server = uvicorn.Server(uvicorn.Config(create_app(engine, batcher, examples), log_level="warning"))
         on_ready(url_of(sock))
         with _drained_signal_ends_cleanly():
             server.run(sockets=[sock])
-    finally:
-        sock.close()

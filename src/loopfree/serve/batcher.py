@@ -57,7 +57,7 @@ class Batcher(Generic[S, I, R]):
         self.render, self.max_batch, self.max_queue = render, max_batch, max_queue
         self._waiting: deque[_Job] = deque()
         self._busy = 0  # images in the call being rendered
-        self.calls = self.images = 0  # successful render calls so far, and the images they made
+        self.submitted = self.calls = self.images = 0  # requests accepted; successful render calls and their images
         self._closing = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="loopfree-batcher", daemon=True)
@@ -85,6 +85,7 @@ class Batcher(Generic[S, I, R]):
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
             self._waiting.append(job)
+            self.submitted += 1
             self._cond.notify()
         return job.future
 

@@ -23,14 +23,25 @@ TEACHER_STEPS = (4, 50)  # the teacher's DDIM steps shown beside the student
 CSS = "#gallery img { image-rendering: pixelated; }"  # small images scaled up stay sharp
 
 
-def caption(label: str, picture: Picture) -> str:
-    ms = picture.seconds * 1000
-    return f"{label}: {ms:.0f} ms" if picture.batch == 1 else f"{label}: {ms:.0f} ms for a call of {picture.batch}"
-
-
-def steps_label(order: Order) -> str:
+def label(order: Order) -> str:
     s = order.settings
     return f"{s.model} K={s.steps}" if s.mode == "loop_free" else f"{s.model} DDIM {s.steps}"
+
+
+def caption(order: Order, picture: Picture) -> str:
+    """The image's share of its call: the call's time over the images it made."""
+    return f"{label(order)}: {picture.seconds * 1000 / picture.batch:.0f} ms"
+
+
+def summary(orders: list[Order], results: list[list[Picture]]) -> str:
+    """The seed, the size, and each model's calls with their times."""
+    first = orders[0].settings
+    lines = [f"seed **{orders[0].seed}** · {first.width}×{first.height} px · guidance {first.guidance:g} · "
+             "each image's time is its share of the pipeline call that made it"]
+    for order, pictures in zip(orders, results):
+        calls = sorted({(p.seconds, p.batch) for p in pictures})
+        lines.append(f"- {label(order)}: " + ", ".join(f"{seconds * 1000:.0f} ms for {n} image{'s' * (n > 1)}" for seconds, n in calls))
+    return "\n".join(lines)
 
 
 def build_page(engine: Engine, batcher: Batcher, examples: list[str] | None = None) -> gr.Blocks:
@@ -51,12 +62,14 @@ def build_page(engine: Engine, batcher: Batcher, examples: list[str] | None = No
             raise gr.Error(validation_message(e)) from None
         except (LoopfreeError, QueueFull, Closed) as e:
             raise gr.Error(str(e)) from None
-        gallery = [(Image.open(io.BytesIO(pictures[i].png)), caption(steps_label(order), pictures[i]))
+        gallery = [(Image.open(io.BytesIO(pictures[i].png)), caption(order, pictures[i]))
                    for i in range(int(count)) for order, pictures in zip(orders, results)]
-        summary = f"seed **{first.seed}** · {first.settings.width}×{first.settings.height} px · guidance {first.settings.guidance:g}"
-        return gr.Gallery(value=gallery, columns=len(orders) if len(orders) > 1 else min(int(count), 4)), summary
+        columns = len(orders) if len(orders) > 1 else min(int(count), 4)
+        return gr.Gallery(value=gallery, columns=columns), summary(orders, results)
 
-    k = student.pipe.plan_steps("loop_free").num_steps
+    def default_steps(mode: str) -> int:
+        return student.pipe.plan_steps(mode).num_steps
+
     with gr.Blocks(title=f"loopfree · {student.id}", analytics_enabled=False) as page:
         gr.Markdown(f"## loopfree · `{student.id}`\nOne pass per image: the UNet's encoder once, K decoders in parallel.")
         with gr.Row():
@@ -67,18 +80,18 @@ def build_page(engine: Engine, batcher: Batcher, examples: list[str] | None = No
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                 mode = gr.Radio(list(MODES), value="loop_free", label="Mode",
                                 info="loop_free: one pass; loop: the same weights as a DDIM loop")
-                steps = gr.Slider(1, 100, value=k, step=1, label="Steps", info="K decoders (loop_free) or DDIM steps (loop)")
+                steps = gr.Slider(1, 100, value=default_steps("loop_free"), step=1, label="Steps", info="K decoders (loop_free) or DDIM steps (loop)")
                 guidance = gr.Slider(0, 10, value=1, step=0.5, label="Guidance", info="classifier-free; 1 = off")
-                compare = gr.Checkbox(False, visible=teacher is not None,
+                compare = gr.Checkbox(False, visible=teacher is not None, elem_id="compare",
                                       label=f"Beside the teacher's DDIM with {' and '.join(map(str, TEACHER_STEPS))} steps (same x_T)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4, format="png", object_fit="contain")
-                summary = gr.Markdown(elem_id="summary")
+                timing = gr.Markdown(elem_id="summary")
         if examples:
             gr.Examples([[p] for p in examples], inputs=[prompt], label="Example prompts")
-        mode.change(lambda m: student.pipe.plan_steps(m).num_steps, mode, steps)
+        mode.change(default_steps, mode, steps)
         inputs = [prompt, seed, count, mode, steps, guidance, compare]
         for event in (button.click, prompt.submit):
-            event(generate, inputs, [gallery, summary], concurrency_limit=None)
+            event(generate, inputs, [gallery, timing], concurrency_limit=None)
     return page

@@ -3,7 +3,7 @@
     POST /v1/images/generations   {"prompt", "n", "size", "response_format", "model", "seed", "steps", "guidance", "mode"}
                                   → {"created", "data": [{"b64_json"}, …], "seed"}
     GET  /v1/models               the served models (student first)
-    GET  /health                  status, queue length, images in flight, pipeline calls and images so far
+    GET  /health                  status, queue length, images in flight; requests, calls and images so far
 
 Errors have the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` with a one-line message:
 400 a value the model can't take, 422 a wrong type or unknown field, 429 the queue is full, 503 shutting
@@ -62,8 +62,8 @@ def api_router(engine: Engine, batcher: Batcher) -> APIRouter:
     @router.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": list(engine.models), "queued": batcher.queued, "in_flight": batcher.in_flight,
-                "max_batch": batcher.max_batch, "max_queue": batcher.max_queue, "calls": batcher.calls,
-                "images": batcher.images}
+                "max_batch": batcher.max_batch, "max_queue": batcher.max_queue, "submitted": batcher.submitted,
+                "calls": batcher.calls, "images": batcher.images}
 
     @router.get("/v1/models")
     async def models() -> dict:
