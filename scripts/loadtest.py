@@ -119,10 +119,10 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health").json()
 
 
-def start_server(max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, max_queue: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     """``loopfree serve`` on a free loopback port; the process and its URL once it answers."""
     command = [sys.executable, "-m", "loopfree", "serve", "--port", "0", "--max-batch", str(max_batch),
-               "--max-queue", str(max_queue)]
+               "--max-queue", str(max_queue), *(["--threads", str(threads)] if threads else [])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in process.stdout:
         if match := re.search(r"(http://\S+)", line):
@@ -135,9 +135,10 @@ def stop_server(process: subprocess.Popen) -> int:
     return process.wait(timeout=60)
 
 
-def run(max_batch: int, bodies: list[dict], clients: int, references: list[bytes] | None) -> tuple[Result, list[bytes]]:
+def run(max_batch: int, bodies: list[dict], clients: int, references: list[bytes] | None,
+        threads: int | None = None) -> tuple[Result, list[bytes]]:
     """One configuration; references are taken from this server if not given."""
-    process, url = start_server(max_batch, max(64, clients))
+    process, url = start_server(max_batch, max(64, clients), threads)
     try:
         references = references or asyncio.run(lone(url, bodies))
         before = health(url)
@@ -158,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-batch", type=int, action="append", help="repeatable; default: 1 and 8")
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     bodies = workload(args.requests)
     references, results = None, []
     for max_batch in args.max_batch or [1, 8]:
-        result, references = run(max_batch, bodies, args.clients, references)
+        result, references = run(max_batch, bodies, args.clients, references, args.threads)
         results.append(result)
     ok = all(r is not None for r in references) and distinct(references)
     ok = ok and all(r.answered == r.same == args.requests for r in results)

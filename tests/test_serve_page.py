@@ -67,7 +67,8 @@ def test_the_page_changes_the_default_steps_with_the_mode_and_shows_errors(serve
 
 
 @pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                    reason=f"needs Chromium and its driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install -y chromium chromium-driver")
+                    reason=f"needs Chromium and its driver ({CHROMIUM}, {CHROMEDRIVER}): "
+                           "apt-get install -y chromium chromium-driver")
 def test_in_chromium_a_typed_prompt_gives_images(server, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service

@@ -1,5 +1,5 @@
-"""The web page (Gradio): a prompt → the student's images, each captioned with the time its pipeline call
-took; optionally beside the teacher's DDIM with 4 and 50 steps from the same x_T. Requests go through the
+"""The web page (Gradio): a prompt → the student's images, each captioned with its share of the time of the
+pipeline call that made it; optionally beside the teacher's DDIM with 4 and 50 steps from the same x_T. Requests go through the
 same batcher as the API, so page and API users share the model fairly.
 
     loopfree serve        # then open http://127.0.0.1:7860
@@ -40,7 +40,8 @@ def summary(orders: list[Order], results: list[list[Picture]]) -> str:
              "each image's time is its share of the pipeline call that made it"]
     for order, pictures in zip(orders, results):
         calls = sorted({(p.seconds, p.batch) for p in pictures})
-        lines.append(f"- {label(order)}: " + ", ".join(f"{seconds * 1000:.0f} ms for {n} image{'s' * (n > 1)}" for seconds, n in calls))
+        times = (f"{seconds * 1000:.0f} ms for {n} image{'s' * (n > 1)}" for seconds, n in calls)
+        lines.append(f"- {label(order)}: " + ", ".join(times))
     return "\n".join(lines)
 
 
@@ -70,7 +71,8 @@ def build_page(engine: Engine, batcher: Batcher, examples: list[str] | None = No
     def default_steps(mode: str) -> int:
         return student.pipe.plan_steps(mode).num_steps
 
-    with gr.Blocks(title=f"loopfree · {student.id}", analytics_enabled=False) as page:
+    # the gallery's PNGs live in gradio's cache folder: drop those older than an hour, hourly
+    with gr.Blocks(title=f"loopfree · {student.id}", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"## loopfree · `{student.id}`\nOne pass per image: the UNet's encoder once, K decoders in parallel.")
         with gr.Row():
             with gr.Column(scale=1):
@@ -80,10 +82,12 @@ def build_page(engine: Engine, batcher: Batcher, examples: list[str] | None = No
                     count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
                 mode = gr.Radio(list(MODES), value="loop_free", label="Mode",
                                 info="loop_free: one pass; loop: the same weights as a DDIM loop")
-                steps = gr.Slider(1, 100, value=default_steps("loop_free"), step=1, label="Steps", info="K decoders (loop_free) or DDIM steps (loop)")
+                steps = gr.Slider(1, 100, value=default_steps("loop_free"), step=1, label="Steps",
+                                  info="K decoders (loop_free) or DDIM steps (loop)")
                 guidance = gr.Slider(0, 10, value=1, step=0.5, label="Guidance", info="classifier-free; 1 = off")
+                steps_shown = " and ".join(map(str, TEACHER_STEPS))
                 compare = gr.Checkbox(False, visible=teacher is not None, elem_id="compare",
-                                      label=f"Beside the teacher's DDIM with {' and '.join(map(str, TEACHER_STEPS))} steps (same x_T)")
+                                      label=f"Beside the teacher's DDIM with {steps_shown} steps (same x_T)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4, format="png", object_fit="contain")
