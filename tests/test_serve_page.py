@@ -21,11 +21,12 @@ from PIL import Image
 
 from loopfree.serve.app import create_app
 from loopfree.serve.batcher import Batcher
+from loopfree.toy.world import heldout_prompts
 from serving import running, toy_engine
 
 PROMPT = "a large green circle in the right of a gray image"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-EXAMPLES = ["a small red square in the left of a white image"]
+EXAMPLES = heldout_prompts(4)
 
 
 @pytest.fixture(scope="module")
