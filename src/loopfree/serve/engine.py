@@ -84,14 +84,14 @@ def check_models(model: str | Path | None, teacher: str | Path | None, device: s
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     student = inspect_pipeline(student_path)
-    models = [(student_path.name, student)]
+    models = [(student_path.resolve().name, student)]
     if teacher_path is not None:
         info = inspect_pipeline(teacher_path)
         if info.vae_scale_factor != student.vae_scale_factor:
             raise LoopfreeError(f"the teacher's VAE downsamples by {info.vae_scale_factor}, the student's by "
                                 f"{student.vae_scale_factor}: they cannot start from the same x_T")
-        name = teacher_path.name if teacher_path.name != student_path.name else f"{teacher_path.name}-teacher"
-        models.append((name, info))
+        name = teacher_path.resolve().name
+        models.append((name if name != models[0][0] else f"{name}-teacher", info))
     return EngineSpec(models, dev, torch_dtype)
 
 
