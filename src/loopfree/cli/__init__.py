@@ -24,6 +24,7 @@ COMMANDS = {
     "distill": "loopfree.cli.distill:distill",
     "bench": "loopfree.cli.bench:bench",
     "demo": "loopfree.cli.demo:demo",
+    "serve": "loopfree.cli.serve:serve",
     "toy": "loopfree.cli.toy:toy",
 }
 

@@ -1,0 +1,150 @@
+"""The served models and the one thing the server does with them: a batch of (prompt, seed) items → PNGs.
+
+    spec = check_models(model=None, teacher=None, device="cpu", dtype="fp32")   # cheap: configs only
+    engine = load_engine(spec)                                                  # weights, warm-up
+    pictures = engine.render(Settings("student", 64, 64, "loop_free", 4, 1.0), [Item("a red circle", 3)])
+
+An item's x_T is ``initial_noise([item.seed])``, so an image depends on its own prompt and seed, not on what
+else shares the call — up to the rounding of batched floating-point kernels (README, "Serve").
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopfree.devices import resolve_device, resolve_dtype
+from loopfree.errors import LoopfreeError
+from loopfree.loading import PipelineInfo, inspect_pipeline, load_pipeline
+from loopfree.seeding import initial_noise
+from loopfree.toy.assets import bundled
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the images of one pipeline call share: requests with equal settings may be batched together."""
+
+    model: str  # a served model's id
+    height: int
+    width: int
+    mode: str
+    steps: int  # K decoders (loop_free) or DDIM steps (loop)
+    guidance: float
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make: its prompt and the seed of its x_T."""
+
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One image made: PNG bytes, the wall time of the pipeline call that made it, and that call's size."""
+
+    png: bytes
+    seconds: float
+    batch: int
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What to load, checked without loading weights: (id, folder info) per model, student first."""
+
+    models: list[tuple[str, PipelineInfo]]
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class Model:
+    """A loaded pipeline under its id; ``default_mode`` is what requests that name no mode get."""
+
+    id: str
+    info: PipelineInfo
+    pipe: Any
+    default_mode: str
+    created: int  # Unix time it was loaded (the OpenAI model object's ``created``)
+
+
+def check_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str) -> EngineSpec:
+    """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
+
+    Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
+    another; a given ``model`` gets a teacher only when ``teacher`` names one."""
+    student_path = Path(model) if model is not None else bundled("student")
+    teacher_path = Path(teacher) if teacher is not None else (bundled("teacher") if model is None else None)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    student = inspect_pipeline(student_path)
+    models = [(student_path.resolve().name, student)]
+    if teacher_path is not None:
+        info = inspect_pipeline(teacher_path)
+        if info.vae_scale_factor != student.vae_scale_factor:
+            raise LoopfreeError(f"the teacher's VAE downsamples by {info.vae_scale_factor}, the student's by "
+                                f"{student.vae_scale_factor}: they cannot start from the same x_T")
+        name = teacher_path.resolve().name
+        models.append((name if name != models[0][0] else f"{name}-teacher", info))
+    return EngineSpec(models, dev, torch_dtype)
+
+
+class Engine:
+    """Loaded pipelines by id on one device; ``render`` is called from one thread at a time (the batcher's)."""
+
+    def __init__(self, models: list[Model], device: torch.device):
+        self.models = {m.id: m for m in models}
+        self.student = models[0]
+        self.teacher = models[1] if len(models) > 1 else None
+        self.device = device
+
+    def latent_shape(self, model: Model, height: int, width: int) -> tuple[int, int, int]:
+        scale = model.pipe.vae_scale_factor
+        return model.pipe.unet.config.in_channels, height // scale, width // scale
+
+    def render(self, settings: Settings, items: list[Item]) -> list[Picture]:
+        """One pipeline call for ``items`` (any prompts, one ``settings``); their images as PNGs, in order."""
+        model = self.models[settings.model]
+        shape = self.latent_shape(model, settings.height, settings.width)
+        latents = initial_noise([item.seed for item in items], shape, self.device, model.pipe.unet.dtype)
+        start = time.perf_counter()
+        images = model.pipe([item.prompt for item in items], latents=latents, height=settings.height, width=settings.width,
+                            mode=settings.mode, num_inference_steps=settings.steps, guidance_scale=settings.guidance).images
+        seconds = time.perf_counter() - start  # PIL images: the device's work is done
+        return [Picture(png_bytes(image), seconds, len(items)) for image in images]
+
+    def default_settings(self, model: Model) -> Settings:
+        size = model.info.default_size
+        return Settings(model.id, size, size, model.default_mode, model.pipe.plan_steps(model.default_mode).num_steps, 1.0)
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes (the same encoding ``loopfree generate`` writes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_engine(spec: EngineSpec) -> Engine:
+    """Load every model of ``spec`` onto its device and warm each up with one image (the first call of a
+    process pays for kernel set-up; no request should)."""
+    models = []
+    for i, (name, info) in enumerate(spec.models):
+        pipe = load_pipeline(info.path, dtype=spec.dtype)
+        pipe.to(spec.device)
+        pipe.set_progress_bar_config(disable=True)
+        models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
+    if len(models) > 1 and models[1].pipe.unet.config.in_channels != models[0].pipe.unet.config.in_channels:
+        raise LoopfreeError("the teacher's and the student's UNets take different latent channels: "
+                            "they cannot start from the same x_T")
+    engine = Engine(models, spec.device)
+    for model in models:
+        settings = engine.default_settings(model)
+        engine.render(settings if model is engine.student else replace(settings, steps=1), [Item("warm-up", 0)])
+    return engine
