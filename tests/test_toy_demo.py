@@ -125,3 +125,20 @@ def test_demo_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     assert r.exit_code == 2, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
+    """Issue 10: each ablation row must be reproducible from the command line; the flags reach the students."""
+    from loopfree.cli.demo import demo as command
+    from loopfree.toy.demo import student_config
+    from loopfree.toy.settings import DEMO_DISTILL_KEYS
+
+    flags = {p.name for p in command.params}
+    assert set(DEMO_DISTILL_KEYS) <= flags
+    cfg = DemoConfig(out=str(tmp_path), distill={"kl_weight": 0.3, "guidance": 2.0, "lr_student": 1e-4})
+    tiue = student_config(cfg, "tiue", 0, "t", tmp_path / "p.txt")
+    no_kl = student_config(cfg, "tiue-no-kl", 0, "t", tmp_path / "p.txt")
+    assert (tiue.kl_weight, tiue.guidance, tiue.lr_student, tiue.lora_rank) == (0.3, 2.0, 1e-4, 16)
+    assert no_kl.kl_weight == 0.0  # the student kind decides what it is
+    r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
+    assert r.exit_code == 2 and "No such option" in r.output

@@ -26,12 +26,15 @@ def _split_list(item_type: click.ParamType) -> Callable[[click.Context, click.Pa
     return callback
 
 
-def _option(f: dataclasses.Field, hint: Any) -> Callable[[F], F]:
-    """The click option for one config field; its default is None so that only given flags override."""
+def _option(f: dataclasses.Field, hint: Any, shown_default: Any = dataclasses.MISSING) -> Callable[[F], F]:
+    """The click option for one config field; its default is None so that only given flags override.
+    ``shown_default``: the default the command applies instead of the field's (shown in the help)."""
     hint = _without_none(hint)
     flag = "--" + f.name.replace("_", "-")
     text = f.metadata["help"]
-    if f.default not in (dataclasses.MISSING, None):
+    if shown_default is not dataclasses.MISSING:
+        text += f" [default here: {','.join(map(str, shown_default)) if isinstance(shown_default, list) else shown_default}]"
+    elif f.default not in (dataclasses.MISSING, None):
         text += f" [default: {f.default}]"
     elif f.default_factory is not dataclasses.MISSING:
         text += f" [default: {','.join(map(str, f.default_factory()))}]"
@@ -49,15 +52,19 @@ def _option(f: dataclasses.Field, hint: Any) -> Callable[[F], F]:
     return click.option(flag, f.name, type=hint, default=None, help=text)
 
 
-def config_options(cls: type = DistillConfig, only: tuple[str, ...] | None = None) -> Callable[[F], F]:
+def config_options(cls: type = DistillConfig, only: tuple[str, ...] | None = None,
+                   defaults: dict[str, Any] | None = None) -> Callable[[F], F]:
     """Decorator adding one click option per field of the config dataclass `cls`.
 
     Every option defaults to None, so the command receives exactly the given flags as non-None
     keyword arguments, ready to pass to `load_config` as overrides. Booleans are `--x/--no-x`,
-    lists comma-separated (or a repeatable flag), Literal fields a choice. ``only``: a subset of the fields.
+    lists comma-separated (or a repeatable flag), Literal fields a choice. ``only``: a subset of the fields;
+    ``defaults``: defaults the command applies in place of the dataclass's (for the help text).
     """
     hints = get_type_hints(cls)
-    options = [_option(f, hints[f.name]) for f in dataclasses.fields(cls) if only is None or f.name in only]
+    defaults = defaults or {}
+    options = [_option(f, hints[f.name], defaults.get(f.name, dataclasses.MISSING))
+               for f in dataclasses.fields(cls) if only is None or f.name in only]
 
     def decorate(command: F) -> F:
         for option in reversed(options):

@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from loopfree.cli import options
-from loopfree.toy.settings import STUDENTS, DemoConfig
+from loopfree.cli.config_options import config_options
+from loopfree.config import DistillConfig
+from loopfree.toy.settings import DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
 
 _DEMO = DemoConfig()
 ALIASES = {"--steps": ("--max-steps", None), "--prompts": ("--num-prompts", None), "--seeds": ("--images-per-prompt", None)}
@@ -30,8 +32,16 @@ ALIASES = {"--steps": ("--max-steps", None), "--prompts": ("--num-prompts", None
 @click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher).")
 @click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher row.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
-def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_steps, threads) -> None:
-    """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table."""
+@click.option("--eval-every", type=click.IntRange(0, None), default=0, show_default=True,
+              help="Learning curves: score every student every N steps on the evaluation prompts (curves.png, curves.json).")
+@config_options(DistillConfig, only=DEMO_DISTILL_KEYS, defaults=TOY_DISTILL)
+def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_steps, threads,
+         eval_every, **distill) -> None:
+    """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table.
+
+    Every distillation setting below overrides the toy recipe (TOY_DISTILL) for all students; the rest are the
+    paper's. Each set of settings needs its own --out.
+    """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -40,7 +50,8 @@ def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_p
 
     cfg = DemoConfig(out=out, max_steps=max_steps, students=tuple(s.strip() for s in students.split(",") if s.strip()),
                      train_seeds=train_seeds, num_prompts=num_prompts, images_per_prompt=images_per_prompt, teacher=teacher,
-                     teacher_steps=teacher_steps)
+                     teacher_steps=teacher_steps, eval_every=eval_every,
+                     distill={k: v for k, v in distill.items() if v is not None})
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # loading and saving bars would bury the demo's own
     transformers_logging.disable_progress_bar()

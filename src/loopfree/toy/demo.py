@@ -45,7 +45,7 @@ def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_
     """The ``loopfree distill`` configuration of one student run."""
     return DistillConfig(
         teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
-        max_steps=cfg.max_steps, seed=seed, guidance=cfg.guidance, **TOY_DISTILL, **STUDENTS[kind][1],
+        max_steps=cfg.max_steps, seed=seed, **{"guidance": cfg.guidance, **TOY_DISTILL, **cfg.distill, **STUDENTS[kind][1]},
     )
 
 
@@ -122,7 +122,8 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     except LoopfreeError as e:
         raise LoopfreeError(f"--teacher: {e}") from None
     # what decides the students: a rerun with these settings continues the folder, others are refused
-    identity = dict(teacher=teacher_path, seed=cfg.seed, guidance=cfg.guidance, distill_prompts=cfg.distill_prompts)
+    identity = dict(teacher=teacher_path, seed=cfg.seed, guidance=cfg.guidance, distill_prompts=cfg.distill_prompts,
+                    distill=cfg.distill)
     folder = OutputFolder(cfg.out, "demo", identity, overwrite=overwrite, resumable=True)
     out = folder.final
     pool = heldout_prompts(EVAL_POOL, seed=cfg.seed)

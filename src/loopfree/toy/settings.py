@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loopfree.errors import LoopfreeError
 
@@ -71,6 +71,10 @@ STUDENTS: dict[str, tuple[str, dict]] = {
     "tiue": ("TiUE", dict(student="tiue")),  # KL 0.1, summed (paper)
 }
 
+#: DistillConfig keys that ``loopfree demo`` takes as flags (training settings; the run's plumbing is its own).
+DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "guidance", "vsd_t_min", "vsd_t_max",
+                     "kl_weight", "kl_reduction", "fake_cfg_dropout", "lora_rank", "lora_alpha", "lora_targets",
+                     "lr_student", "lr_fake", "max_grad_norm", "ema_decay", "dtype")
 #: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
 TOY_DISTILL = dict(
     batch_size=8,  # prompts per step (paper: 8 per GPU)
@@ -104,9 +108,11 @@ class DemoConfig:
     images_per_prompt: int = 4  # images per evaluation prompt
     teacher: str | None = None  # default: the bundled toy teacher
     teacher_steps: int = 50  # DDIM steps of the reference teacher row
-    guidance: float = 4.5  # teacher rows' and distillation's guidance (paper: 4.5)
+    guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5); distillation's is in ``distill``
     distill_prompts: int = 4000  # distillation prompt file length
     seed: int = 0  # evaluation prompts and x_T
+    distill: dict = field(default_factory=dict)  # DistillConfig settings over TOY_DISTILL (the ablations)
+    eval_every: int = 0  # learning curves: score each student every N steps (0: off)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.students if s not in STUDENTS]
@@ -119,5 +125,10 @@ class DemoConfig:
             raise LoopfreeError(f"--num-prompts must be in 1..{EVAL_POOL} (the held-out attribute combinations), got {self.num_prompts}")
         if self.images_per_prompt < 2:
             raise LoopfreeError("--images-per-prompt must be at least 2: diversity is the spread over one prompt's images")
+        unknown = sorted(set(self.distill) - set(DEMO_DISTILL_KEYS))
+        if unknown:
+            raise LoopfreeError(f"the demo does not take the distillation setting(s) {', '.join(unknown)}")
+        if self.eval_every < 0:
+            raise LoopfreeError(f"--eval-every must be at least 0, got {self.eval_every}")
         if self.num_prompts * self.images_per_prompt <= PRDC_K:
             raise LoopfreeError(f"--num-prompts × --images-per-prompt must exceed {PRDC_K}: precision/recall use {PRDC_K} nearest neighbours")
