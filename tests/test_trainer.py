@@ -44,6 +44,15 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
     assert all(torch.equal(base[k], v) for k, v in teacher_before.items())
 
 
+def test_several_fake_score_updates_per_student_update(teacher, tmp_path):
+    pipe = load_pipeline(teacher / "pipe")
+    d = Distiller(config(teacher, tmp_path, fake_updates=3), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    d.step(cond, uncond)
+    steps = {id(p): int(s["step"]) for opt in (d.opt_student, d.opt_fake) for p, s in opt.state.items()}
+    assert {steps[id(p)] for p in d.student_params} == {1} and {steps[id(p)] for p in d.lora_params} == {3}
+
+
 @pytest.mark.parametrize("kind, prediction_type", [("sdxl", "epsilon"), ("sd", "v_prediction")])
 def test_sdxl_and_v_prediction_teachers_distill(tmp_path, kind, prediction_type):
     make_teacher_folder(tmp_path, kind, prediction_type)

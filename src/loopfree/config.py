@@ -97,6 +97,11 @@ class DistillConfig:
     # -- optimisation
     lr_student: float = _opt("student learning rate (paper: 1e-6)", 1e-6, check=_POSITIVE)
     lr_fake: float = _opt("fake-score learning rate (paper: 1e-3)", 1e-3, check=_POSITIVE)
+    fake_updates: int = _opt(
+        "fake-score updates per student update, each on a fresh noising of the same sg(x_0) (paper: 1; DMD2: 5)",
+        1,
+        check=_AT_LEAST_1,
+    )
     adam_beta1: float = _opt("Adam β1 (paper: 0.9)", 0.9, check=_DECAY)
     adam_beta2: float = _opt("Adam β2 (paper: 0.999)", 0.999, check=_DECAY)
     adam_weight_decay: float = _opt("Adam weight decay (paper: 0)", 0.0, check=_NON_NEGATIVE)

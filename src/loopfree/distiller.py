@@ -107,11 +107,12 @@ class Distiller:
                 return self.scores.fake(x_t, t, cond.where(keep, uncond))
 
         with sections("fake-score update"):
-            loss_fake = self.fake_loss(x0.detach(), fake)
-            acc.backward(loss_fake)
-            grad_fake = acc.clip_grad_norm_(self.lora_params, self.cfg.max_grad_norm)
-            self.opt_fake.step()
-            self.opt_fake.zero_grad(set_to_none=True)
+            for _ in range(self.cfg.fake_updates):
+                loss_fake = self.fake_loss(x0.detach(), fake)
+                acc.backward(loss_fake)
+                grad_fake = acc.clip_grad_norm_(self.lora_params, self.cfg.max_grad_norm)
+                self.opt_fake.step()
+                self.opt_fake.zero_grad(set_to_none=True)
 
         return {
             "loss/vsd": student["vsd"].item(), "loss/kl": student["kl"].item(), "loss/fake_mse": loss_fake.item(),

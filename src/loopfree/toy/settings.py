@@ -74,7 +74,7 @@ STUDENTS: dict[str, tuple[str, dict]] = {
 #: DistillConfig keys that ``loopfree demo`` takes as flags (training settings; the run's plumbing is its own).
 DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "guidance", "vsd_t_min", "vsd_t_max",
                      "kl_weight", "kl_reduction", "fake_cfg_dropout", "lora_rank", "lora_alpha", "lora_targets",
-                     "lr_student", "lr_fake", "max_grad_norm", "ema_decay", "dtype")
+                     "lr_student", "lr_fake", "fake_updates", "max_grad_norm", "ema_decay", "dtype")
 #: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
 TOY_DISTILL = dict(
     batch_size=8,  # prompts per step (paper: 8 per GPU)
