@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": "loopfree.cli.bench:bench",
     "demo": "loopfree.cli.demo:demo",
     "toy": "loopfree.cli.toy:toy",
+    "eval": "loopfree.cli.eval:eval",
 }
 
 
