@@ -211,3 +211,26 @@ def test_report_needs_finished_runs(tmp_path):
     assert r.exit_code == 2 and "results.json is missing" in r.output
     assert "needs one or more" in run("eval", "--report").output
     assert "only taken with --report" in run("eval", tmp_path, "--out", tmp_path / "x").output
+
+
+def test_two_processes_give_the_same_images_and_scores_as_one(tmp_path):
+    """`accelerate launch --num_processes 2` on a CPU (gloo): each process generates its share, the main one scores.
+    Both runs use one thread per process: another thread count may round a float differently (a pixel by one level)."""
+    import subprocess
+    import sys
+
+    args = [a for a in map(str, TOY) if a != "--batch-size" and a != "1"] + ["--num-prompts", "4", "--batch-size", "2"]
+    args = args[:args.index("--num-prompts")] + args[args.index("--num-prompts") + 2:]  # 3 → 4 prompts: 4 batches of 2
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "loopfree"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("wrote ") == 1  # one process scores and reports
+    p = subprocess.run([sys.executable, "-m", "loopfree", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pngs = sorted(p.name for p in (tmp_path / "one" / "images").glob("*.png"))
+    assert len(pngs) == 8 and pngs == sorted(p.name for p in (tmp_path / "two" / "images").glob("*.png"))
+    assert all((tmp_path / "one" / "images" / n).read_bytes() == (tmp_path / "two" / "images" / n).read_bytes() for n in pngs)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["metrics"] == two["metrics"]
