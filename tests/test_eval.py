@@ -234,3 +234,21 @@ def test_two_processes_give_the_same_images_and_scores_as_one(tmp_path):
     assert all((tmp_path / "one" / "images" / n).read_bytes() == (tmp_path / "two" / "images" / n).read_bytes() for n in pngs)
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["metrics"] == two["metrics"]
+
+
+def test_a_reference_model_against_itself_scores_fd_0_and_full_coverage(tmp_path):
+    """Table 2's protocol: the reference is another model's samples of the same prompts and seeds."""
+    from loopfree.toy.assets import bundled
+
+    teacher = bundled("teacher")
+    args = [*TOY[:-2], "--batch-size", 6, "--model", teacher, "--mode", "loop", "--steps", 3, "--guidance", 4.5, "--reference-model",
+            teacher, "--reference-steps", 3, "--reference-guidance", 4.5, "--out", tmp_path / "self"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "self" / "results.json").read_text())
+    m = results["metrics"]
+    assert abs(m["fd"]) < 1e-6 and m["precision"] == m["recall"] == m["coverage"] == 1.0 and m["n_reference_images"] == 6
+    assert "3-step DDIM loop, guidance 4.5" in results["reference"]["what"]
+    (folder,) = (tmp_path / "self" / "reference-images").iterdir()
+    pngs = sorted(p.name for p in (tmp_path / "self" / "images").glob("*.png"))
+    assert all((folder / n).read_bytes() == (tmp_path / "self" / "images" / n).read_bytes() for n in pngs)
