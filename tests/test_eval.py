@@ -5,11 +5,18 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from evalkit import PROMPTS, inception_features, make_clip, make_inception, make_reference_images, make_sd, protocol_images
+from evalkit import (
+    PROMPTS,
+    inception_features,
+    make_clip,
+    make_inception,
+    make_reference_images,
+    make_sd,
+    protocol_images,
+)
 from test_metrics import _brute_force_prdc
 
 from loopfree.cli import main
@@ -120,7 +127,7 @@ TOY = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2
 
 
 def test_interrupted_generation_resumes_and_never_counts_a_partial_png(tmp_path, monkeypatch):
-    import loopfree.evaluation.generation as generation
+    from loopfree.evaluation import generation
 
     whole = tmp_path / "whole"
     assert run(*TOY, "--out", whole).exit_code == 0

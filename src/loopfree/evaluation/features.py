@@ -116,7 +116,7 @@ class InceptionExtractor:
     kind = "inception"
 
     def __init__(self, path: str | None, resolution: int, device: torch.device):
-        hint = f"download inception-2015-12-05.pt (the StyleGAN3 / clean-fid Inception network) from {INCEPTION_URL}"
+        hint = f"download inception-2015-12-05.pt (the TorchScript Inception network of StyleGAN2-ADA/3 and clean-fid) from {INCEPTION_URL}"
         if path is None:
             raise LoopfreeError(f"FID, KID, precision/recall and density/coverage need --inception FILE: {hint}")
         if not Path(path).is_file():

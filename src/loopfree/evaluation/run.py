@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +57,6 @@ class Setup:
     extractor: Any = None
     clip: Any = None
     reference: dict | None = None  # what, description, and paths (images) or folder (model)
-    info: dict = field(default_factory=dict)
 
 
 def weights_hashes(folder: str) -> dict[str, str]:
@@ -194,18 +193,22 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
 
 def on_main(state, fn: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
-    """``fn()`` on the main process; its second value (or its LoopfreeError) reaches every process."""
-    held, shared, error = None, None, None
+    """``fn()`` on the main process; its second value reaches every process, and so does its failure (a
+    LoopfreeError as itself, anything else as a LoopfreeError on the other processes, re-raised on the main one)."""
+    held, shared, error, failure = None, None, None, None
     if state.is_main_process:
         try:
             held, shared = fn()
         except LoopfreeError as e:
             error = str(e)
+        except BaseException as e:  # the others must not wait for a main process that is gone
+            failure, error = e, f"the main process failed ({e.__class__.__name__}: {e})"
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        box = broadcast_object_list([error, shared])
-        error, shared = box
+        error, shared = broadcast_object_list([error, shared])
+    if failure is not None:
+        raise failure
     if error is not None:
         raise LoopfreeError(error)
     return held, shared
@@ -224,8 +227,10 @@ def _score(plan: Plan, held: Setup) -> dict:
     files = [out / IMAGES / j.file for j in plan.jobs]
     resolution = extractor.resolution if extractor else cfg.metric_resolution
     networks = dict(kind=extractor and extractor.kind, network=extractor and extractor.sha256, clip=held.clip and held.clip.sha256)
-    fake, _ = cache.get(dict(set="generated", files=files_fingerprint(files, out), resolution=resolution, **networks),
-                        lambda: extract(extractor, image_batches(files, resolution, "features"), held.clip, prompts))
+    fake = {}
+    if extractor is not None or held.clip is not None:
+        fake, _ = cache.get(dict(set="generated", files=files_fingerprint(files, out), resolution=resolution, **networks),
+                            lambda: extract(extractor, image_batches(files, resolution, "features"), held.clip, prompts))
     reference, real, where = held.reference, None, None
     if reference and reference.get("toy"):
         from loopfree.toy.evaluate import real_reference
