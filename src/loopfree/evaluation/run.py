@@ -127,7 +127,7 @@ def identity(plan: Plan, weights: dict[str, str]) -> dict:
                 timesteps=c.timesteps, mode=c.mode, guidance=c.guidance, dtype=c.dtype)
 
 
-def _reference(plan: Plan, extractor, cache: FeatureCache) -> dict | None:
+def _reference(plan: Plan, extractor) -> dict | None:
     """What the generated images are compared with, and the cache description of its features."""
     cfg = plan.cfg
     if not cfg.needs_reference:
@@ -145,7 +145,7 @@ def _reference(plan: Plan, extractor, cache: FeatureCache) -> dict | None:
                            dtype=cfg.dtype, **network)
         folder = plan.out / REFERENCE_IMAGES / cache_key(description)
         return dict(what=f"{model}, {cfg.reference_steps}-step DDIM loop, guidance {cfg.reference_guidance:g}", folder=folder,
-                    description=description, model=model, cached=cache.find(cache_key(description)) is not None)
+                    description=description)
     return dict(what=f"real toy-world images of the same prompts (seed {cfg.seed})", toy=True, description=None)
 
 
@@ -174,7 +174,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
         from loopfree.evaluation.clip import ClipScorer
 
         clip = ClipScorer(cfg.clip, plan.device)
-    reference = _reference(plan, extractor, FeatureCache(plan.out))
+    reference = _reference(plan, extractor)
     pipe = _load(plan.model, plan)
     steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps)
     stack.enter_context(folder)  # the lock, the marker: from here on the folder is ours
@@ -183,7 +183,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
     write_manifest(images, plan.jobs)
     todo = _missing_indices(images, plan.jobs)
     reference_todo, reference_folder = [], None
-    if reference and reference.get("folder") and not reference["cached"]:
+    if reference and reference.get("folder") and FeatureCache(plan.out).find(cache_key(reference["description"])) is None:
         reference_folder = reference["folder"]
         reference_folder.mkdir(parents=True, exist_ok=True)
         write_manifest(reference_folder, plan.jobs)
