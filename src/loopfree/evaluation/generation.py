@@ -9,6 +9,7 @@ ones. ``manifest.jsonl`` lists every planned image (file, prompt, prompt index, 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,8 +84,7 @@ def batches(jobs: list, batch_size: int) -> list[list]:
 
 
 def write_manifest(root: Path, jobs: list[Job]) -> None:
-    import json
-
+    """``manifest.jsonl`` in ``root``: one line per planned image."""
     lines = [json.dumps({"file": j.file, **asdict(j)}) for j in jobs]
     write_atomic(root / MANIFEST, "\n".join(lines) + "\n")
 
