@@ -162,12 +162,12 @@ def test_subset_gives_the_same_images_as_the_full_set(tmp_path):
     prompts = tmp_path / "p.txt"
     from loopfree.toy.world import heldout_prompts
 
-    prompts.write_text("\n".join(heldout_prompts(10, seed=3)) + "\n")
+    prompts.write_text("\n".join(heldout_prompts(6, seed=3)) + "\n")
     args = ["eval", "--features", "toy", "--prompts", prompts, "--metrics", "alignment", "--batch-size", 1]
     assert run(*args, "--out", tmp_path / "all").exit_code == 0
-    assert run(*args, "--out", tmp_path / "some", "--num-prompts", 4).exit_code == 0
+    assert run(*args, "--out", tmp_path / "some", "--num-prompts", 3).exit_code == 0
     some = sorted(p.name for p in (tmp_path / "some" / "images").glob("*.png"))
-    assert len(some) == 4 and some != [f"{i:06d}_0000.png" for i in range(4)]
+    assert len(some) == 3 and some != [f"{i:06d}_0000.png" for i in range(3)]
     assert all((tmp_path / "some" / "images" / n).read_bytes() == (tmp_path / "all" / "images" / n).read_bytes() for n in some)
 
 
