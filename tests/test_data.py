@@ -57,6 +57,30 @@ def test_csv_column(tmp_path):
     assert load_prompts(path, "id").prompts == ["1", "2", "3", "4"]
 
 
+def test_drawbench_csv_and_partiprompts_tsv_find_their_prompt_column(tmp_path):
+    drawbench = _write(tmp_path / "drawbench.csv", 'Prompts,Category\n"A red colored car.",Colors\nA cat.,Simple\n')
+    assert load_prompts(drawbench).prompts == ["A red colored car.", "A cat."]
+    parti = _write(tmp_path / "PartiPrompts.tsv", "Prompt\tCategory\tChallenge\tNote\nbond, james\tPeople\tBasic\t\nan owl\tAnimals\tBasic\tx\n")
+    assert load_prompts(parti).prompts == ["bond, james", "an owl"]
+    assert load_prompts(parti, "Category").prompts == ["People", "Animals"]
+    _raises(_write(tmp_path / "other.tsv", "text\tn\na\t1\n"), "no column 'prompt'")
+
+
+def test_coco_captions_one_per_image_lowest_id_first(tmp_path):
+    annotations = [
+        {"image_id": 42, "id": 9, "caption": "a dog on a sofa. "},
+        {"image_id": 7, "id": 5, "caption": "second of seven"},
+        {"image_id": 7, "id": 3, "caption": "first of seven"},
+        {"image_id": 42, "id": 12, "caption": "another dog"},
+        {"image_id": 8, "id": 1, "caption": "first of seven"},  # the same words as image 7: a duplicate
+    ]
+    path = _write(tmp_path / "captions_val2014.json", json.dumps({"images": [], "annotations": annotations}))
+    assert load_prompts(path) == PromptSet(["first of seven", "a dog on a sofa."], n_blank=0, n_duplicates=1)
+    _raises(_write(tmp_path / "list.json", "[1, 2]"), "not a COCO captions file")
+    _raises(_write(tmp_path / "broken.json", "{"), "not valid JSON")
+    _raises(_write(tmp_path / "record.json", '{"annotations": [{"id": 1}]}'), "annotation 0", "image_id and caption")
+
+
 def test_parquet_column_and_nested_field(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

@@ -1,4 +1,5 @@
-"""Fréchet distance against closed forms; PRDC against a brute-force reading of Naeem et al. 2020."""
+"""Fréchet distance against closed forms and torchmetrics' FID, KID against torchmetrics, PRDC (chunked) against a
+brute-force reading of Naeem et al. 2020."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from loopfree.errors import LoopfreeError
-from loopfree.metrics import frechet_distance, frechet_distance_from_stats, prdc
+from loopfree.metrics import f1_score, frechet_distance, frechet_distance_from_stats, kernel_distance, prdc
 
 
 def test_fd_of_gaussian_samples_matches_closed_form():
@@ -61,24 +62,28 @@ def _brute_force_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, f
     inside = [[math.dist(r, f) < r_rad[i] for f in fake] for i, r in enumerate(real)]
     inside_fake = [[math.dist(r, f) < f_rad[j] for j, f in enumerate(fake)] for r in real]
     m, n = len(fake), len(real)
+    precision = sum(any(inside[i][j] for i in range(n)) for j in range(m)) / m
+    recall = sum(any(row) for row in inside_fake) / n
     return {
-        "precision": sum(any(inside[i][j] for i in range(n)) for j in range(m)) / m,
-        "recall": sum(any(row) for row in inside_fake) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "density": sum(inside[i][j] for i in range(n) for j in range(m)) / (k * m),
         "coverage": sum(min(math.dist(r, f) for f in fake) < r_rad[i] for i, r in enumerate(real)) / n,
     }
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_prdc_matches_brute_force(k):
+@pytest.mark.parametrize("k, chunk", [(1, 2048), (3, 7), (5, 1), (5, 16)])
+def test_prdc_chunked_matches_brute_force(k, chunk):
     rng = np.random.default_rng(k)
     real = rng.normal(size=(40, 4))
     fake = rng.normal(size=(33, 4)) * 1.3 + 0.4
-    got = prdc(real, fake, k=k)
+    got = prdc(real, fake, k=k, chunk=chunk)
     want = _brute_force_prdc(real, fake, k)
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert got == prdc(real, fake, k=k, chunk=len(real) + len(fake))  # one chunk: the whole matrix at once
 
 
 def test_prdc_hand_cases():
@@ -87,7 +92,8 @@ def test_prdc_hand_cases():
     same = prdc(x, x.copy(), k=5)
     assert same["precision"] == same["recall"] == same["coverage"] == 1.0
     far = prdc(x, x + 1000.0, k=5)
-    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    assert far == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "density": 0.0, "coverage": 0.0}
+    assert f1_score(0.5, 1.0) == pytest.approx(2 / 3)
 
 
 def test_prdc_rejects_too_few_points():
@@ -96,3 +102,56 @@ def test_prdc_rejects_too_few_points():
         prdc(x, x, k=5)
     with pytest.raises(LoopfreeError):
         prdc(np.zeros((10, 2)), np.zeros((10, 3)))
+
+
+class _Identity(torch.nn.Module):
+    """A torchmetrics feature extractor whose "images" are already features."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("n_real, n_fake", [(300, 250), (40, 300), (300, 20)])
+def test_fd_equals_torchmetrics_fid(n_real, n_fake):
+    """Both the full and the low-rank (fewer points than dimensions) paths, against torchmetrics' formula."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(n_real + n_fake)
+    dim = 64
+    real = rng.normal(size=(n_real, dim)) @ rng.normal(size=(dim, dim)) * 0.3
+    fake = rng.normal(size=(n_fake, dim)) * 1.2 + 0.3
+    fid = FrechetInceptionDistance(feature=_Identity(dim))
+    fid.update(torch.from_numpy(real), real=True)
+    fid.update(torch.from_numpy(fake), real=False)
+    want = float(fid.compute())
+    assert frechet_distance(real, fake) == pytest.approx(want, rel=1e-7)
+    assert frechet_distance(fake, real) == pytest.approx(want, rel=1e-7)
+    if min(n_real, n_fake) < dim:  # the low-rank path equals the plain one
+        cov = lambda x: np.cov(x, rowvar=False)
+        assert frechet_distance_from_stats(real.mean(0), cov(real), fake.mean(0), cov(fake)) == pytest.approx(want, rel=1e-7)
+
+
+def test_kid_equals_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(60, 16)), rng.normal(size=(50, 16)) * 1.1 + 0.2
+    kid = KernelInceptionDistance(feature=_Identity(16), subsets=7, subset_size=30)
+    kid.update(torch.from_numpy(real), real=True)
+    kid.update(torch.from_numpy(fake), real=False)
+    torch.manual_seed(123)  # torchmetrics draws its subsets from the global generator
+    mean, std = kid.compute()
+    got = kernel_distance(real, fake, subsets=7, subset_size=30, seed=123)
+    assert got == pytest.approx((float(mean), float(std)), rel=1e-9)
+    # one subset of every point: no sampling left, the unbiased MMD² of the whole sets, by hand
+    x, y, m = real[:50], fake, 50
+    kernel = lambda a, b: (a @ b.T / 16 + 1) ** 3
+    off_diagonal = lambda k: k.sum() - np.trace(k)
+    by_hand = (off_diagonal(kernel(x, x)) + off_diagonal(kernel(y, y))) / (m * (m - 1)) - 2 * kernel(x, y).mean()
+    assert kernel_distance(x, y, subsets=1, subset_size=50, seed=9) == pytest.approx((by_hand, 0.0), rel=1e-12, abs=1e-12)
+    with pytest.raises(LoopfreeError, match="subset size"):
+        kernel_distance(real, fake, subset_size=51)

@@ -108,6 +108,20 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
         run_demo(DemoConfig(**{**cfg.__dict__, "max_steps": 1}))
 
 
+def test_eval_toy_backend_reproduces_the_demo_rows(short_demo, tmp_path):
+    """`loopfree eval --features toy` on the demo's teacher and student gives the demo's figures exactly."""
+    cfg, rows = short_demo
+    common = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2, "--batch-size", 64, "--metrics", "alignment,fid,pr,dc"]
+    runs = [(rows[0], ["--model", bundled("teacher"), "--mode", "loop", "--steps", 3, "--guidance", 4.5]),
+            (rows[3], ["--model", Path(cfg.out) / "students" / "tiue-seed0"])]
+    for k, (row, args) in enumerate(runs):
+        r = run(*common, *args, "--out", tmp_path / str(k))
+        assert r.exit_code == 0, r.output
+        got = json.loads((tmp_path / str(k) / "results.json").read_text())["metrics"]
+        assert {key: got[key] for key in METRICS} == {key: row[key] for key in METRICS}, row["name"]
+        assert {a: got[f"accuracy_{a}"] for a in row["per_attribute_accuracy"]} == row["per_attribute_accuracy"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

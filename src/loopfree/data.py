@@ -2,7 +2,10 @@
 
 Supported sources (chosen by suffix): `.txt` (one prompt per line), `.jsonl` (one JSON object per
 line, prompt at a dotted field path such as JourneyDB's `Task2.Caption`, or a bare JSON string),
-`.csv` and `.parquet` (a column), and a directory written by `datasets.Dataset.save_to_disk`.
+`.csv`, `.tsv` and `.parquet` (a column; CSV/TSV default to a column named prompt or prompts in any case, as
+in DrawBench's CSV and PartiPrompts' TSV), `.json` (a COCO captions annotation file such as
+`captions_val2014.json`: one caption per image, the image's lowest-id caption, images by ascending id), and a
+directory written by `datasets.Dataset.save_to_disk`.
 """
 
 import csv
@@ -79,14 +82,19 @@ def _read_jsonl(path: Path, field: str | None) -> Iterator[tuple[str, Any]]:
             raise LoopfreeError(f"{where}: record is {type(record).__name__}, expected {expected}")
 
 
-def _read_csv(path: Path, field: str | None) -> Iterator[tuple[str, Any]]:
-    column = field or DEFAULT_FIELD
+def _default_column(header: list[str]) -> str:
+    """The column named prompt or prompts in any case (DrawBench: Prompts, PartiPrompts: Prompt), else "prompt"."""
+    return next((name for name in header if name.strip().lower() in ("prompt", "prompts")), DEFAULT_FIELD)
+
+
+def _read_delimited(path: Path, field: str | None, delimiter: str) -> Iterator[tuple[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, None)
             if header is None:
                 return
+            column = field or _default_column(header)
             if column not in header:
                 raise LoopfreeError(f"{path}, line 1: no column '{column}' in header ({', '.join(header)})")
             index = header.index(column)
@@ -102,6 +110,27 @@ def _read_csv(path: Path, field: str | None) -> Iterator[tuple[str, Any]]:
             raise LoopfreeError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
         except UnicodeDecodeError:
             raise LoopfreeError(f"{path}, near line {reader.line_num + 1}: not valid UTF-8 text") from None
+
+
+def _read_coco(path: Path, field: str | None) -> Iterator[tuple[str, Any]]:
+    """One caption per image of a COCO captions annotation file: the lowest annotation id, images by id."""
+    try:
+        annotations = json.loads(path.read_bytes()).get("annotations")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoopfreeError(f"{path} is not valid JSON ({e.__class__.__name__})") from None
+    except AttributeError:
+        annotations = None
+    if not isinstance(annotations, list):
+        raise LoopfreeError(f"{path} is not a COCO captions file (no 'annotations' list)")
+    first: dict[Any, tuple[Any, Any]] = {}
+    for number, record in enumerate(annotations):
+        if not isinstance(record, dict) or "image_id" not in record or "caption" not in record:
+            raise LoopfreeError(f"{path}, annotation {number}: expected an object with image_id and caption")
+        key = record.get("id", number)
+        if record["image_id"] not in first or key < first[record["image_id"]][0]:
+            first[record["image_id"]] = (key, record["caption"])
+    for image_id in sorted(first):
+        yield f"{path}, image {image_id}", first[image_id][1]
 
 
 def _column_values(
@@ -165,7 +194,9 @@ def _read_datasets_dir(path: Path, field: str | None) -> Iterator[tuple[str, Any
 _READERS: dict[str, Callable[[Path, str | None], Iterator[tuple[str, Any]]]] = {
     ".txt": _read_txt,
     ".jsonl": _read_jsonl,
-    ".csv": _read_csv,
+    ".json": _read_coco,
+    ".csv": lambda path, field: _read_delimited(path, field, ","),
+    ".tsv": lambda path, field: _read_delimited(path, field, "\t"),
     ".parquet": _read_parquet,
 }
 
@@ -174,7 +205,7 @@ def load_prompts(path: str | Path, field: str | None = None) -> PromptSet:
     """Load, strip and de-duplicate prompts from a file or a saved `datasets` directory.
 
     `field` is the column or dotted JSON path holding the prompt (default "prompt"; ignored for
-    `.txt`). Blank lines, empty strings and nulls are skipped and counted. Raises LoopfreeError on
+    `.txt` and COCO `.json`). Blank lines, empty strings and nulls are skipped and counted. Raises LoopfreeError on
     a missing, unreadable or empty source, an unknown format or a malformed record.
     """
     path = Path(path)
@@ -187,7 +218,7 @@ def load_prompts(path: str | Path, field: str | None = None) -> PromptSet:
     else:
         raise LoopfreeError(
             f"unknown prompt file format '{path.suffix}' for {path} "
-            "(expected .txt, .jsonl, .csv, .parquet or a datasets directory)"
+            "(expected .txt, .jsonl, .json (COCO captions), .csv, .tsv, .parquet or a datasets directory)"
         )
     seen: dict[str, None] = {}
     n_blank = n_duplicates = 0

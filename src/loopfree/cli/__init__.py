@@ -26,6 +26,7 @@ COMMANDS = {
     "demo": "loopfree.cli.demo:demo",
     "serve": "loopfree.cli.serve:serve",
     "toy": "loopfree.cli.toy:toy",
+    "eval": "loopfree.cli.eval:eval",
 }
 
 

@@ -6,7 +6,8 @@
    only; the attribute combinations of the evaluation prompts are kept out of the training prompts).
 2. Sample a fixed held-out prompt set, several seeds per prompt, from the teacher (50- and 4-step
    DDIM with guidance) and from every student (one pass, no guidance), all from the same x_T.
-3. Score every row against the toy world's ground truth (:mod:`loopfree.toy.evaluate`) and write
+3. Score every row against the toy world's ground truth with ``loopfree eval``'s toy backend (the same
+   seeds, PNG-exact images, extractor and metric functions: :mod:`loopfree.toy.evaluate`) and write
    ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
    trained N times and the table gives mean ± spread over them (the README's long run).
 
@@ -17,28 +18,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from loopfree.config import DistillConfig, load_config
 from loopfree.errors import LoopfreeError
+from loopfree.evaluation.generation import Job, Sampling, batches, plan_jobs
+from loopfree.evaluation.generation import sample as sample_batch
+from loopfree.evaluation.scores import distribution_scores
 from loopfree.images import image_grid
 from loopfree.loading import inspect_pipeline, load_pipeline
 from loopfree.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
-from loopfree.toy.classifier import load_classifier
-from loopfree.toy.evaluate import evaluate_images, real_reference
+from loopfree.toy.evaluate import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, training_prompts
 from loopfree.trainer import distill
 
 METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
 GRID_COLUMNS = 8
+BATCH = 64  # images per pipeline call (``loopfree eval --batch-size 64`` reproduces a row bit for bit)
 
 
 def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
@@ -63,24 +65,15 @@ def finished(config: DistillConfig) -> bool:
     return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
 
 
-@torch.no_grad()
-def sample(pipe, prompts: list[str], cfg: DemoConfig, **call) -> tuple[torch.Tensor, float]:
-    """``cfg.images_per_prompt`` images per prompt (prompt-major, in [-1, 1]) and the denoising time per image in
-    ms (text encoding, UNet passes and sampler; the VAE decode is not timed). Every pipeline gets the
-    same x_T."""
-    latent = pipe.unet.config.sample_size
-    x_T = torch.randn(len(prompts) * cfg.images_per_prompt, pipe.unet.config.in_channels, latent, latent,
-                      generator=torch.Generator().manual_seed(cfg.seed))
-    per_call = max(1, 64 // cfg.images_per_prompt)
+def sample(pipe, jobs: list[Job], sampling: Sampling) -> tuple[np.ndarray, float]:
+    """The images of ``jobs`` as uint8 (N, 64, 64, 3), exactly what ``loopfree eval`` writes as PNGs, and the
+    denoising time per image in ms (text encoding, UNet passes and sampler; the VAE decode is not timed)."""
     images, seconds = [], 0.0
-    for i in range(0, len(prompts), per_call):
-        chunk = prompts[i : i + per_call]
-        start = time.perf_counter()
-        latents = pipe(chunk, num_images_per_prompt=cfg.images_per_prompt, latents=x_T[i * cfg.images_per_prompt : (i + len(chunk)) * cfg.images_per_prompt],
-                       output_type="latent", **call).images
-        seconds += time.perf_counter() - start
-        images.append(pipe.decode(latents, "pt") * 2.0 - 1.0)
-    return torch.cat(images), 1000.0 * seconds / x_T.shape[0]
+    for batch in batches(jobs, BATCH):
+        pil, spent = sample_batch(pipe, batch, sampling, pipe.device)
+        images += [np.asarray(im) for im in pil]
+        seconds += spent
+    return np.stack(images), 1000.0 * seconds / len(jobs)
 
 
 def enlarged(images: list[Image.Image], scale: int = 2) -> list[Image.Image]:
@@ -140,7 +133,8 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
 
 def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, configs: dict, todo: list, prompts: list[str],
                      pool: list[str], prompts_file: Path) -> list[dict]:
-    aligned = [p for p in prompts for _ in range(cfg.images_per_prompt)]
+    jobs = plan_jobs(pool, list(range(len(prompts))), cfg.images_per_prompt, cfg.seed)  # as `loopfree eval --features toy`
+    aligned = [j.prompt for j in jobs]
     # -- students: one distillation per kind and training seed
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
@@ -149,19 +143,23 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
-    guided = dict(guidance_scale=cfg.guidance, mode="loop")
-    teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", dict(guided, num_inference_steps=cfg.teacher_steps)),
-                    ("teacher 4-step DDIM", dict(guided, num_inference_steps=4))]
-    classifier, reference = load_classifier(), real_reference(aligned, cfg.seed)
+    size = inspect_pipeline(teacher_path).default_size
+    teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)),
+                    ("teacher 4-step DDIM", Sampling(size, size, "loop", 4, None, cfg.guidance))]
+    extractor = ToyExtractor()
+    real = extractor.outputs(real_reference(aligned, cfg.seed))
     names, rows, grid_rows = [], [], []
     bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
 
-    def score(pipe, call: dict) -> tuple[dict[str, float], list[Image.Image]]:
-        """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
-        images, ms = sample(pipe, prompts, cfg, **call)
+    def score(pipe, sampling: Sampling) -> tuple[dict[str, float], list[Image.Image]]:
+        """The run's scores (as ``loopfree eval --features toy`` computes them), and its first image of each of the
+        first GRID_COLUMNS prompts."""
+        images, ms = sample(pipe, jobs, sampling)
         bar.update()
-        shown = teacher.image_processor.postprocess(images[:: cfg.images_per_prompt][:GRID_COLUMNS], output_type="pil")
-        return {**evaluate_images(images, aligned, classifier, reference), "unet_ms_per_image": ms}, enlarged(shown)
+        fake = extractor(images)
+        scores = {**toy_scores(fake, aligned, real), **distribution_scores(real["features"], fake["features"], ("fid", "pr", "dc"))}
+        shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
+        return {**scores, "unet_ms_per_image": ms}, enlarged(shown)
 
     for name, call in teacher_rows:
         scores, shown = score(teacher, call)
@@ -173,7 +171,7 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
         for directory in dirs:
             student = load_pipeline(directory)
             student.set_progress_bar_config(disable=True)
-            scores, shown = score(student, dict(num_inference_steps=len(student.decoder_timesteps), guidance_scale=1.0, mode="loop_free"))
+            scores, shown = score(student, Sampling(size, size, "loop_free", len(student.decoder_timesteps), None, 1.0))
             runs_scores.append(scores)
             if len(runs_scores) == 1:  # the grid shows the first training seed
                 grid_rows.append(shown)
