@@ -170,3 +170,22 @@ def test_learning_curve_scores_the_ema_student_on_schedule_without_touching_trai
     assert all(torch.equal(a[k], b[k]) for k in a)  # scoring along the way changes nothing in the run
     distill(config(teacher, scored, max_steps=6, eval_every=2, resume="latest"), evaluate)
     assert [json.loads(line)["step"] for line in (scored / "eval.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
+
+
+def test_a_setting_added_since_a_run_was_saved_counts_as_its_default(teacher, two_steps, tmp_path):
+    """A run saved before ``fake_updates`` existed resumes when it is left at its default (1), not otherwise."""
+    out = _copy(two_steps, tmp_path / "run")
+    for path in (out / "loopfree-run.json", out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"):
+        saved = json.loads(path.read_text())
+        settings = saved["settings"] if "settings" in saved else saved["identity"]
+        del settings["fake_updates"]
+        path.write_text(json.dumps(saved))
+    manifest = json.loads((out / "checkpoints" / "checkpoint-00000002" / MANIFEST).read_text())
+    from loopfree.checkpoint import file_digest
+
+    state = out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"
+    manifest["trainer_state.json"] = {"size": state.stat().st_size, "blake2b": file_digest(state)}
+    (out / "checkpoints" / "checkpoint-00000002" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(LoopfreeError, match=r"fake_updates: 1 → 2"):
+        distill(config(teacher, out, max_steps=3, resume="latest", fake_updates=2))
+    distill(config(teacher, out, max_steps=3, resume="latest"))

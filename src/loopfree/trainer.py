@@ -37,13 +37,18 @@ from loopfree.distiller import Distiller
 from loopfree.errors import Interrupted, LoopfreeError
 from loopfree.images import image_grid
 from loopfree.loading import inspect_pipeline, load_pipeline
-from loopfree.outputs import OutputFolder, save_image
+from loopfree.outputs import OutputFolder, changed_keys, save_image
 from loopfree.sampler import Conditioning
 
 #: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
 HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every", "eval_every",
             "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
             "gradient_checkpointing")
+
+
+def identity_defaults() -> dict:
+    """Each setting's default: a run saved before a setting existed ran with it (for comparing identities)."""
+    return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
 
 
 def run_identity(cfg: DistillConfig) -> dict:
@@ -100,7 +105,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise LoopfreeError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True)
+    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True, defaults=identity_defaults())
     if folder.resuming and cfg.resume is None:
         raise LoopfreeError(f"--out {cfg.out} holds a distillation with these settings: pass --resume latest to continue it "
                             "or --overwrite to start again")
@@ -108,7 +113,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     checkpoint = find_checkpoint(out, cfg.resume, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE).read_text())
-        changed = [k for k, v in state["identity"].items() if run_identity(cfg).get(k) != v]
+        changed = changed_keys(state["identity"], run_identity(cfg), identity_defaults())
         if changed:
             raise LoopfreeError(f"checkpoint {checkpoint} was made with other settings ({', '.join(changed)}): they would alter the run")
     return resolution, prompts, folder, checkpoint
