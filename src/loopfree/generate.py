@@ -21,16 +21,19 @@ def generate_images(
     prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32",
+    key_steps: list[int] | None = None,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder."""
     from loopfree.devices import resolve_device, resolve_dtype
     from loopfree.loading import inspect_pipeline, load_pipeline
+    from loopfree.pipeline import DEFAULT_LOOP_STEPS, plan_key_steps
     from loopfree.toy.assets import bundled
 
     model = str(model) if model is not None else str(bundled("student"))
     info = inspect_pipeline(model)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
+    plan_key_steps(mode, key_steps, len(timesteps) if timesteps else steps or DEFAULT_LOOP_STEPS)  # plan_steps checks again
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     settings = dict(prompt=prompt, model=str(Path(model).absolute()), images_per_prompt=images_per_prompt, seed=seed,
@@ -40,7 +43,7 @@ def generate_images(
     pipe = load_pipeline(model, dtype=torch_dtype)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
-    plan = pipe.plan_steps(mode, steps, timesteps)
+    plan = pipe.plan_steps(mode, steps, timesteps, key_steps)
     shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     seeds = [derive_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:
@@ -49,10 +52,10 @@ def generate_images(
             chunk = seeds[start : start + BATCH]
             latents = initial_noise(chunk, shape, dev, pipe.unet.dtype)
             images = pipe([prompt] * len(chunk), latents=latents, height=height, width=width, mode=mode, guidance_scale=guidance,
-                          num_inference_steps=plan.num_steps, timesteps=plan.timesteps).images
+                          num_inference_steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps).images
             for i, image in enumerate(images, start):
                 files.append(f"{i:03d}.png")
                 save_image(folder.path / files[-1], image)
-        write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps,
+        write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps,
                                                         device=str(dev), seeds=seeds, files=files))
     return folder.final
