@@ -64,9 +64,8 @@ def _reference(unet, scheduler, x_T, n, keys, text, added=None):
     return x
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("kind, prediction, spacing", [("sd", "epsilon", "leading"), ("sd", "v_prediction", "trailing"),
+                                                       ("sdxl", "epsilon", "trailing"), ("sdxl", "v_prediction", "leading")])
 def test_any_key_steps_equal_the_step_by_step_reference(kind, prediction, spacing):
     unet, sched = make_unet(kind), make_scheduler(prediction, timestep_spacing=spacing)
     g = torch.Generator().manual_seed(0)
