@@ -13,11 +13,11 @@ from tiny import make_pipeline
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analyze")
-    pipe = make_pipeline(root, "sd")
+    """A tiny SD student folder that recorded decoder timesteps [751, 501, 251, 1]."""
+    pipe = make_pipeline(tmp_path_factory.mktemp("tiny"), "sd")
     pipe.decoder_timesteps = [751, 501, 251, 1]
-    pipe.save_pretrained(root / "model")
-    return root / "model"
+    pipe.save_pretrained(folder := tmp_path_factory.mktemp("student"))
+    return folder
 
 
 def run(*args):

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from loopfree.cli import main
-from loopfree.sampler import Conditioning, FASTER_DIFFUSION_KEY_STEPS, check_key_steps, default_key_steps, loop_free, propagate
+from loopfree.sampler import FASTER_DIFFUSION_KEY_STEPS, Conditioning, check_key_steps, default_key_steps, loop_free, propagate
 from loopfree.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.split import decode, encode
 from tiny import make_pipeline, make_scheduler, make_unet, sdxl_added_cond
@@ -121,9 +121,8 @@ def test_pipeline_plans_propagate(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    make_pipeline(root, "sd").save_pretrained(root / "model")
-    return root / "model"
+    make_pipeline(tmp_path_factory.mktemp("tiny"), "sd").save_pretrained(folder := tmp_path_factory.mktemp("model"))
+    return folder
 
 
 def test_generate_mode_propagate(model_dir, tmp_path):

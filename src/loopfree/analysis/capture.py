@@ -13,12 +13,11 @@ output. The hooks see diffusers' own forward and ``split.encode``/``decode`` ali
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 

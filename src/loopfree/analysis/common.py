@@ -9,9 +9,11 @@ loading, the quality figure (a pluggable function; the toy world's by default) a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +51,32 @@ def check_steps(steps: list[int], num_train: int = 1000) -> list[int]:
 def output_folder(out: str, command: str, settings: dict, overwrite: bool) -> OutputFolder:
     """The analysis' output folder (staged, published whole at the end), checked before any model loads."""
     return OutputFolder(out, f"analyze {command}", settings, overwrite=overwrite)
+
+
+@dataclass
+class Run:
+    """An analysis of one model over prompts and step counts, checked and ready to write into ``folder``."""
+
+    model: str
+    steps: list[int]
+    prompts: list[str]
+    folder: OutputFolder
+    pipe: Any
+    quality: Quality | None
+
+
+def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: Sampling, out: str,
+          overwrite: bool) -> Run:
+    """Check the model folder (default: the bundled ``bundled_default``), steps, prompts and ``--out`` before
+    loading anything; then load the model and its quality figure."""
+    from loopfree.toy.assets import bundled
+
+    (model,) = check_models(str(model) if model else str(bundled(bundled_default)))
+    steps = check_steps(list(steps))
+    prompts = prompt_list(setup)
+    folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings()), overwrite)
+    pipe = load(model, setup)
+    return Run(model, steps, prompts, folder, pipe, quality_for(pipe, prompts))
 
 
 def prompt_list(setup: Sampling) -> list[str]:

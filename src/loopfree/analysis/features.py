@@ -18,8 +18,7 @@ import torch
 
 from loopfree.analysis.capture import AdjacentSimilarity, unet_features
 from loopfree.analysis.common import (
-    Quality, batches, check_models, check_steps, figure, initial_latents, load, output_folder, per_image,
-    progress, prompt_list, quality_for, sample_batch, save_figure, to_images,
+    Quality, batches, figure, initial_latents, per_image, progress, sample_batch, save_figure, start, to_images,
 )
 from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, Sampling
 from loopfree.outputs import write_json
@@ -75,18 +74,10 @@ def plot(rows: list[dict], title: str):
 def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: Sampling = FEATURES,
                  out: str = "analysis/features", overwrite: bool = False) -> Path:
     """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder."""
-    from loopfree.toy.assets import bundled
-
-    (model,) = check_models(str(model) if model else str(bundled("teacher")))
-    steps = check_steps(list(steps))
-    prompts = prompt_list(setup)
-    folder = output_folder(out, "features", dict(model=model, steps=steps, **setup.settings()), overwrite)
-    pipe = load(model, setup)
-    quality = quality_for(pipe, prompts)
-    with folder:
-        with progress(len(steps) * len(prompts) * setup.images_per_prompt, "features") as bar:
-            rows = similarity_rows(pipe, steps, setup, prompts, quality, bar)
-        save_figure(plot(rows, f"UNet features over DDIM steps: {Path(model).name}"), folder.path / "features.png")
-        write_json(folder.path / "features.json", dict(model=model, steps=steps, settings=setup.settings(), prompts=prompts,
-                                                        rows=rows))
-    return folder.final
+    run = start("features", model, "teacher", steps, setup, out, overwrite)
+    with run.folder, progress(len(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
+        rows = similarity_rows(run.pipe, run.steps, setup, run.prompts, run.quality, bar)
+        save_figure(plot(rows, f"UNet features over DDIM steps: {Path(run.model).name}"), run.folder.path / "features.png")
+        write_json(run.folder.path / "features.json",
+                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, rows=rows))
+    return run.folder.final

@@ -86,7 +86,7 @@ def plot(rows: list[dict], histograms: list[np.ndarray]):
     ax.plot(x, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi), color="black", linewidth=1.5, label="N(0, 1)")
     ax.set_xlabel("predicted noise value")
     ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     ax.set_title("decoder noise predictions (dashed: fitted Gaussian)")
     return fig

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loopfree.analysis.common import (
-    check_models, check_steps, initial_latents, load, output_folder, per_image, progress, prompt_list,
-    quality_for, sample, to_images, to_pil,
-)
+from loopfree.analysis.common import initial_latents, per_image, progress, sample, start, to_images, to_pil
 from loopfree.analysis.settings import STEPS, STUDENT_STEPS, Sampling
 from loopfree.images import image_grid
 from loopfree.outputs import save_image, write_json
+
 GRID_COLUMNS = 8
 
 
@@ -37,26 +35,20 @@ def settings_rows(pipe, steps: list[int]) -> list[tuple[str, str, object]]:
 def run_steps(model: str | None = None, steps: list[int] = STUDENT_STEPS, setup: Sampling = STEPS,
               out: str = "analysis/steps", overwrite: bool = False) -> Path:
     """Sample ``model`` (default: the bundled student) every way and write steps.png/json to ``out``; the folder."""
-    from loopfree.toy.assets import bundled
-
-    (model,) = check_models(str(model) if model else str(bundled("student")))
-    steps = check_steps(list(steps))
-    prompts = prompt_list(setup)
-    folder = output_folder(out, "steps", dict(model=model, steps=steps, **setup.settings()), overwrite)
-    pipe = load(model, setup)
-    quality = quality_for(pipe, prompts)
-    image_prompts = per_image(prompts, setup)
-    x_T = initial_latents(pipe, len(prompts), setup)
+    run = start("steps", model, "student", steps, setup, out, overwrite)
+    pipe, image_prompts = run.pipe, per_image(run.prompts, setup)
+    x_T = initial_latents(pipe, len(run.prompts), setup)
     shown = slice(0, GRID_COLUMNS * setup.images_per_prompt, setup.images_per_prompt)
-    plans = settings_rows(pipe, steps)
+    plans = settings_rows(pipe, run.steps)
     rows, grid, labels = [], [], []
-    with folder, progress(len(plans) * len(image_prompts), "steps") as bar:
+    with run.folder, progress(len(plans) * len(image_prompts), "steps") as bar:
         for name, mode, plan in plans:
             images = to_images(pipe, sample(pipe, mode, plan, setup, image_prompts, x_T, bar))
-            scores = quality(images, image_prompts) if quality is not None else {}
+            scores = run.quality(images, image_prompts) if run.quality is not None else {}
             rows.append(dict(name=name, mode=mode, steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps, **scores))
             grid.append(to_pil(pipe, images[shown]))
             labels.append("   ".join([name, *(f"{k} {v:.3g}" for k, v in scores.items())]))
-        save_image(folder.path / "steps.png", image_grid(grid, labels, scale=max(1, 96 // grid[0][0].width)))
-        write_json(folder.path / "steps.json", dict(model=model, steps=steps, settings=setup.settings(), prompts=prompts, rows=rows))
-    return folder.final
+        save_image(run.folder.path / "steps.png", image_grid(grid, labels, scale=max(1, 96 // grid[0][0].width)))
+        write_json(run.folder.path / "steps.json",
+                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, rows=rows))
+    return run.folder.final

@@ -34,15 +34,22 @@ def _sampling(default: defaults.Sampling, prompts: bool = True):
     return apply
 
 
-def _setup(default: defaults.Sampling, kwargs: dict) -> defaults.Sampling:
-    """The Sampling of a command's options (those it lacks keep ``default``'s values)."""
+def _run(analysis, default: defaults.Sampling, args: tuple, out: str, kwargs: dict) -> None:
+    """``analysis(*args, sampling, out, overwrite)`` with the Sampling of the command's options (those it lacks
+    keep ``default``'s values); says where it wrote."""
     from dataclasses import fields, replace
 
-    return replace(default, **{f.name: kwargs.pop(f.name) for f in fields(default) if f.name in kwargs})
+    overwrite = kwargs.pop("overwrite")
+    setup = replace(default, **{f.name: kwargs.pop(f.name) for f in fields(default) if f.name in kwargs})
+    click.echo(f"wrote {analysis(*args, setup, out, overwrite)}")
 
 
 def _out(name: str):
     return options.out(f"analysis/{name}", f"Output folder for {name}.png and {name}.json.")
+
+
+def _step_list(default: tuple[int, ...], help: str):
+    return click.option("--steps", type=options.IntList(), default=",".join(map(str, default)), show_default=True, help=help)
 
 
 @click.group()
@@ -52,16 +59,14 @@ def analyze() -> None:
 
 @analyze.command()
 @options.model("Model to analyse (default: the bundled toy teacher).")
-@click.option("--steps", type=options.IntList(), default=",".join(map(str, defaults.FEATURE_STEPS)), show_default=True,
-              help="DDIM step counts N to compare.")
+@_step_list(defaults.FEATURE_STEPS, "DDIM step counts N to compare.")
 @_out("features")
 @_sampling(defaults.FEATURES)
 def features(model, steps, out, **kwargs) -> None:
     """Encoder and decoder feature similarity of adjacent DDIM steps, and quality, against N (paper figure 1)."""
     from loopfree.analysis.features import run_features
 
-    overwrite = kwargs.pop("overwrite")
-    click.echo(f"wrote {run_features(model, steps, _setup(defaults.FEATURES, kwargs), out, overwrite)}")
+    _run(run_features, defaults.FEATURES, (model, steps), out, kwargs)
 
 
 @analyze.command()
@@ -76,8 +81,7 @@ def noise(models, teacher, out, **kwargs) -> None:
     Students run unguided, as trained; --guidance is the teacher's (its ε as it samples)."""
     from loopfree.analysis.noise import run_noise
 
-    overwrite = kwargs.pop("overwrite")
-    click.echo(f"wrote {run_noise(list(models) or None, teacher, _setup(defaults.NOISE, kwargs), out, overwrite)}")
+    _run(run_noise, defaults.NOISE, (list(models) or None, teacher), out, kwargs)
 
 
 @analyze.command()
@@ -96,21 +100,16 @@ def interpolate(model, source, target, method, columns, rows, mode, steps, out, 
     """Images along the interpolation between two prompts' text embeddings, rows of fixed x_T (paper figure 9)."""
     from loopfree.analysis.interpolate import run_interpolate
 
-    overwrite = kwargs.pop("overwrite")
-    folder = run_interpolate(model, source, target, method, columns, rows, mode, steps, _setup(defaults.INTERPOLATE, kwargs), out,
-                             overwrite)
-    click.echo(f"wrote {folder}")
+    _run(run_interpolate, defaults.INTERPOLATE, (model, source, target, method, columns, rows, mode, steps), out, kwargs)
 
 
 @analyze.command()
 @options.model()
-@click.option("--steps", type=options.IntList(), default=",".join(map(str, defaults.STUDENT_STEPS)), show_default=True,
-              help="DDIM step counts N, each sampled with a full UNet per step and with the encoder shared.")
+@_step_list(defaults.STUDENT_STEPS, "DDIM step counts N, each sampled with a full UNet per step and with the encoder shared.")
 @_out("steps")
 @_sampling(defaults.STEPS)
 def steps(model, steps, out, **kwargs) -> None:
     """The model as one pass and as N-step DDIM, full UNet per step or encoder shared (paper figure 10)."""
     from loopfree.analysis.steps import run_steps
 
-    overwrite = kwargs.pop("overwrite")
-    click.echo(f"wrote {run_steps(model, steps, _setup(defaults.STEPS, kwargs), out, overwrite)}")
+    _run(run_steps, defaults.STEPS, (model, steps), out, kwargs)
