@@ -58,11 +58,14 @@ def test_interpolate_writes_a_labelled_grid(model_dir, tmp_path):
 
 
 def test_steps_rows(model_dir, tmp_path):
-    r = run("steps", "--model", model_dir, "--steps", "2,3", *SMALL, "--out", tmp_path / "s")
+    r = run("steps", "--model", model_dir, "--steps", "2,10", *SMALL, "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     rows = _written(tmp_path / "s", "steps")["rows"]
-    assert [(row["mode"], row["steps"]) for row in rows] == [("loop_free", 4), ("loop", 2), ("propagate", 2), ("loop", 3), ("propagate", 3)]
-    assert rows[2]["key_steps"] == [0]
+    assert [(row["mode"], row["steps"]) for row in rows] == [("loop_free", 4), ("loop", 2), ("propagate", 2), ("loop", 10),
+                                                             ("propagate", 10), ("propagate", 10)]
+    # N = 2: Faster Diffusion's key steps would be every step, so no row of its own
+    assert [row["key_steps"] for row in rows[2:]] == [[0], None, [0, 1, 2, 3, 5, 7], [0]]
+    assert all(row["ms_per_image"] > 0 for row in rows)
 
 
 def test_toy_world_quality_on_the_bundled_teacher(tmp_path):

@@ -3,8 +3,9 @@
 They are the Stable Diffusion (XL) pipelines with a different ``__call__``: ``mode="loop_free"`` runs the
 encoder once and K decoders in parallel (SPEC §2); ``mode="loop"`` is the ordinary DDIM loop, a full UNet
 pass per step, so the same object serves as teacher; ``mode="propagate"`` is that loop with encoder propagation
-(Faster Diffusion: the full UNet only at ``key_steps``, the decoder alone elsewhere). ``save_pretrained`` writes a directory that plain
-``StableDiffusionPipeline.from_pretrained`` loads, plus ``loopfree.json`` with the decoder timesteps::
+(Faster Diffusion: the full UNet only at ``key_steps``, the decoder alone elsewhere). ``save_pretrained`` writes
+a directory that plain ``StableDiffusionPipeline.from_pretrained`` loads, plus ``loopfree.json`` with the
+decoder timesteps::
 
     pipe = load_pipeline("out/student")
     image = pipe("a red circle on a white background", generator=torch.Generator().manual_seed(0)).images[0]

@@ -38,7 +38,7 @@ def check_models(*models: str) -> list[str]:
     return [str(Path(m).absolute()) for m in models]
 
 
-def check_steps(steps: list[int], num_train: int = 1000) -> list[int]:
+def check_steps(steps: list[int], num_train: int) -> list[int]:
     """A non-empty list of DDIM step counts, each in 1..num_train."""
     if not steps:
         raise LoopfreeError("the step list is empty")
@@ -69,10 +69,11 @@ def start(command: str, model: str | None, bundled_default: str, steps: list[int
           overwrite: bool) -> Run:
     """Check the model folder (default: the bundled ``bundled_default``), steps, prompts and ``--out`` before
     loading anything; then load the model and its quality figure."""
+    from loopfree.loading import inspect_pipeline
     from loopfree.toy.assets import bundled
 
-    (model,) = check_models(str(model) if model else str(bundled(bundled_default)))
-    steps = check_steps(list(steps))
+    model = str(Path(model or bundled(bundled_default)).absolute())
+    steps = check_steps(list(steps), inspect_pipeline(model).num_train_timesteps)
     prompts = prompt_list(setup)
     folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings()), overwrite)
     pipe = load(model, setup)
@@ -133,12 +134,13 @@ def initial_latents(pipe, num_prompts: int, setup: Sampling) -> torch.Tensor:
     return initial_noise(seeds, (pipe.unet.config.in_channels, latent, latent), pipe.device, pipe.unet.dtype)
 
 
-def batches(prompts: list[str], x_T: torch.Tensor, setup: Sampling, bar: tqdm | None = None):
-    """(prompts, x_T) chunks of at most ``batch_size`` images; ``bar`` advances by the images of each."""
+def batches(prompts: list[str], x_T: torch.Tensor, setup: Sampling, bar: tqdm | None = None, weight: int = 1):
+    """(prompts, x_T) chunks of at most ``batch_size`` images; ``bar`` advances by ``weight`` × their images (the
+    steps they take, so its ETA holds across step counts)."""
     for start in range(0, len(prompts), setup.batch_size):
         yield prompts[start : start + setup.batch_size], x_T[start : start + setup.batch_size]
         if bar is not None:
-            bar.update(min(setup.batch_size, len(prompts) - start))
+            bar.update(weight * min(setup.batch_size, len(prompts) - start))
 
 
 def conditioning(pipe, prompts: list[str], guidance: float):
@@ -155,7 +157,8 @@ def sample_batch(pipe, mode: str, plan, prompts: list[str], x_T: torch.Tensor, g
 
 def sample(pipe, mode: str, plan, setup: Sampling, prompts: list[str], x_T: torch.Tensor, bar: tqdm | None = None) -> torch.Tensor:
     """x_0 latents of one image per entry of ``prompts`` from ``x_T``, sampled in ``mode`` as ``plan`` says, in batches."""
-    return torch.cat([sample_batch(pipe, mode, plan, chunk, x, setup.guidance) for chunk, x in batches(prompts, x_T, setup, bar)])
+    chunks = batches(prompts, x_T, setup, bar, plan.num_steps)
+    return torch.cat([sample_batch(pipe, mode, plan, chunk, x, setup.guidance) for chunk, x in chunks])
 
 
 def to_images(pipe, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -210,5 +213,6 @@ def save_figure(fig, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
-def progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+def progress(total: int, desc: str, unit: str = "img·step") -> tqdm:
+    """A bar over ``total`` units: image-steps by default (an image sampled with N steps counts N)."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

@@ -36,7 +36,7 @@ def similarity_rows(pipe, steps: list[int], setup: Sampling, prompts: list[str],
         tracker = AdjacentSimilarity()
         latents = []
         with unet_features(pipe.unet, tracker.update):
-            for chunk, x in batches(image_prompts, x_T, setup, bar):
+            for chunk, x in batches(image_prompts, x_T, setup, bar, n):
                 tracker.reset()  # a batch is trajectories of its own
                 latents.append(sample_batch(pipe, "loop", plan, chunk, x, setup.guidance))
         row = dict(steps=n, encoder_similarity=tracker.mean("encoder"), decoder_similarity=tracker.mean("decoder"),
@@ -53,8 +53,11 @@ def plot(rows: list[dict], title: str):
     fig, axes = figure(len(scores) + 1)
     steps = [r["steps"] for r in rows]
     for ax, score in zip(axes, scores):
-        ax.plot(steps, [r["quality"][score] for r in rows], "o-", color="tab:green")
+        values = [r["quality"][score] for r in rows]
+        ax.plot(steps, values, "o-", color="tab:green")
         ax.set_ylabel(score)
+        if min(values) > 0 and max(values) > 50 * min(values):  # fd falls by orders of magnitude
+            ax.set_yscale("log")
     ax = axes[-1]
     for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:red")):
         kept = [(r["steps"], r[f"{part}_similarity"]) for r in rows if r[f"{part}_similarity"] is not None]
@@ -75,7 +78,7 @@ def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, set
                  out: str = "analysis/features", overwrite: bool = False) -> Path:
     """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder."""
     run = start("features", model, "teacher", steps, setup, out, overwrite)
-    with run.folder, progress(len(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
+    with run.folder, progress(sum(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
         rows = similarity_rows(run.pipe, run.steps, setup, run.prompts, run.quality, bar)
         save_figure(plot(rows, f"UNet features over DDIM steps: {Path(run.model).name}"), run.folder.path / "features.png")
         write_json(run.folder.path / "features.json",

@@ -90,7 +90,7 @@ def run_interpolate(model: str | None = None, source: str = FROM, target: str = 
     folder = output_folder(out, "interpolate", settings, overwrite)
     pipe = load(model, setup)
     plan = pipe.plan_steps(mode, steps)
-    with folder, progress(rows * columns, "interpolate") as bar:
+    with folder, progress(rows * columns, "interpolate", "img") as bar:
         latents = interpolation_latents(pipe, source, target, weights, method, mode, plan, setup, rows, bar)
         images = [to_pil(pipe, to_images(pipe, row)) for row in latents]
         grid = image_grid(images, [f"x_T {r}" for r in range(rows)], [f"w={w:.2f}" for w in weights],

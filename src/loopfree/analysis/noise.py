@@ -74,7 +74,7 @@ def teacher_eps(pipe, timesteps: list[int], setup: Sampling, prompts: list[str],
 def plot(rows: list[dict], histograms: list[np.ndarray]):
     """Step histograms (density) of every model's values, each with its fitted Gaussian dashed, and N(0, 1)."""
     fig, (ax,) = figure(1, height=4.2)
-    fig.set_figwidth(7.5)
+    fig.set_figwidth(10.5)
     edges = np.linspace(*HISTOGRAM_RANGE, BINS + 1)
     x = np.linspace(*HISTOGRAM_RANGE, 400)
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
@@ -86,7 +86,7 @@ def plot(rows: list[dict], histograms: list[np.ndarray]):
     ax.plot(x, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi), color="black", linewidth=1.5, label="N(0, 1)")
     ax.set_xlabel("predicted noise value")
     ax.set_ylabel("density")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     ax.set_title("decoder noise predictions (dashed: fitted Gaussian)")
     return fig
@@ -113,7 +113,7 @@ def run_noise(models: list[str] | None = None, teacher: str | None = None, setup
     folder = output_folder(out, "noise", dict(models=models, teacher=teacher, **setup.settings()), overwrite)
     names = [Path(m).name if [Path(n).name for n in models].count(Path(m).name) == 1 else m for m in models]
     rows, histograms, teacher_rows = [], [], {}
-    with folder, progress(2 * len(models) * len(image_prompts), "noise") as bar:
+    with folder, progress(2 * len(models) * len(image_prompts), "noise", "img") as bar:
         teacher_pipe = load(teacher, setup)
         x_T = initial_latents(teacher_pipe, len(prompts), setup)
         for name, model in zip(names, models):
@@ -122,7 +122,7 @@ def run_noise(models: list[str] | None = None, teacher: str | None = None, setup
             rows.append(row)
             histograms.append(density)
             if tuple(timesteps) not in teacher_rows:
-                teacher_rows[tuple(timesteps)] = _row(f"teacher ε at τ={timesteps}", "teacher", teacher, timesteps,
+                teacher_rows[tuple(timesteps)] = _row(f"teacher ε (guidance {setup.guidance:g}) at τ={timesteps}", "teacher", teacher, timesteps,
                                                       teacher_eps(teacher_pipe, timesteps, setup, image_prompts, x_T, bar))
             else:
                 bar.update(len(image_prompts))
