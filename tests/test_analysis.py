@@ -148,3 +148,17 @@ def test_feature_similarity_equals_brute_force_over_the_ddim_loop(pipe):
 
 def test_quality_only_for_toy_world_models(pipe):
     assert quality_for(pipe, per_image(["a red cat"], Sampling())) is None
+
+
+def test_image_grid_labels_columns_and_enlarges():
+    from PIL import Image
+
+    from loopfree.images import LINE, image_grid
+
+    tiles = [[Image.new("RGB", (8, 8), (10 * i, 20 * j, 200)) for j in range(3)] for i in range(2)]
+    plain = image_grid(tiles)
+    assert plain.size == (24, 16) and plain.getpixel((9, 9)) == (10, 20, 200)
+    grid = image_grid(tiles, ["row a", "row b"], ["w=0", "w=.5", "w=1"], "a title", scale=2)
+    margin = grid.width - 3 * 16
+    assert grid.height == 2 * LINE + 2 * 16 and margin > 16
+    assert grid.getpixel((margin + 2 * 16 + 1, 2 * LINE + 16 + 15)) == (10, 40, 200)  # row 1, column 2, still 16 px wide
