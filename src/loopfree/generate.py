@@ -21,6 +21,7 @@ def generate_images(
     prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32",
+    key_steps: list[int] | None = None,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder."""
     from loopfree.devices import resolve_device, resolve_dtype
@@ -31,7 +32,7 @@ def generate_images(
     info = inspect_pipeline(model)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
-    plan = info.plan_steps(mode, steps, timesteps)
+    plan = info.plan_steps(mode, steps, timesteps, key_steps)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     settings = dict(prompt=prompt, model=os.path.abspath(model), images_per_prompt=images_per_prompt, seed=seed,
@@ -49,10 +50,10 @@ def generate_images(
             chunk = seeds[start : start + BATCH]
             latents = initial_noise(chunk, shape, dev, pipe.unet.dtype)
             images = pipe([prompt] * len(chunk), latents=latents, height=height, width=width, mode=mode, guidance_scale=guidance,
-                          num_inference_steps=plan.num_steps, timesteps=plan.timesteps).images
+                          num_inference_steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps).images
             for i, image in enumerate(images, start):
                 files.append(f"{i:03d}.png")
                 save_image(folder.path / files[-1], image)
-        write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps,
+        write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps,
                                                         device=str(dev), seeds=seeds, files=files))
     return folder.final

@@ -101,12 +101,18 @@ class PipelineInfo:
     decoder_timesteps: list[int] | None  # recorded by distillation (loopfree.json)
     final_alpha_cumprod: float | None  # recorded with them (one-step students: 1.0)
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler_config["num_train_timesteps"]
+
     def check_size(self, height: int, width: int) -> None:
         check_size(height, width, self.vae_scale_factor, self.default_size)
 
-    def plan_steps(self, mode: str, steps: int | None = None, timesteps: list[int] | None = None) -> StepPlan:
+    def plan_steps(self, mode: str, steps: int | None = None, timesteps: list[int] | None = None,
+                   key_steps: list[int] | None = None) -> StepPlan:
         """What the loaded pipeline's ``plan_steps`` will say, from the configs alone."""
-        return plan_steps(mode, steps, timesteps, self.scheduler_config, self.decoder_timesteps, self.final_alpha_cumprod)
+        return plan_steps(mode, steps, timesteps, self.scheduler_config, self.decoder_timesteps, self.final_alpha_cumprod,
+                          key_steps)
 
 
 def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:

@@ -2,8 +2,10 @@
 
 They are the Stable Diffusion (XL) pipelines with a different ``__call__``: ``mode="loop_free"`` runs the
 encoder once and K decoders in parallel (SPEC §2); ``mode="loop"`` is the ordinary DDIM loop, a full UNet
-pass per step, so the same object serves as teacher. ``save_pretrained`` writes a directory that plain
-``StableDiffusionPipeline.from_pretrained`` loads, plus ``loopfree.json`` with the decoder timesteps::
+pass per step, so the same object serves as teacher; ``mode="propagate"`` is that loop with encoder propagation
+(Faster Diffusion: the full UNet only at ``key_steps``, the decoder alone elsewhere). ``save_pretrained`` writes
+a directory that plain ``StableDiffusionPipeline.from_pretrained`` loads, plus ``loopfree.json`` with the
+decoder timesteps::
 
     pipe = load_pipeline("out/student")
     image = pipe("a red circle on a white background", generator=torch.Generator().manual_seed(0)).images[0]
@@ -25,13 +27,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from loopfree.errors import LoopfreeError
 from loopfree.outputs import write_json
-from loopfree.sampler import Conditioning, ddim_loop, loop_free
+from loopfree.sampler import Conditioning, check_key_steps, ddim_loop, default_key_steps, loop_free, propagate
 from loopfree.schedule import NoiseSchedule, check_timesteps, decoder_timesteps
 
 logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
-MODES = ("loop_free", "loop")
+MODES = ("loop_free", "loop", "propagate")
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
 
@@ -52,36 +54,63 @@ def check_size(height: int, width: int, vae_scale_factor: int, native_size: int)
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How a call samples: steps, and for loop_free the decoder timesteps and ā_final override."""
+    """How a call samples: steps, the decoder (loop_free) or DDIM (propagate) timesteps, ā_final override, key steps."""
 
     num_steps: int
-    timesteps: list[int] | None = None  # loop_free only
+    timesteps: list[int] | None = None  # loop_free, propagate
     final_alpha_cumprod: float | None = None  # recorded override (one-step students: 1.0)
+    key_steps: list[int] | None = None  # propagate only: indices into timesteps
+
+
+def plan_key_steps(mode: str, key_steps: list[int] | None, num_steps: int) -> list[int] | None:
+    """The propagate mode's key steps over ``num_steps`` DDIM steps, checked (default: Faster Diffusion's,
+    :func:`~loopfree.sampler.default_key_steps`); None for the other modes, which take none. Needs no model, so
+    commands call it before loading one."""
+    if mode != "propagate":
+        if key_steps is not None:
+            raise LoopfreeError(f"key steps belong to the propagate mode, not to {mode!r}")
+        return None
+    return default_key_steps(num_steps) if key_steps is None else check_key_steps(key_steps, num_steps)
+
+
+def _explicit_timesteps(timesteps: list[int] | None, num_inference_steps: int | None, num_train: int) -> list[int] | None:
+    """Checked explicit ``timesteps`` (None if not given), agreeing with ``num_inference_steps`` if that is given."""
+    if timesteps is None:
+        return None
+    ts = check_timesteps(timesteps, num_train)
+    if num_inference_steps is not None and num_inference_steps != len(ts):
+        raise LoopfreeError(f"{len(ts)} timesteps given but steps is {num_inference_steps}")
+    return ts
 
 
 def plan_steps(mode: str, num_inference_steps: int | None, timesteps: list[int] | None, scheduler_config,
-               recorded: list[int] | None = None, final_alpha_cumprod: float | None = None) -> StepPlan:
+               recorded: list[int] | None = None, final_alpha_cumprod: float | None = None,
+               key_steps: list[int] | None = None) -> StepPlan:
     """What a call samples. ``loop_free``: the ``recorded`` decoder timesteps (and ā_final) by default; another K,
     or explicit ``timesteps``, replace them — with the scheduler's DDIM timesteps for that K and its own
     ā_final — and a student that recorded its own says so in a warning. Loop modes: DDIM with
-    ``num_inference_steps`` (default 50). Needs only configs, so commands check before loading weights."""
+    ``num_inference_steps`` (default 50); ``propagate`` also takes explicit DDIM ``timesteps`` and ``key_steps``
+    (step indices, default :func:`~loopfree.sampler.default_key_steps`, Faster Diffusion's). Needs only configs,
+    so commands check before loading weights."""
     if mode not in MODES:
         raise LoopfreeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     num_train = scheduler_config["num_train_timesteps"]
     if num_inference_steps is not None and not 1 <= num_inference_steps <= num_train:
         raise LoopfreeError(f"steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_inference_steps}")
-    if mode != "loop_free":
+    if mode != "propagate":
+        plan_key_steps(mode, key_steps, 0)  # refuses key steps: only propagate has them
+    if mode == "loop":
         if timesteps is not None:
-            raise LoopfreeError(f"timesteps are decoder timesteps of the loop_free mode, not of {mode!r}")
+            raise LoopfreeError("timesteps are decoder timesteps of the loop_free mode (or DDIM timesteps of propagate), not of 'loop'")
         return StepPlan(num_inference_steps or DEFAULT_LOOP_STEPS)
+    ts = _explicit_timesteps(timesteps, num_inference_steps, num_train)
+    if mode == "propagate":
+        ts = ts or decoder_timesteps(scheduler_config, num_inference_steps or DEFAULT_LOOP_STEPS)
+        return StepPlan(len(ts), ts, key_steps=plan_key_steps(mode, key_steps, len(ts)))
     recorded = list(recorded) if recorded else None
-    if timesteps is not None:
-        ts = check_timesteps(timesteps, num_train)
-        if num_inference_steps is not None and num_inference_steps != len(ts):
-            raise LoopfreeError(f"{len(ts)} timesteps given but steps is {num_inference_steps}")
-    elif num_inference_steps is None or (recorded and num_inference_steps == len(recorded)):
+    if ts is None and (num_inference_steps is None or (recorded and num_inference_steps == len(recorded))):
         ts = recorded or decoder_timesteps(scheduler_config, num_inference_steps or DEFAULT_DECODERS)
-    else:
+    elif ts is None:
         ts = decoder_timesteps(scheduler_config, num_inference_steps)
     if ts == recorded:
         return StepPlan(len(ts), ts, final_alpha_cumprod)
@@ -126,10 +155,25 @@ class _LoopFreeMixin:
             recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
             write_json(os.path.join(save_directory, SIDECAR), recorded)
 
-    def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None) -> StepPlan:
+    def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
+                   key_steps: list[int] | None = None) -> StepPlan:
         """What a call with these arguments samples (:func:`plan_steps` with this pipeline's scheduler and record)."""
         return plan_steps(mode, num_inference_steps, timesteps, self.scheduler.config, self.decoder_timesteps,
-                          self.final_alpha_cumprod)
+                          self.final_alpha_cumprod, key_steps)
+
+    def denoise(self, mode: str, plan: StepPlan, x_T: torch.Tensor, cond: Conditioning, uncond: Conditioning | None = None,
+                guidance_scale: float = 1.0) -> torch.Tensor:
+        """x_T → x_0 latents in ``mode`` as ``plan`` (:meth:`plan_steps`) says, with the conditioning of
+        :meth:`encode_conditioning` (``uncond`` for guidance)."""
+        if mode == "loop_free":
+            schedule = NoiseSchedule.from_scheduler(self.scheduler, plan.final_alpha_cumprod)
+            return loop_free(self.unet, schedule, x_T, plan.timesteps, cond, uncond, guidance_scale)[0]
+        with self.progress_bar(total=plan.num_steps) as bar:
+            if mode == "propagate":
+                schedule = NoiseSchedule.from_scheduler(self.scheduler)
+                return propagate(self.unet, schedule, x_T, plan.timesteps, plan.key_steps, cond, uncond, guidance_scale,
+                                 lambda i, eps: bar.update())
+            return ddim_loop(self.unet, self.scheduler, x_T, plan.num_steps, cond, uncond, guidance_scale, lambda i: bar.update())
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents (as ``output_type="latent"`` returns them) to images of ``output_type``."""
@@ -162,10 +206,12 @@ class _LoopFreeMixin:
         output_type: str = "pil",
         return_dict: bool = True,
         mode: str = "loop_free",
+        key_steps: list[int] | None = None,
     ):
         """Generate images. ``num_inference_steps`` is K (decoders) in ``loop_free`` mode — by default the decoder
-        timesteps the student recorded (see :meth:`plan_steps`) — and DDIM steps in ``loop`` (default 50)."""
-        plan = self.plan_steps(mode, num_inference_steps, timesteps)
+        timesteps the student recorded (see :meth:`plan_steps`) — and DDIM steps in ``loop`` and ``propagate``
+        (default 50); ``key_steps``: the propagate mode's full-UNet steps (indices, the first is 0)."""
+        plan = self.plan_steps(mode, num_inference_steps, timesteps, key_steps)
         if not math.isfinite(guidance_scale):
             raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -188,13 +234,7 @@ class _LoopFreeMixin:
             raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=cond.text.dtype)
         x_T = x_T.to(device, cond.text.dtype)
-        if mode == "loop_free":
-            schedule = NoiseSchedule.from_scheduler(self.scheduler, plan.final_alpha_cumprod)
-            x0, _ = loop_free(self.unet, schedule, x_T, plan.timesteps, cond, uncond, guidance_scale)
-        else:
-            with self.progress_bar(total=plan.num_steps) as bar:
-                x0 = ddim_loop(self.unet, self.scheduler, x_T, plan.num_steps, cond, uncond, guidance_scale, lambda i: bar.update())
-        images = self.decode(x0, output_type)
+        images = self.decode(self.denoise(mode, plan, x_T, cond, uncond, guidance_scale), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, None)

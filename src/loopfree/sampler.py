@@ -6,16 +6,22 @@ then the DDIM (η = 0) recurrence ``x_{k-1} = a_k x_k + b_k ε^k`` from τ_K dow
 
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     x0, eps = loop_free(unet, schedule, x_T, decoder_timesteps(pipe.scheduler.config, 4), cond)
+
+Encoder propagation (Faster Diffusion, the training-free baseline): a DDIM loop whose key steps run the
+full UNet and whose other steps run only the decoder on the last key step's encoder features::
+
+    x0 = propagate(unet, schedule, x_T, decoder_timesteps(pipe.scheduler.config, 50), default_key_steps(50), cond)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from loopfree.errors import LoopfreeError
 from loopfree.guidance import guided_halves
 from loopfree.schedule import NoiseSchedule
 from loopfree.split import decode, encode
@@ -133,4 +139,66 @@ def ddim_loop(
         x = scheduler.step(out, t, x).prev_sample
         if callback is not None:
             callback(i)
+    return x
+
+
+#: Faster Diffusion's key steps for Stable Diffusion with 50 DDIM steps, as step indices (0 = the first, noisiest
+#: step; Li et al., "Faster Diffusion", NeurIPS 2024): the ``keytime`` list of the authors' SD code
+#: (github.com/hutaiHang/Faster-Diffusion, ``utils_sd.py``). Its prior-noise injection is not part of this mode.
+FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+
+def default_key_steps(num_steps: int) -> list[int]:
+    """Faster Diffusion's key steps for ``num_steps`` DDIM steps: its 50-step schedule exactly, scaled to other
+    lengths (step k of 50 → ⌊k·N/50⌋, duplicates dropped), so the same fractions of the run are key steps."""
+    return sorted({k * num_steps // 50 for k in FASTER_DIFFUSION_KEY_STEPS})
+
+
+def check_key_steps(key_steps: list[int], num_steps: int) -> list[int]:
+    """``key_steps`` as ints if they are strictly increasing step indices of an ``num_steps``-step schedule, the
+    first step (0) among them: before it no encoder features exist to share."""
+    keys = [int(k) for k in key_steps]
+    if not keys:
+        raise LoopfreeError("key steps: the list is empty")
+    if any(float(a) != b for a, b in zip(key_steps, keys)):
+        raise LoopfreeError(f"key steps must be integers (step indices), got {list(key_steps)}")
+    outside = [k for k in keys if not 0 <= k < num_steps]
+    if outside:
+        raise LoopfreeError(f"key step {outside[0]} is not in the {num_steps}-step schedule (steps 0..{num_steps - 1})")
+    if any(a >= b for a, b in zip(keys, keys[1:])):
+        raise LoopfreeError(f"key steps must be strictly increasing, got {keys}")
+    if keys[0] != 0:
+        raise LoopfreeError(f"key steps must include the first step, 0 (the encoder has to run before its features can be shared), got {keys}")
+    return keys
+
+
+def propagate(
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    timesteps: list[int],
+    key_steps: list[int],
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Encoder propagation over the DDIM ``timesteps``: the full UNet at each key step (indices into
+    ``timesteps``), the decoder alone at the steps up to the next key step, on that key step's encoder features.
+
+    With shared features the decoder outputs D(f, τ_j) do not depend on x_j, so a key step and the steps after
+    it are one loop-free pass (:func:`loop_free`, decoders batched) started from the running x and ending at the
+    next key step, whose ā takes the place of ā_final. Every step a key step is the ordinary DDIM loop; key
+    steps [0] the loop-free pass over all N timesteps. ``callback(i, ε_i)`` follows every step i. Returns x_0.
+    """
+    keys = check_key_steps(key_steps, len(timesteps))
+    x = x_T
+    for start, stop in zip(keys, [*keys[1:], len(timesteps)]):
+        segment = schedule
+        if stop < len(timesteps):  # the segment's DDIM chain ends at the next key step's timestep
+            segment = replace(schedule, final_alpha_cumprod=schedule.alpha_bar(timesteps[stop]).item())
+        x, eps = loop_free(unet, segment, x, timesteps[start:stop], cond, uncond, guidance_scale)
+        if callback is not None:
+            for j in range(stop - start):
+                callback(start + j, eps[j])
     return x

@@ -20,6 +20,7 @@ from loopfree.errors import Interrupted, LoopfreeError
 
 #: command name -> "module:attribute"
 COMMANDS = {
+    "analyze": "loopfree.cli.analyze:analyze",
     "generate": "loopfree.cli.generate:generate",
     "distill": "loopfree.cli.distill:distill",
     "bench": "loopfree.cli.bench:bench",

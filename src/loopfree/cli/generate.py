@@ -24,11 +24,12 @@ from loopfree.errors import LoopfreeError
 @click.option("--height", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
 @click.option("--width", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
 @options.mode()
+@options.key_steps()
 @options.guidance()
 @options.device()
 @options.dtype()
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, height, width, mode,
-             guidance, device, dtype) -> None:
+             key_steps, guidance, device, dtype) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -42,6 +43,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
 
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-        timesteps=timesteps, resolution=resolution, mode=mode, guidance=guidance, device=device, dtype=dtype,
+        timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device, dtype=dtype,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

@@ -121,6 +121,12 @@ def timesteps() -> F:
     return click.option("--timesteps", type=IntList(), default=None, help="Explicit decoder timesteps τ_K > … > τ_1, e.g. 751,501,251,1.")
 
 
+def key_steps() -> F:
+    return click.option("--key-steps", type=IntList(), default=None,
+                        help="propagate: the steps that run the full UNet, as indices from 0 (the first step, always "
+                             "included); default Faster Diffusion's 0,1,2,3,5,10,15,25,35 of 50, scaled to other --steps.")
+
+
 def guidance(default: float = 1.0) -> F:
     return click.option("--guidance", type=float, default=default, show_default=True, callback=number_check(0.0, 100.0),
                         help="Classifier-free guidance scale (1 = off).")

@@ -1,0 +1,218 @@
+"""What the analyses share: how they sample (prompts, x_T, guidance, batches), the model checks made before any
+loading, the quality figure (a pluggable function; the toy world's by default) and PNG figures.
+
+    setup = Sampling(num_prompts=16, images_per_prompt=4, guidance=4.5)   # loopfree.analysis.settings
+    pipe, prompts = load(model, setup), prompt_list(setup)
+    x_T = initial_latents(pipe, len(prompts), setup)                      # image i of prompt p: derive_seed(seed, p, i)
+    latents = sample(pipe, "loop", pipe.plan_steps("loop", 25), setup, per_image(prompts, setup), x_T)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from loopfree.analysis.settings import Sampling
+from loopfree.errors import LoopfreeError
+from loopfree.outputs import OutputFolder, write_atomic
+from loopfree.seeding import derive_seed, initial_noise
+
+#: images (N, 3, H, W) in [-1, 1], the prompt of each image → named scores (toy world: alignment, fd)
+Quality = Callable[[torch.Tensor, list[str]], dict[str, float]]
+
+TOY_SCORES = ("alignment", "fd")  # the toy world's figures the analyses report (loopfree.toy.evaluate)
+
+
+def check_models(*models: str) -> list[str]:
+    """Absolute paths of pipeline folders that pass the loading gate's cheap checks (nothing is loaded)."""
+    from loopfree.loading import inspect_pipeline
+
+    for model in models:
+        inspect_pipeline(model)
+    return [str(Path(m).absolute()) for m in models]
+
+
+def check_steps(steps: list[int], num_train: int) -> list[int]:
+    """A non-empty list of DDIM step counts, each in 1..num_train."""
+    if not steps:
+        raise LoopfreeError("the step list is empty")
+    bad = [n for n in steps if not 1 <= n <= num_train]
+    if bad:
+        raise LoopfreeError(f"steps must be in 1..{num_train} (the scheduler's training timesteps), got {bad[0]}")
+    return list(steps)
+
+
+def output_folder(out: str, command: str, settings: dict, overwrite: bool) -> OutputFolder:
+    """The analysis' output folder (staged, published whole at the end), checked before any model loads."""
+    return OutputFolder(out, f"analyze {command}", settings, overwrite=overwrite)
+
+
+@dataclass
+class Run:
+    """An analysis of one model over prompts and step counts, checked and ready to write into ``folder``."""
+
+    model: str
+    steps: list[int]
+    prompts: list[str]
+    folder: OutputFolder
+    pipe: Any
+    quality: Quality | None
+
+
+def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: Sampling, out: str,
+          overwrite: bool) -> Run:
+    """Check the model folder (default: the bundled ``bundled_default``), steps, prompts and ``--out`` before
+    loading anything; then load the model and its quality figure."""
+    from loopfree.loading import inspect_pipeline
+    from loopfree.toy.assets import bundled
+
+    model = str(Path(model or bundled(bundled_default)).absolute())
+    steps = check_steps(list(steps), inspect_pipeline(model).num_train_timesteps)
+    prompts = prompt_list(setup)
+    folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings()), overwrite)
+    pipe = load(model, setup)
+    return Run(model, steps, prompts, folder, pipe, quality_for(pipe, prompts))
+
+
+def prompt_list(setup: Sampling) -> list[str]:
+    """The first ``num_prompts`` prompts of the prompt file, or the toy world's held-out evaluation prompts."""
+    from loopfree.data import load_prompts
+    from loopfree.toy.world import heldout_prompts
+
+    if setup.num_prompts < 1 or setup.images_per_prompt < 1 or setup.batch_size < 1:
+        raise LoopfreeError("--num-prompts, --images-per-prompt and --batch-size must be at least 1")
+    if setup.prompts:
+        return load_prompts(setup.prompts).prompts[: setup.num_prompts]
+    return heldout_prompts(setup.num_prompts, setup.seed)  # the demo's evaluation prompts for the same seed
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off inside (they would bury the analysis' own), restored after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in enabled:
+            if was:
+                lib.enable_progress_bar()
+
+
+def load(model: str, setup: Sampling):
+    """The pipeline on ``setup``'s device and dtype, its own progress bar off (the analyses show theirs)."""
+    from loopfree.devices import resolve_device, resolve_dtype
+    from loopfree.loading import load_pipeline
+
+    device = resolve_device(setup.device)
+    with quiet_loading():
+        pipe = load_pipeline(model, dtype=resolve_dtype(setup.dtype, device))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def per_image(prompts: list[str], setup: Sampling) -> list[str]:
+    """The prompt of every image, prompt-major (image i of prompt p is at p·images_per_prompt + i)."""
+    return [p for p in prompts for _ in range(setup.images_per_prompt)]
+
+
+def initial_latents(pipe, num_prompts: int, setup: Sampling) -> torch.Tensor:
+    """x_T of image i of prompt p from ``derive_seed(seed, p, i)``: the same noise in every analysis and row."""
+    seeds = [derive_seed(setup.seed, p, i) for p in range(num_prompts) for i in range(setup.images_per_prompt)]
+    latent = pipe.unet.config.sample_size
+    return initial_noise(seeds, (pipe.unet.config.in_channels, latent, latent), pipe.device, pipe.unet.dtype)
+
+
+def batches(prompts: list[str], x_T: torch.Tensor, setup: Sampling, bar: tqdm | None = None, weight: int = 1):
+    """(prompts, x_T) chunks of at most ``batch_size`` images; ``bar`` advances by ``weight`` × their images (the
+    steps they take, so its ETA holds across step counts)."""
+    for start in range(0, len(prompts), setup.batch_size):
+        yield prompts[start : start + setup.batch_size], x_T[start : start + setup.batch_size]
+        if bar is not None:
+            bar.update(weight * min(setup.batch_size, len(prompts) - start))
+
+
+def conditioning(pipe, prompts: list[str], guidance: float):
+    """(cond, uncond or None) for one image per prompt at the pipeline's native size."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe.encode_conditioning(prompts, None, 1, guidance != 1.0, pipe.device, (size, size))
+
+
+@torch.no_grad()
+def sample_batch(pipe, mode: str, plan, prompts: list[str], x_T: torch.Tensor, guidance: float) -> torch.Tensor:
+    """x_0 latents of one image per entry of ``prompts`` from ``x_T``, in one sampler call."""
+    return pipe.denoise(mode, plan, x_T, *conditioning(pipe, prompts, guidance), guidance)
+
+
+def sample(pipe, mode: str, plan, setup: Sampling, prompts: list[str], x_T: torch.Tensor, bar: tqdm | None = None) -> torch.Tensor:
+    """x_0 latents of one image per entry of ``prompts`` from ``x_T``, sampled in ``mode`` as ``plan`` says, in batches."""
+    chunks = batches(prompts, x_T, setup, bar, plan.num_steps)
+    return torch.cat([sample_batch(pipe, mode, plan, chunk, x, setup.guidance) for chunk, x in chunks])
+
+
+def to_images(pipe, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Decoded images (N, 3, H, W) in [-1, 1], float32 on the CPU."""
+    with torch.no_grad():
+        return torch.cat([pipe.decode(chunk, "pt").float().cpu() * 2 - 1 for chunk in latents.split(batch_size)])
+
+
+def to_pil(pipe, images: torch.Tensor) -> list:
+    """Images in [-1, 1] (as :func:`to_images` returns them) as PIL images."""
+    return pipe.image_processor.postprocess(images, output_type="pil")
+
+
+def is_toy_world(pipe) -> bool:
+    """Whether ``pipe`` draws the toy world: its image size, and a tokenizer with one token per toy-world word."""
+    from loopfree.toy.world import IMAGE_SIZE, VOCABULARY
+
+    vocab = pipe.tokenizer.get_vocab()
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor == IMAGE_SIZE and all(f"{w}</w>" in vocab for w in VOCABULARY)
+
+
+def quality_for(pipe, prompts: list[str]) -> Quality | None:
+    """The quality figure for ``pipe``'s images of ``prompts``: the toy world's alignment and fd (against its
+    real images) for a toy-world model, else None (the analyses then show no quality)."""
+    if not is_toy_world(pipe):
+        return None
+    from loopfree.toy.classifier import load_classifier
+    from loopfree.toy.evaluate import evaluate_images
+    from loopfree.toy.world import parse_prompt
+
+    for prompt in prompts:
+        parse_prompt(prompt)  # every prompt must name the toy world's attributes: a one-line error otherwise
+    classifier = load_classifier()
+
+    def toy_quality(images: torch.Tensor, image_prompts: list[str]) -> dict[str, float]:
+        scores = evaluate_images(images, image_prompts, classifier, seed=0)
+        return {k: scores[k] for k in TOY_SCORES}
+
+    return toy_quality
+
+
+def figure(panels: int, height: float = 3.4):
+    """A matplotlib figure with ``panels`` axes side by side (object API: no global pyplot state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4 * panels, height), layout="constrained")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def progress(total: int, desc: str, unit: str = "img·step") -> tqdm:
+    """A bar over ``total`` units: image-steps by default (an image sampled with N steps counts N)."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)

@@ -1,0 +1,86 @@
+"""``loopfree analyze features`` (paper Fig. 1): how alike the UNet's encoder and decoder features are from one
+DDIM step to the next, against the number of steps N, beside the images' quality at that N.
+
+    loopfree analyze features                                  # the bundled toy teacher, N = 1, 2, 4, 8, 15, 25, 50
+    loopfree analyze features --model path/to/sd21-base --prompts prompts.txt --guidance 4.5 --steps 4,15,50
+
+For each N the model samples every prompt's images with N-step DDIM (a full UNet pass per step, guidance on
+both halves of the batch); :mod:`loopfree.analysis.capture` records the features at every step and averages
+the cosine similarity of adjacent steps per image and feature tensor. N = 1 has no adjacent steps (null).
+Writes ``features.png`` and ``features.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loopfree.analysis.capture import AdjacentSimilarity, unet_features
+from loopfree.analysis.common import (
+    Quality, batches, figure, initial_latents, per_image, progress, sample_batch, save_figure, start, to_images,
+)
+from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, Sampling
+from loopfree.outputs import write_json
+
+
+def similarity_rows(pipe, steps: list[int], setup: Sampling, prompts: list[str], quality: Quality | None = None,
+                    bar=None) -> list[dict]:
+    """Per N: mean adjacent-step cosine similarity of the encoder and decoder features (and per tensor), and
+    ``quality`` of the N-step images if given."""
+    image_prompts = per_image(prompts, setup)
+    x_T = initial_latents(pipe, len(prompts), setup)
+    rows = []
+    for n in steps:
+        plan = pipe.plan_steps("loop", n)
+        tracker = AdjacentSimilarity()
+        latents = []
+        with unet_features(pipe.unet, tracker.update):
+            for chunk, x in batches(image_prompts, x_T, setup, bar, n):
+                tracker.reset()  # a batch is trajectories of its own
+                latents.append(sample_batch(pipe, "loop", plan, chunk, x, setup.guidance))
+        row = dict(steps=n, encoder_similarity=tracker.mean("encoder"), decoder_similarity=tracker.mean("decoder"),
+                   encoder_per_tensor=tracker.per_tensor("encoder"), decoder_per_tensor=tracker.per_tensor("decoder"))
+        if quality is not None:
+            row["quality"] = quality(to_images(pipe, torch.cat(latents)), image_prompts)
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], title: str):
+    """Quality against N (one panel per score, if any) and encoder/decoder similarity against N."""
+    scores = list(rows[0].get("quality", {}))
+    fig, axes = figure(len(scores) + 1)
+    steps = [r["steps"] for r in rows]
+    for ax, score in zip(axes, scores):
+        values = [r["quality"][score] for r in rows]
+        ax.plot(steps, values, "o-", color="tab:green")
+        ax.set_ylabel(score)
+        if min(values) > 0 and max(values) > 50 * min(values):  # fd falls by orders of magnitude
+            ax.set_yscale("log")
+    ax = axes[-1]
+    for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:red")):
+        kept = [(r["steps"], r[f"{part}_similarity"]) for r in rows if r[f"{part}_similarity"] is not None]
+        ax.plot([n for n, _ in kept], [v for _, v in kept], "o-", color=colour, label=part)
+    ax.set_ylabel("cosine similarity of adjacent steps")
+    ax.legend()
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("DDIM steps N")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: Sampling = FEATURES,
+                 out: str = "analysis/features", overwrite: bool = False) -> Path:
+    """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder."""
+    run = start("features", model, "teacher", steps, setup, out, overwrite)
+    with run.folder, progress(sum(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
+        rows = similarity_rows(run.pipe, run.steps, setup, run.prompts, run.quality, bar)
+        save_figure(plot(rows, f"UNet features over DDIM steps: {Path(run.model).name}"), run.folder.path / "features.png")
+        write_json(run.folder.path / "features.json",
+                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, rows=rows))
+    return run.folder.final
