@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from loopfree.guidance import guided_halves
 from loopfree.schedule import NoiseSchedule
-from loopfree.split import decode, encode
+from loopfree.runtime import passes
 
 
 @dataclass
@@ -85,8 +85,9 @@ def loop_free(
     guide = uncond is not None and guidance_scale != 1.0
     c = Conditioning.cat([uncond, cond]) if guide else cond
     x_in = torch.cat([x_T, x_T]) if guide else x_T
-    feats = encode(unet, x_in, timesteps[0], c.text, c.added)
-    out = decode(unet, feats, timesteps, hoist)
+    run = passes(unet)  # eager, or compiled by loopfree.runtime.compile_unet
+    feats = run.encode(unet, x_in, timesteps[0], c.text, c.added)
+    out = run.decode(unet, feats, timesteps, hoist)
     if guide:
         out = guided_halves(out, guidance_scale, dim=-4)
     return ddim_combine(schedule, x_T, out, timesteps)

@@ -27,8 +27,9 @@ from loopfree.errors import LoopfreeError
 @options.guidance()
 @options.device()
 @options.dtype()
+@options.compile_()
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, height, width, mode,
-             guidance, device, dtype) -> None:
+             guidance, device, dtype, compile_) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -43,5 +44,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
         timesteps=timesteps, resolution=resolution, mode=mode, guidance=guidance, device=device, dtype=dtype,
+        compile=compile_,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")
