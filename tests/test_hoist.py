@@ -237,3 +237,15 @@ def test_generator_hoisted_equals_plain_with_gradients():
         results.append([x0.detach(), eps.detach()] + [p.grad.clone() for p in unet.parameters()])
     for a, b in zip(*results):
         assert _rel_err(a, b) <= 1e-5 if b.norm() > 1e-6 else a.norm() <= 1e-6
+
+
+def test_upsamplers_run_at_low_resolution_unless_the_size_is_explicit():
+    unet = make_unet("sd")
+    upsampler = unet.up_blocks[0].upsamplers[0]
+    for size, module_calls in (((8, 8), 1), ((7, 9), 2)):  # the plain path; 7×9 (explicit size): the hoisted one too
+        x, c, _ = _inputs(unet, 1, size)
+        with torch.no_grad(), _record_rows({"upsampler": upsampler}) as rows:
+            feats = encode(unet, x, TS[0], c)
+            hoisted, plain = decode(unet, feats, TS), decode(unet, feats, TS, hoist=False)
+        assert len(rows["upsampler"]) == module_calls
+        assert _rel_err(hoisted, plain) <= 1e-5

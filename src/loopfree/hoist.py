@@ -12,7 +12,9 @@ only in the time embedding, which enters a ResNet after its ``conv1``. So this r
   query sequence. It is installed with diffusers' public ``Attention.set_processor`` for the duration of the call
   and the previous processors are restored after, so two threads must not decode with one UNet at once.
 
-Shared B-row tensors broadcast against the K·B running ones; nothing shared is copied K times. Written on the
+Shared B-row tensors broadcast against the K·B running ones; nothing shared is copied K times. Not hoisting but
+exact too: each upsampler's nearest 2× + 3×3 convolution runs as four 2×2 convolutions at the low resolution
+(:func:`_upsample`, 4/9 of the multiply-adds). Written on the
 public sub-modules of diffusers' ``UpBlock2D`` / ``CrossAttnUpBlock2D`` / ``ResnetBlock2D``; anything else makes
 :func:`unsupported` name the reason and ``loopfree.split.decode`` take the plain path, which this equals to float
 rounding (tests/test_hoist.py)::
@@ -33,6 +35,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
+from diffusers.models.upsampling import Upsample2D
 from torch.utils.checkpoint import checkpoint
 
 
@@ -172,6 +175,35 @@ def _resnet(resnet: ResnetBlock2D, h: torch.Tensor, skip: torch.Tensor, temb: to
     return ((short + y.unflatten(0, (k, -1))) / resnet.output_scale_factor).flatten(0, 1)
 
 
+def _fold(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-tap kernel axis seen from the two output parities of a nearest 2× upsampling: taps (0, 1+2) and (0+1, 2)."""
+    a, b, c = w.unbind(dim)
+    return torch.stack([a, b + c], dim), torch.stack([a + b, c], dim)
+
+
+def _subpixel_ok(upsampler: torch.nn.Module) -> bool:
+    conv = getattr(upsampler, "conv", None)
+    return (type(upsampler) is Upsample2D and upsampler.use_conv and not upsampler.use_conv_transpose
+            and upsampler.norm is None and upsampler.interpolate and isinstance(conv, torch.nn.Conv2d)
+            and (conv.kernel_size, conv.padding, conv.stride, conv.dilation, conv.groups, conv.padding_mode)
+            == ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"))
+
+
+def _upsample(upsampler: torch.nn.Module, h: torch.Tensor, size) -> torch.Tensor:
+    """``upsampler(h, size)``. A nearest 2× upsampling then a 3×3 convolution is, for each of the four output
+    parities, a 2×2 convolution of the low-resolution input with summed taps: 4·4 instead of 4·9 multiply-adds per
+    output pixel, the same result. Explicit sizes (odd latents) and other upsamplers run the module."""
+    if size is not None or not _subpixel_ok(upsampler):
+        return upsampler(h, size)
+    conv, (n, _, height, width) = upsampler.conv, h.shape
+    padded = F.pad(h, (1, 1, 1, 1))
+    rows = []
+    for a, w in enumerate(_fold(conv.weight, 2)):
+        cols = [F.conv2d(padded[:, :, a : a + height + 1, b : b + width + 1], k, conv.bias) for b, k in enumerate(_fold(w, 3))]
+        rows.append(torch.stack(cols, -1))  # (N, C, H, W, 2): column parity last
+    return torch.stack(rows, 3).reshape(n, -1, 2 * height, 2 * width)  # (N, C, H, 2, W, 2) → interleaved
+
+
 def up_blocks(
     unet: UNet2DConditionModel, mid: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor,
     context: torch.Tensor, k: int, upsample_sizes: list,
@@ -198,5 +230,5 @@ def up_blocks(
                 if hasattr(block, "attentions"):
                     h = block.attentions[i](h, encoder_hidden_states=text, return_dict=False)[0]
             for upsampler in block.upsamplers or []:
-                h = upsampler(h, size)
+                h = _upsample(upsampler, h, size)
     return h
