@@ -12,7 +12,7 @@ from tiny import make_unet
 
 @pytest.fixture(scope="module")
 def rows():
-    rows = inference_rows(ARCHS["tiny"], (64, 64), torch.device("cpu"), torch.float32, repeats=1)
+    rows = inference_rows(ARCHS["tiny"], (128, 128), torch.device("cpu"), torch.float32, repeats=1)
     return {r.name: r for r in rows}
 
 
@@ -57,6 +57,6 @@ def test_hoisting_saves_nothing_with_one_decoder():
 
 
 def test_bench_runs_in_bf16_with_the_same_flops(rows):
-    bf16 = inference_rows(ARCHS["tiny"], (64, 64), torch.device("cpu"), torch.bfloat16, repeats=1)
+    bf16 = inference_rows(ARCHS["tiny"], (128, 128), torch.device("cpu"), torch.bfloat16, repeats=1)
     assert [r.name for r in bf16] == list(rows)
     assert all(r.gflops == pytest.approx(rows[r.name].gflops, rel=1e-12) and r.median_s > 0 for r in bf16)

@@ -62,8 +62,12 @@ def _grads(unet, feats: EncoderFeatures, hoist: bool, weights: torch.Tensor) -> 
     return out, torch.autograd.grad((out * weights).sum(), inputs + params, allow_unused=True)
 
 
-# 7×9: not a multiple of the up factor (explicit upsample sizes)
-@pytest.mark.parametrize("batch, size", [(1, (8, 8)), (3, (7, 9))])
+# 16×16: small up blocks take their input whole, large ones split it (MIN_PIXELS), upsamplers run at low resolution;
+# 15×17: not a multiple of the up factor (explicit upsample sizes); 8×8: every block under MIN_PIXELS
+SIZES = [(1, (16, 16)), (2, (15, 17)), (3, (8, 8))]
+
+
+@pytest.mark.parametrize("batch, size", SIZES)
 def test_hoisted_equals_plain_without_gradients(unet, batch, size):
     assert unsupported(unet) is None
     x, c, added = _inputs(unet, batch, size)
@@ -78,7 +82,7 @@ def test_hoisted_equals_plain_without_gradients(unet, batch, size):
     assert _rel_err(plain[0], plain[3]) > 1e-3  # the decoders really differ
 
 
-@pytest.mark.parametrize("checkpointing, batch, size", [(False, 1, (8, 8)), (False, 2, (7, 9)), (True, 2, (7, 9))])
+@pytest.mark.parametrize("checkpointing, batch, size", [(False, *SIZES[0]), (False, *SIZES[1]), (True, *SIZES[1])])
 def test_hoisted_equals_plain_with_gradients(unet, checkpointing, batch, size):
     """Outputs and the gradients w.r.t. every encoder feature and every UNet parameter, train mode."""
     unet.train()
@@ -131,20 +135,25 @@ def _record_rows(modules: dict[str, torch.nn.Module]):
 
 
 def test_shared_work_runs_once_per_batch():
-    """B rows, not K·B, reach the first up-block conv1/shortcut and every cross-attention's to_k/to_v."""
+    """B rows, not K·B, reach the first up-block conv1/shortcut and every cross-attention's to_k/to_v; a large later
+    ResNet's conv1 runs split (not as the module), a small one whole on K·B rows (MIN_PIXELS)."""
     unet = make_unet("sd2")
-    x, c, _ = _inputs(unet, 2)
+    x, c, _ = _inputs(unet, 1, (16, 16))
     attn2 = [tb.attn2 for blk in unet.up_blocks for t in getattr(blk, "attentions", []) for tb in t.transformer_blocks]
     first = unet.up_blocks[0].resnets[0]
-    watched = {"conv1": first.conv1, "shortcut": first.conv_shortcut, "up block": unet.up_blocks[0],
-               **{f"to_k{i}": a.to_k for i, a in enumerate(attn2)}, **{f"to_v{i}": a.to_v for i, a in enumerate(attn2)}}
+    shared = {"conv1": first.conv1, "shortcut": first.conv_shortcut,
+              **{f"to_k{i}": a.to_k for i, a in enumerate(attn2)}, **{f"to_v{i}": a.to_v for i, a in enumerate(attn2)}}
+    others = {"up block": unet.up_blocks[0], "small conv1": unet.up_blocks[0].resnets[1].conv1,
+              "large conv1": unet.up_blocks[1].resnets[0].conv1}
     with torch.no_grad():
         feats = encode(unet, x, TS[0], c)
-        for hoist, rows_each in ((True, 2), (False, 8)):
-            with _record_rows(watched) as rows:
-                decode(unet, feats, TS, hoist=hoist)
-            assert all(r == [rows_each] for name, r in rows.items() if name != "up block"), rows
-            assert rows["up block"] == ([] if hoist else [8])  # hoisted: the block's own forward is never called
+        with _record_rows({**shared, **others}) as rows:
+            decode(unet, feats, TS)
+        assert all(rows[name] == [1] for name in shared), rows
+        assert (rows["up block"], rows["small conv1"], rows["large conv1"]) == ([], [4], [])
+        with _record_rows({**shared, **others}) as rows:
+            decode(unet, feats, TS, hoist=False)
+        assert all(r == [4] for r in rows.values()), rows
     assert all(type(a.processor) is AttnProcessor2_0 for a in attn2)  # restored after the call
 
 
@@ -242,7 +251,8 @@ def test_generator_hoisted_equals_plain_with_gradients():
 def test_upsamplers_run_at_low_resolution_unless_the_size_is_explicit():
     unet = make_unet("sd")
     upsampler = unet.up_blocks[0].upsamplers[0]
-    for size, module_calls in (((8, 8), 1), ((7, 9), 2)):  # the plain path; 7×9 (explicit size): the hoisted one too
+    # the plain path calls it; the hoisted one too with an explicit size (odd latent) or under MIN_PIXELS
+    for size, module_calls in (((16, 16), 1), ((15, 17), 2), ((8, 8), 2)):
         x, c, _ = _inputs(unet, 1, size)
         with torch.no_grad(), _record_rows({"upsampler": upsampler}) as rows:
             feats = encode(unet, x, TS[0], c)

@@ -39,6 +39,11 @@ from diffusers.models.upsampling import Upsample2D
 from torch.utils.checkpoint import checkpoint
 
 
+# Output pixels (all rows) below which a convolution's time goes to reading its weights rather than to arithmetic
+# (measured on a CPU): splitting or folding the weights there costs more than the multiply-adds it saves.
+MIN_PIXELS = 1024
+
+
 def tile(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, ...) -> (K*B, ...), decoder-major: rows k*B..(k+1)*B-1 belong to decoder k."""
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
@@ -157,11 +162,12 @@ def _split_input(resnet: ResnetBlock2D, h: torch.Tensor, skip: torch.Tensor, k: 
 
 def _resnet(resnet: ResnetBlock2D, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, k: int, shared: bool) -> torch.Tensor:
     """``resnet(h ⊕ skip, temb)`` for K decoders → (K·B, ...). ``shared``: ``h`` is (B, ...) like ``skip`` (the
-    first up-block ResNet), else (K·B, ...); ``temb`` (K·B, D)."""
-    if shared:
-        x = torch.cat([h, skip], 1)
-        y = resnet.conv1(resnet.nonlinearity(resnet.norm1(x)))[None]
-        short = (x if resnet.conv_shortcut is None else resnet.conv_shortcut(x))[None]
+    first up-block ResNet), else (K·B, ...), split from the skip unless under :data:`MIN_PIXELS`; ``temb`` (K·B, D)."""
+    if shared or h[:, 0].numel() < MIN_PIXELS:  # the whole input at once: shared, or too small to split
+        x = torch.cat([h, skip if shared else tile(skip, k)], 1)
+        groups = 1 if shared else k
+        y = resnet.conv1(resnet.nonlinearity(resnet.norm1(x))).unflatten(0, (groups, -1))
+        short = (x if resnet.conv_shortcut is None else resnet.conv_shortcut(x)).unflatten(0, (groups, -1))
     else:
         y, short = _split_input(resnet, h, skip, k)
     t = resnet.time_emb_proj(temb if resnet.skip_time_act else resnet.nonlinearity(temb))
@@ -192,8 +198,9 @@ def _subpixel_ok(upsampler: torch.nn.Module) -> bool:
 def _upsample(upsampler: torch.nn.Module, h: torch.Tensor, size) -> torch.Tensor:
     """``upsampler(h, size)``. A nearest 2× upsampling then a 3×3 convolution is, for each of the four output
     parities, a 2×2 convolution of the low-resolution input with summed taps: 4·4 instead of 4·9 multiply-adds per
-    output pixel, the same result. Explicit sizes (odd latents) and other upsamplers run the module."""
-    if size is not None or not _subpixel_ok(upsampler):
+    output pixel, the same result. Explicit sizes (odd latents), outputs under :data:`MIN_PIXELS` and other
+    upsamplers run the module."""
+    if size is not None or 4 * h[:, 0].numel() < MIN_PIXELS or not _subpixel_ok(upsampler):
         return upsampler(h, size)
     conv, (n, _, height, width) = upsampler.conv, h.shape
     padded = F.pad(h, (1, 1, 1, 1))
