@@ -131,3 +131,15 @@ def test_compiled_unet_equals_eager_and_keeps_static_shapes():
         assert len(graphs) > captured  # static shapes: a new batch size compiles again
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
     assert ((full - ref_full).norm() / ref_full.norm()).item() <= 1e-5
+
+
+def test_prepared_pipeline_compiled_with_aot_autograd_equals_eager(tmp_path):
+    """The pipeline path end to end through torch.compile's AOTAutograd (backend "aot_eager": no code generation)."""
+    make_pipeline(tmp_path, "sd").save_pretrained(tmp_path / "model")
+    images = []
+    for compile in (False, True):
+        pipe = prepare_pipeline(load_pipeline(str(tmp_path / "model")), torch.device("cpu"), compile, backend="aot_eager")
+        pipe.set_progress_bar_config(disable=True)
+        latents = initial_noise([0, 1], (4, 8, 8), "cpu", torch.float32)
+        images.append(pipe(["a red cat", "a dog"], latents=latents, guidance_scale=2.0, output_type="latent").images)
+    assert ((images[1] - images[0]).norm() / images[0].norm()).item() <= 1e-5
