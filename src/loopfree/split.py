@@ -4,7 +4,8 @@ Encoder E: time/added-condition embedding, ``conv_in``, all ``down_blocks`` and 
 Decoder D: all ``up_blocks``, ``conv_norm_out``/``conv_act``/``conv_out``, fed the mid-block output and
 the skip tensors E collected. The time embedding enters every ResNet block, so D recomputes it for
 each of its own timesteps — with the added conditioning (SDXL's pooled text embeds and time ids)
-rebuilt every time. ``decode`` takes K timesteps and runs all K decoders as one batch.
+rebuilt every time. ``decode`` takes K timesteps and runs all K decoders as one batch, by default with the work
+they share done once (:mod:`loopfree.hoist`); ``hoist=False`` calls diffusers' up blocks on inputs tiled K times.
 
 Both are written on the UNet's public sub-modules; ``decode(encode(x, t), [t])`` equals ``unet(x, t)``::
 
