@@ -83,14 +83,26 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_bench_tiny_json():
-    r = run("bench", "--arch", "tiny", "--repeats", "1", "--json")
+    r = run("bench", "--arch", "tiny", "--repeats", "1", "--json", "--unet-only")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output[r.output.index("{"):])["rows"]
     names = [row["name"] for row in rows]
     assert names[0] == "full UNet, 1 step" and rows[0]["ratio"] == 1.0
-    assert {"one pass, K=4", "encoder alone", "decoder alone (1 step)", "4 decoders batched"} <= set(names)
-    assert all(row["median_s"] > 0 for row in rows)
+    assert {"one pass, K=4", "one pass, K=4, plain decoders", "encoder alone", "decoder alone (1 step)",
+            "4 decoders batched", "4 decoders batched, plain"} <= set(names)
+    assert all(row["median_s"] > 0 and row["gflops"] > 0 and row["section"] == "UNet" for row in rows)
     assert run("bench", "--arch", "tiny", "--resolution", "12").exit_code == 2
+
+
+def test_bench_table_has_both_sections():
+    r = run("bench", "--arch", "tiny", "--repeats", "1", "--steps", "2")
+    assert r.exit_code == 0, r.output
+    assert "one pass, K=2, plain decoders" in r.output and "end-to-end, one pass, K=2" in r.output and "GFLOP" in r.output
+
+
+def test_bench_refuses_compile_with_train():
+    r = run("bench", "--train", "--compile", "--arch", "tiny")
+    assert r.exit_code == 2 and "--compile" in r.output and "Traceback" not in r.output
 
 
 def test_bench_train_sections_add_up():

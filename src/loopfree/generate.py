@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 from loopfree.outputs import OutputFolder, save_image, write_json
 from loopfree.seeding import derive_seed, initial_noise
 
@@ -20,12 +19,16 @@ BATCH = 8  # images per pipeline call
 def generate_images(
     prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
-    mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32",
+    mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
     key_steps: list[int] | None = None,
 ) -> Path:
-    """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder."""
+    """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
+
+    ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``compile``: ``torch.compile`` the encoder and the decoder
+    (:func:`loopfree.runtime.prepare_pipeline`)."""
     from loopfree.devices import resolve_device, resolve_dtype
     from loopfree.loading import inspect_pipeline, load_pipeline
+    from loopfree.runtime import prepare_pipeline
     from loopfree.toy.assets import bundled
 
     model = str(model) if model is not None else str(bundled("student"))
@@ -36,11 +39,10 @@ def generate_images(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     settings = dict(prompt=prompt, model=os.path.abspath(model), images_per_prompt=images_per_prompt, seed=seed,
-                    mode=mode, guidance=guidance, height=height, width=width, dtype=dtype)
+                    mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile)
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
 
-    pipe = load_pipeline(model, dtype=torch_dtype)
-    pipe.to(dev)
+    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype), dev, compile)
     pipe.set_progress_bar_config(disable=True)
     shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     seeds = [derive_seed(seed, 0, i) for i in range(images_per_prompt)]

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from loopfree.errors import LoopfreeError
 from loopfree.guidance import guided_halves
 from loopfree.schedule import NoiseSchedule
-from loopfree.split import decode, encode
+from loopfree.runtime import passes
 
 
 @dataclass
@@ -83,13 +83,17 @@ def loop_free(
     cond: Conditioning,
     uncond: Conditioning | None = None,
     guidance_scale: float = 1.0,
+    hoist: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: encoder once at τ_K, the K decoders batched, DDIM combination. Returns (x_0, ε (K, B, ...))."""
+    """One pass: encoder once at τ_K, the K decoders batched, DDIM combination. Returns (x_0, ε (K, B, ...)).
+
+    ``hoist``: the decoders' shared work done once (:func:`loopfree.split.decode`); False: the plain decoders."""
     guide = uncond is not None and guidance_scale != 1.0
     c = Conditioning.cat([uncond, cond]) if guide else cond
     x_in = torch.cat([x_T, x_T]) if guide else x_T
-    feats = encode(unet, x_in, timesteps[0], c.text, c.added)
-    out = decode(unet, feats, timesteps)
+    run = passes(unet)  # eager, or compiled by loopfree.runtime.compile_unet
+    feats = run.encode(unet, x_in, timesteps[0], c.text, c.added)
+    out = run.decode(unet, feats, timesteps, hoist)
     if guide:
         out = guided_halves(out, guidance_scale, dim=-4)
     return ddim_combine(schedule, x_T, out, timesteps)
@@ -102,14 +106,15 @@ class Generator(torch.nn.Module):
     ā_final = 1, which makes the DDIM step ``x_0 = (x_T - sqrt(1-ā_T) ε_θ) / sqrt(ā_T)`` (SPEC §3).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, timesteps: list[int]):
+    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, timesteps: list[int], hoist: bool = True):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
         self.timesteps = list(timesteps)
+        self.hoist = hoist
 
     def forward(self, x_T: torch.Tensor, text: torch.Tensor, added: dict[str, torch.Tensor] | None = None):
-        return loop_free(self.unet, self.schedule, x_T, self.timesteps, Conditioning(text, added))
+        return loop_free(self.unet, self.schedule, x_T, self.timesteps, Conditioning(text, added), hoist=self.hoist)
 
 
 def ddim_loop(

@@ -4,7 +4,8 @@ Encoder E: time/added-condition embedding, ``conv_in``, all ``down_blocks`` and 
 Decoder D: all ``up_blocks``, ``conv_norm_out``/``conv_act``/``conv_out``, fed the mid-block output and
 the skip tensors E collected. The time embedding enters every ResNet block, so D recomputes it for
 each of its own timesteps — with the added conditioning (SDXL's pooled text embeds and time ids)
-rebuilt every time. ``decode`` takes K timesteps and runs all K decoders as one batch.
+rebuilt every time. ``decode`` takes K timesteps and runs all K decoders as one batch, by default with the work
+they share done once (:mod:`loopfree.hoist`); ``hoist=False`` calls diffusers' up blocks on inputs tiled K times.
 
 Both are written on the UNet's public sub-modules; ``decode(encode(x, t), [t])`` equals ``unet(x, t)``::
 
@@ -19,6 +20,9 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+
+from loopfree import hoist as hoisting
+from loopfree.hoist import tile
 
 Conditioning = dict[str, torch.Tensor] | None
 
@@ -101,39 +105,56 @@ def encode(
     return EncoderFeatures(mid=h, skips=skips, context=context, added_emb=added, sample_size=tuple(sample.shape[-2:]))
 
 
-def _tile(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, ...) -> (K*B, ...), decoder-major: rows k*B..(k+1)*B-1 belong to decoder k."""
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+def _upsample_sizes(unet: UNet2DConditionModel, feats: EncoderFeatures) -> list[tuple[int, int] | None]:
+    """Per up block, the explicit size its upsampler must reach: diffusers forwards one (the next skip's size)
+    when the latent isn't a multiple of the up factor, else None."""
+    up_factor = 2**unet.num_upsamplers
+    if all(d % up_factor == 0 for d in feats.sample_size):
+        return [None] * len(unet.up_blocks)
+    sizes, used = [], 0
+    for block in unet.up_blocks[:-1]:
+        used += len(block.resnets)
+        sizes.append(tuple(feats.skips[-used - 1].shape[2:]))
+    return sizes + [None]
 
 
-def decode(unet: UNet2DConditionModel, feats: EncoderFeatures, timesteps: torch.Tensor | list[int]) -> torch.Tensor:
+def _plain_up_blocks(unet, feats: EncoderFeatures, emb: torch.Tensor, k: int, upsample_sizes: list) -> torch.Tensor:
+    """Every up block called as diffusers does, on K·B rows: the shared inputs tiled K times."""
+    h = tile(feats.mid, k)
+    skips = tuple(tile(s, k) for s in feats.skips)
+    context = tile(feats.context, k)
+    for block, size in zip(unet.up_blocks, upsample_sizes):
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        kwargs: dict[str, Any] = dict(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+        if getattr(block, "has_cross_attention", False):
+            kwargs["encoder_hidden_states"] = context
+        h = block(**kwargs)
+    return h
+
+
+def decode(
+    unet: UNet2DConditionModel, feats: EncoderFeatures, timesteps: torch.Tensor | list[int], hoist: bool = True
+) -> torch.Tensor:
     """Decoder passes D(f, τ_k, c) for K timesteps, run as one batch of K·B.
 
-    ``timesteps``: (K,) one timestep per decoder, shared by the batch. Returns (K, B, C, H, W).
+    ``timesteps``: (K,) one timestep per decoder, shared by the batch. Returns (K, B, C, H, W). ``hoist``: the
+    work shared by the K decoders done once (:mod:`loopfree.hoist`; UNets it can't take run the plain path);
+    False: every up block called as diffusers does on inputs tiled K times. Both agree to float rounding.
     """
     B = feats.mid.shape[0]
     timesteps = torch.as_tensor(timesteps, device=feats.mid.device).reshape(-1)
     K = timesteps.shape[0]
-    h = _tile(feats.mid, K)
-    skips = tuple(_tile(s, K) for s in feats.skips)
-    context = _tile(feats.context, K)
-    emb = _time_embedding(unet, h, timesteps.repeat_interleave(B))
+    like = feats.mid[:1].expand(K, *feats.mid.shape[1:])  # one row per decoder: the embedding of τ_k, once
+    emb = _time_embedding(unet, like, timesteps).repeat_interleave(B, 0)
     if feats.added_emb is not None:
-        emb = emb + _tile(feats.added_emb, K)
+        emb = emb + tile(feats.added_emb, K)
     emb = _activate(unet, emb)
-
-    # diffusers forwards an explicit upsample size when the latent isn't a multiple of the up factor
-    up_factor = 2**unet.num_upsamplers
-    forward_upsample_size = any(d % up_factor != 0 for d in feats.sample_size)
-    for i, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
-        res, skips = skips[-n:], skips[:-n]
-        is_final = i == len(unet.up_blocks) - 1
-        upsample_size = skips[-1].shape[2:] if forward_upsample_size and not is_final else None
-        kwargs: dict[str, Any] = dict(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
-        if getattr(block, "has_cross_attention", False):
-            kwargs["encoder_hidden_states"] = context
-        h = block(**kwargs)
+    sizes = _upsample_sizes(unet, feats)
+    if hoist and hoisting.unsupported(unet) is None:
+        h = hoisting.up_blocks(unet, feats.mid, feats.skips, emb, feats.context, K, sizes)
+    else:
+        h = _plain_up_blocks(unet, feats, emb, K, sizes)
     if unet.conv_norm_out is not None:
         h = unet.conv_act(unet.conv_norm_out(h))
     h = unet.conv_out(h)

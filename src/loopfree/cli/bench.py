@@ -25,14 +25,17 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True, help="K, decoders of the one-pass sampler (and DDIM steps of the K-step row).")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repeats per row (median reported).")
 @click.option("--with-50", is_flag=True, help="Also time a 50-step DDIM loop (long on a CPU).")
+@click.option("--end-to-end/--unet-only", default=True, show_default=True,
+              help="Also time text encoder(s) + UNet + VAE decode (the real text encoder and VAE shapes).")
+@options.compile_()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--train", is_flag=True, help="Time one distillation iteration instead, split into its sections.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True, help="Images (prompts with --train) per call.")
 @click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
 @click.option("--batch-teacher-fake/--no-batch-teacher-fake", default=True, show_default=True,
               help="With --train: teacher and fake-score passes as one UNet call.")
-def bench(arch, resolution, device, dtype, steps, repeats, with_50, as_json, train, batch_size, gradient_checkpointing,
-          batch_teacher_fake) -> None:
+def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
+          gradient_checkpointing, batch_teacher_fake) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.archs import ARCHS
     from loopfree.bench import format_table, inference_rows, train_rows
@@ -46,6 +49,8 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, as_json, tra
     torch_dtype = resolve_dtype(dtype, dev)
     size = f"{width}x{height}"
     if train:
+        if compile_:
+            raise LoopfreeError("--compile times the sampler; it does not apply to --train")
         if dev.type == "cpu" and dtype == "fp16":
             raise LoopfreeError("fp16 mixed precision needs a GPU; use --dtype bf16 on a CPU")
         rows = train_rows(spec, (height, width), dev, dtype, repeats, batch_size, steps, gradient_checkpointing, batch_teacher_fake)
@@ -53,8 +58,10 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, as_json, tra
                  f"teacher+fake {'batched' if batch_teacher_fake else 'separate'}, median of {repeats}")
         click.echo(json.dumps(dict(arch=arch, rows=[asdict(r) for r in rows]), indent=2) if as_json else format_table(rows, title, "share"))
         return
-    rows = inference_rows(spec, (height, width), dev, torch_dtype, repeats, steps, with_50, batch_size)
+    rows = inference_rows(spec, (height, width), dev, torch_dtype, repeats, steps, with_50, batch_size, end_to_end, compile_)
     if as_json:
-        click.echo(json.dumps(dict(arch=arch, resolution=size, device=str(dev), dtype=dtype, rows=[asdict(r) for r in rows]), indent=2))
+        click.echo(json.dumps(dict(arch=arch, resolution=size, device=str(dev), dtype=dtype, compile=compile_,
+                                   rows=[asdict(r) for r in rows]), indent=2))
     else:
-        click.echo(format_table(rows, f"loopfree bench: {arch}, {size}, {dev}, {dtype}, batch {batch_size}, median of {repeats}"))
+        compiled = ", compiled" if compile_ else ""
+        click.echo(format_table(rows, f"loopfree bench: {arch}, {size}, {dev}, {dtype}{compiled}, batch {batch_size}, median of {repeats}"))

@@ -28,8 +28,9 @@ from loopfree.errors import LoopfreeError
 @options.guidance()
 @options.device()
 @options.dtype()
+@options.compile_()
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, height, width, mode,
-             key_steps, guidance, device, dtype) -> None:
+             key_steps, guidance, device, dtype, compile_) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -43,6 +44,7 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
 
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-        timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device, dtype=dtype,
+        timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device,
+        dtype=dtype, compile=compile_,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

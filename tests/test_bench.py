@@ -1,0 +1,62 @@
+"""``loopfree bench``'s rows: FLOPs that add up the way the passes compose, ratios per section."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loopfree.archs import ARCHS
+from loopfree.bench import END_TO_END, UNET, count_flops, format_table, inference_rows
+from loopfree.split import decode, encode
+from tiny import make_unet
+
+
+@pytest.fixture(scope="module")
+def rows():
+    rows = inference_rows(ARCHS["tiny"], (128, 128), torch.device("cpu"), torch.float32, repeats=1)
+    return {r.name: r for r in rows}
+
+
+def test_count_flops_counts_cpu_attention_and_convolutions():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, k)) == 2 * (2 * 2 * 3 * 10 * 7 * 8)  # QKᵀ, AV
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    assert count_flops(lambda: conv(torch.randn(2, 4, 5, 5))) == 2 * (2 * 6 * 25) * (4 * 9)
+
+
+def test_sections_and_ratios(rows):
+    unet = [r for r in rows.values() if r.section == UNET]
+    e2e = [r for r in rows.values() if r.section == END_TO_END]
+    assert unet[0].name == "full UNet, 1 step" and e2e[0].name == "end-to-end, 1 step"
+    for part in (unet, e2e):
+        assert part[0].ratio == 1.0
+        assert all(r.ratio == pytest.approx(r.median_s / part[0].median_s) and r.median_s > 0 for r in part)
+    table = format_table(list(rows.values()), "title").splitlines()
+    assert table[0] == "title" and UNET in table and END_TO_END in table and len(table) == 1 + 2 * 3 + len(rows)
+
+
+def test_flops_add_up_as_the_passes_compose(rows):
+    f = {name: r.gflops for name, r in rows.items()}
+    assert f["full UNet, 4 steps"] == pytest.approx(4 * f["full UNet, 1 step"], rel=1e-12)
+    assert f["4 decoders batched, plain"] == pytest.approx(4 * f["decoder alone (1 step)"], rel=1e-12)
+    assert f["one pass, K=4, plain decoders"] == pytest.approx(f["encoder alone"] + f["4 decoders batched, plain"], rel=1e-12)
+    assert f["one pass, K=4"] == pytest.approx(f["encoder alone"] + f["4 decoders batched"], rel=1e-12)
+    # the split recomputes the time embedding MLP in the decoder: a sliver more than the full UNet
+    assert f["full UNet, 1 step"] < f["encoder alone"] + f["decoder alone (1 step)"] < 1.01 * f["full UNet, 1 step"]
+    assert f["4 decoders batched"] < 0.9 * f["4 decoders batched, plain"]
+    for name in ("end-to-end, 1 step", "end-to-end, one pass, K=4"):
+        unet_part = "full UNet, 1 step" if name.endswith("1 step") else "one pass, K=4"
+        assert f[name] == pytest.approx(f["text encoder alone"] + f[unet_part] + f["VAE decode alone"], rel=1e-12)
+
+
+def test_hoisting_saves_nothing_with_one_decoder():
+    unet = make_unet("sd2")
+    with torch.inference_mode():
+        feats = encode(unet, torch.randn(2, 4, 8, 8), 501, torch.randn(2, 5, 16))
+        assert count_flops(lambda: decode(unet, feats, [501])) == count_flops(lambda: decode(unet, feats, [501], hoist=False))
+
+
+def test_bench_runs_in_bf16_with_the_same_flops(rows):
+    bf16 = inference_rows(ARCHS["tiny"], (128, 128), torch.device("cpu"), torch.bfloat16, repeats=1)
+    assert [r.name for r in bf16] == list(rows)
+    assert all(r.gflops == pytest.approx(rows[r.name].gflops, rel=1e-12) and r.median_s > 0 for r in bf16)
