@@ -31,7 +31,7 @@ def test_captured_features_are_the_split_tensors_and_diffusers_own(kind):
     seen = []
     with torch.no_grad(), unet_features(unet, seen.append):
         feats = encode(unet, x, 501, text, added)
-        out = decode(unet, feats, [501])[0]
+        out = decode(unet, feats, [501], hoist=False)[0]  # the hoisted path skips the up blocks' forward
         reference = unet(x, 501, text, added_cond_kwargs=added).sample  # diffusers' forward, the same hooks
     assert _hooked(unet) == 0 and len(seen) == 2
     split, forward = seen

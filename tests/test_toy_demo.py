@@ -16,6 +16,7 @@ from loopfree.cli import main
 from loopfree.errors import LoopfreeError
 from loopfree.loading import load_pipeline
 from loopfree.toy.assets import bundled
+from loopfree.toy.curves import seed_curves
 from loopfree.toy.demo import METRICS, DemoConfig, format_table, run_demo, summarise
 from loopfree.toy.world import heldout_prompts, parse_prompt
 
@@ -67,7 +68,7 @@ def test_summarise_gives_mean_and_sample_spread():
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "run"), max_steps=2, num_prompts=3, images_per_prompt=2, teacher_steps=3,
-                     distill_prompts=40)
+                     distill_prompts=40, eval_every=1)
     return cfg, run_demo(cfg)
 
 
@@ -91,6 +92,33 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
         assert student.unet.config.sample_size == 16
 
 
+def test_learning_curves_end_at_the_rows_scores(short_demo):
+    """Each student's curve is scored on the rows' prompts and x_T: its last point is the finished student's row."""
+    cfg, rows = short_demo
+    report = json.loads((Path(cfg.out) / "curves.json").read_text())
+    assert report["eval_every"] == 1 and list(report["students"]) == ["one-step VSD", "TiUE"]
+    for name, curve in report["students"].items():
+        row = next(r for r in rows if r["name"] == name)
+        assert curve["alignment"]["steps"] == [0, 1, 2]
+        for metric in ("alignment", "fd", "diversity"):
+            assert curve[metric]["mean"][-1] == pytest.approx(row[metric], abs=1e-9) and curve[metric]["std"] == [0, 0, 0]
+        assert curve["accuracy"]["mean"][-1] == pytest.approx(np.mean(list(row["per_attribute_accuracy"].values())))
+    assert Image.open(Path(cfg.out) / "curves.png").format == "PNG"
+
+
+def test_seed_curves_by_hand(tmp_path):
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    rec = lambda step, v: json.dumps({"step": step, "alignment": v, "fd": 10 * v, "diversity": v + 1, "accuracy_colour": v,
+                                      "accuracy_shape": 1 - v})
+    logs[0].write_text("\n".join([rec(0, 0.1), rec(5, 0.9), rec(5, 0.3), rec(10, 0.5)]) + "\n")  # step 5 again: a resume
+    logs[1].write_text("\n".join([rec(0, 0.3), rec(5, 0.5)]) + "\n")
+    curves = seed_curves(logs)
+    assert curves["alignment"]["steps"] == [0, 5]  # the steps every run scored
+    assert curves["alignment"]["mean"] == pytest.approx([0.2, 0.4]) and curves["fd"]["mean"] == pytest.approx([2.0, 4.0])
+    assert curves["alignment"]["std"] == pytest.approx([2**0.5 * 0.1] * 2)
+    assert curves["accuracy"]["mean"] == pytest.approx([0.5, 0.5]) and curves["accuracy_shape"]["mean"] == pytest.approx([0.8, 0.6])
+
+
 def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     cfg, rows = short_demo
     unet = Path(cfg.out) / "students" / "tiue-seed0" / "unet" / "diffusion_pytorch_model.safetensors"
@@ -106,6 +134,14 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     assert unet.stat().st_mtime_ns == before and relative[2]["fd"] == rows[3]["fd"]
     with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --max-steps 1"):
         run_demo(DemoConfig(**{**cfg.__dict__, "max_steps": 1}))
+    log = Path(cfg.out) / "students" / "tiue-seed0" / "eval.jsonl"
+    kept = log.read_bytes()
+    log.unlink()
+    try:  # curves asked of a student trained without them: refused before anything is written
+        with pytest.raises(LoopfreeError, match="tiue-seed0 was trained without --eval-every"):
+            run_demo(DemoConfig(**{**cfg.__dict__, "students": ("tiue",)}))
+    finally:
+        log.write_bytes(kept)
 
 
 def test_eval_toy_backend_reproduces_the_demo_rows(short_demo, tmp_path):

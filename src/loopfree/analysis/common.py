@@ -1,5 +1,5 @@
 """What the analyses share: how they sample (prompts, x_T, guidance, batches), the model checks made before any
-loading, the quality figure (a pluggable function; the toy world's by default) and PNG figures.
+loading, the quality figure (a pluggable function; the toy world's by default) and progress bars.
 
     setup = Sampling(num_prompts=16, images_per_prompt=4, guidance=4.5)   # loopfree.analysis.settings
     pipe, prompts = load(model, setup), prompt_list(setup)
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from loopfree.analysis.settings import Sampling
 from loopfree.errors import LoopfreeError
-from loopfree.outputs import OutputFolder, write_atomic
+from loopfree.outputs import OutputFolder
 from loopfree.seeding import derive_seed, initial_noise
 
 #: images (N, 3, H, W) in [-1, 1], the prompt of each image → named scores (toy world: alignment, fd)
@@ -198,19 +198,6 @@ def quality_for(pipe, prompts: list[str]) -> Quality | None:
         return {k: scores[k] for k in TOY_SCORES}
 
     return toy_quality
-
-
-def figure(panels: int, height: float = 3.4):
-    """A matplotlib figure with ``panels`` axes side by side (object API: no global pyplot state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.4 * panels, height), layout="constrained")
-    return fig, fig.subplots(1, panels, squeeze=False)[0]
-
-
-def save_figure(fig, path: Path) -> None:
-    """The figure as a PNG, written atomically."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def progress(total: int, desc: str, unit: str = "img·step") -> tqdm:

@@ -18,8 +18,9 @@ import torch
 
 from loopfree.analysis.capture import AdjacentSimilarity, unet_features
 from loopfree.analysis.common import (
-    Quality, batches, figure, initial_latents, per_image, progress, sample_batch, save_figure, start, to_images,
+    Quality, batches, initial_latents, per_image, progress, sample_batch, start, to_images,
 )
+from loopfree.figures import figure, save_figure
 from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, Sampling
 from loopfree.outputs import write_json
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from loopfree.analysis.common import (
-    batches, check_models, conditioning, figure, initial_latents, load, output_folder, per_image, progress,
-    prompt_list, save_figure,
+    batches, check_models, conditioning, initial_latents, load, output_folder, per_image, progress, prompt_list,
 )
+from loopfree.figures import figure, save_figure
 from loopfree.analysis.settings import NOISE, Sampling
 from loopfree.objective import kl_loss
 from loopfree.outputs import write_json

@@ -33,6 +33,7 @@ from loopfree.images import image_grid
 from loopfree.loading import inspect_pipeline, load_pipeline
 from loopfree.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
+from loopfree.toy.curves import plot_curves, seed_curves
 from loopfree.toy.evaluate import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, training_prompts
@@ -47,7 +48,8 @@ def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_
     """The ``loopfree distill`` configuration of one student run."""
     return DistillConfig(
         teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
-        max_steps=cfg.max_steps, seed=seed, **{"guidance": cfg.guidance, **TOY_DISTILL, **cfg.distill, **STUDENTS[kind][1]},
+        max_steps=cfg.max_steps, seed=seed, eval_every=cfg.eval_every,
+        **{"guidance": cfg.guidance, **TOY_DISTILL, **cfg.distill, **STUDENTS[kind][1]},
     )
 
 
@@ -58,7 +60,8 @@ def finished(config: DistillConfig) -> bool:
     if not saved.is_file():
         return False
     previous = load_config(saved)
-    if dataclasses.replace(previous, max_steps=config.max_steps, resume=None) != dataclasses.replace(config, resume=None):
+    same = dict(max_steps=config.max_steps, eval_every=config.eval_every, resume=None)
+    if dataclasses.replace(previous, **same) != dataclasses.replace(config, resume=None):
         raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
     if previous.max_steps > config.max_steps:
         raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --max-steps {config.max_steps}")
@@ -125,6 +128,10 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file) for s in range(cfg.train_seeds)]
                for kind in cfg.students}
     todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]  # checked before writing
+    lacking = [c.out for group in configs.values() for c in group if cfg.eval_every and c not in todo
+               and not (Path(c.out) / "eval.jsonl").is_file()]
+    if lacking:
+        raise LoopfreeError(f"{lacking[0]} was trained without --eval-every: its learning curve needs another --out")
     teacher = load_pipeline(teacher_path)
     teacher.set_progress_bar_config(disable=True)
     with folder:
@@ -135,31 +142,40 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
                      pool: list[str], prompts_file: Path) -> list[dict]:
     jobs = plan_jobs(pool, list(range(len(prompts))), cfg.images_per_prompt, cfg.seed)  # as `loopfree eval --features toy`
     aligned = [j.prompt for j in jobs]
+    size = inspect_pipeline(teacher_path).default_size
+    extractor = ToyExtractor()
+    real = extractor.outputs(real_reference(aligned, cfg.seed))
+
+    def scores_of(images: np.ndarray, metrics: tuple[str, ...] = ("fid", "pr", "dc")) -> dict[str, float]:
+        """Scores of ``images`` (one per job) as ``loopfree eval --features toy`` computes them."""
+        fake = extractor(images)
+        return {**toy_scores(fake, aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
+
+    def learning_curve(pipe, step: int) -> dict[str, float]:
+        """The EMA student's scores during distillation (``eval.jsonl``): the rows' images and metrics, fd alone
+        of the distribution scores."""
+        pipe.set_progress_bar_config(disable=True)
+        return scores_of(sample(pipe, jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))[0], ("fid",))
+
     # -- students: one distillation per kind and training seed
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
     for config in todo:
-        distill(dataclasses.replace(config, resume="auto"))
+        distill(dataclasses.replace(config, resume="auto"), learning_curve if cfg.eval_every else None)
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
-    size = inspect_pipeline(teacher_path).default_size
     teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)),
                     ("teacher 4-step DDIM", Sampling(size, size, "loop", 4, None, cfg.guidance))]
-    extractor = ToyExtractor()
-    real = extractor.outputs(real_reference(aligned, cfg.seed))
     names, rows, grid_rows = [], [], []
     bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
 
     def score(pipe, sampling: Sampling) -> tuple[dict[str, float], list[Image.Image]]:
-        """The run's scores (as ``loopfree eval --features toy`` computes them), and its first image of each of the
-        first GRID_COLUMNS prompts."""
+        """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
         images, ms = sample(pipe, jobs, sampling)
         bar.update()
-        fake = extractor(images)
-        scores = {**toy_scores(fake, aligned, real), **distribution_scores(real["features"], fake["features"], ("fid", "pr", "dc"))}
         shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
-        return {**scores, "unet_ms_per_image": ms}, enlarged(shown)
+        return {**scores_of(images), "unet_ms_per_image": ms}, enlarged(shown)
 
     for name, call in teacher_rows:
         scores, shown = score(teacher, call)
@@ -181,6 +197,12 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
 
     # -- outputs
     save_image(out / "grid.png", image_grid(grid_rows, names))
+    if cfg.eval_every:
+        curves = {STUDENTS[kind][0]: seed_curves([d / "eval.jsonl" for d in dirs]) for kind, dirs in runs.items()}
+        write_json(out / "curves.json", {"eval_every": cfg.eval_every, "students": curves})
+        teachers = {row["name"]: {**row, "accuracy": float(np.mean(list(row["per_attribute_accuracy"].values())))}
+                    for row in rows[: len(teacher_rows)]}
+        plot_curves(curves, teachers, out / "curves.png")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     write_json(out / "metrics.json", {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts})
     return rows
