@@ -123,6 +123,35 @@ def test_same_settings_resume_other_settings_are_refused(assets, scored):
     assert r.exit_code == 2 and "other settings (seed: 0 → 1)" in r.output, r.output
 
 
+def test_propagate_with_every_step_a_key_step_gives_the_loop_images(assets, tmp_path):
+    """--mode propagate with every step a key step is the DDIM loop; the key steps are part of the folder's identity
+    (a run saved before they were is resumed as default key steps)."""
+    import numpy as np
+    from PIL import Image
+
+    from loopfree.outputs import MARKER
+
+    common = ["eval", "--model", assets["sd"], "--prompts", assets["prompts"], "--images-per-prompt", 2, "--steps", 3, "--guidance", 2.0,
+              "--metrics", "clip", "--clip", assets["clip"]]
+    loop, propagate = tmp_path / "loop", tmp_path / "propagate"
+    assert (r := run(*common, "--mode", "loop", "--out", loop)).exit_code == 0, r.output
+    assert (r := run(*common, "--mode", "propagate", "--key-steps", "0,1,2", "--out", propagate)).exit_code == 0, r.output
+    pngs = sorted(p.name for p in (loop / "images").glob("*.png"))
+    assert len(pngs) == 12 and pngs == sorted(p.name for p in (propagate / "images").glob("*.png"))
+    for name in pngs:
+        a, b = (np.asarray(Image.open(d / "images" / name), dtype=int) for d in (loop, propagate))
+        assert np.abs(a - b).max() <= 1, name
+    results = json.loads((propagate / "results.json").read_text())
+    assert results["sampling"]["key_steps"] == results["settings"]["key_steps"] == [0, 1, 2] and results["sampling"]["steps"] == 3
+    assert "| propagate | sd | propagate, 3 key steps | 3 | 2 | 12 |" in run("eval", "--report", propagate).output
+    r = run(*common, "--mode", "propagate", "--key-steps", "0,2", "--out", propagate)
+    assert r.exit_code == 2 and "other settings (key_steps: [0, 1, 2] → [0, 2])" in r.output, r.output
+    marker = json.loads((loop / MARKER).read_text())
+    del marker["settings"]["key_steps"]  # a run saved before key steps were a setting
+    (loop / MARKER).write_text(json.dumps(marker))
+    assert (r := run(*common, "--mode", "loop", "--out", loop)).exit_code == 0, r.output
+
+
 TOY = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2, "--metrics", "alignment,fid,pr,dc", "--batch-size", 1]
 
 
@@ -193,6 +222,9 @@ def test_subset_gives_the_same_images_as_the_full_set(tmp_path):
         ({"--model": "{root}/nomodel"}, "--model: model folder"),
         ({"--resolution": "13"}, "multiple of"),
         ({"--timesteps": "751,1", "--mode": "loop"}, "decoder timesteps of the loop_free mode"),
+        ({"--mode": "propagate", "--steps": "3", "--key-steps": "0,3"}, "key step 3 is not in the 3-step schedule"),
+        ({"--mode": "propagate", "--key-steps": "1,2"}, "must include the first step, 0"),
+        ({"--key-steps": "0,1"}, "key steps belong to the propagate mode, not to 'loop_free'"),
         ({"--features": "toy", "--reference-images": None, "--metrics": "alignment"}, "does not name the"),
     ],
 )

@@ -3,6 +3,7 @@
     loopfree eval --model runs/tiue --prompts captions_val2014.json --num-prompts 30000 --out evals/tiue \\
         --reference-images coco/val2014 --inception inception-2015-12-05.pt --clip clip-vit-g-14
     loopfree eval --features toy --out evals/toy-student --images-per-prompt 16
+    loopfree eval --model sd21-base --mode propagate --steps 50 --key-steps 0,1,2,3,5,10,15,25,35 --guidance 7.5 … --out evals/fasterd
     loopfree eval --report evals/sd21 evals/tiue
 """
 
@@ -34,6 +35,7 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
 @options.steps()
 @options.timesteps()
 @options.mode()
+@options.key_steps()
 @options.guidance()
 @options.dtype()
 @options.device()
@@ -51,7 +53,7 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
               help="Both sides are centre-cropped and resized (Lanczos) to this before the Inception network.")
 @click.option("--latency-repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed batch-1 calls (median).")
 def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts, images_per_prompt, seed, batch_size, resolution, steps,
-         timesteps, mode, guidance, dtype, device, reference_images, reference_model, reference_steps, reference_guidance, inception, clip,
+         timesteps, mode, key_steps, guidance, dtype, device, reference_images, reference_model, reference_steps, reference_guidance, inception, clip,
          features, metrics, metric_resolution, latency_repeats) -> None:
     """Generate images for a prompt set and score them: FID, KID, CLIP, precision/recall/F1, density/coverage, latency."""
     if report:
@@ -69,7 +71,7 @@ def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts
 
     cfg = EvalConfig(
         out=out, model=model, prompts=prompts, prompt_field=prompt_field, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
-        seed=seed, batch_size=batch_size, resolution=resolution, steps=steps, timesteps=timesteps, mode=mode, guidance=guidance,
+        seed=seed, batch_size=batch_size, resolution=resolution, steps=steps, timesteps=timesteps, mode=mode, key_steps=key_steps, guidance=guidance,
         dtype=dtype, device=device, reference_images=reference_images, reference_model=reference_model, reference_steps=reference_steps,
         reference_guidance=reference_guidance, inception=inception, clip=clip, features=features,
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics is not None else None,

@@ -49,10 +49,18 @@ class Sampling:
     steps: int | None = None
     timesteps: list[int] | None = None
     guidance: float = 1.0
+    key_steps: list[int] | None = None  # propagate: the full-UNet steps (default: Faster Diffusion's)
 
     def call_kwargs(self) -> dict:
         return dict(height=self.height, width=self.width, mode=self.mode, num_inference_steps=self.steps,
-                    timesteps=self.timesteps, guidance_scale=self.guidance)
+                    timesteps=self.timesteps, guidance_scale=self.guidance, key_steps=self.key_steps)
+
+    def description(self) -> dict:
+        """The fields as a dict for cache keys; ``key_steps`` only when set, so keys made before it existed still match."""
+        fields = asdict(self)
+        if fields["key_steps"] is None:
+            del fields["key_steps"]
+        return fields
 
 
 def plan_jobs(prompts: list[str], indices: list[int], images_per_prompt: int, seed: int) -> list[Job]:

@@ -45,7 +45,9 @@ def table(runs: list[tuple[str, dict]]) -> str:
     rows = []
     for name, r in runs:
         s = r["settings"]
-        rows.append([name, Path(s["model"]).name, s["mode"], str(r["sampling"]["steps"]), f"{s['guidance']:g}", str(r["images"]),
+        keys = r["sampling"].get("key_steps")
+        mode = f"{s['mode']}, {len(keys)} key steps" if s["mode"] == "propagate" and keys else s["mode"]
+        rows.append([name, Path(s["model"]).name, mode, str(r["sampling"]["steps"]), f"{s['guidance']:g}", str(r["images"]),
                      *[_cell(r["metrics"].get(key), digits) if key in r["metrics"] else "" for key, _, digits in columns]])
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * 6 + ["---:"] * len(columns)) + " |"]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])

@@ -7,7 +7,7 @@ process then checks what only it needs (weights hashes, the output folder, the f
 takes the folder's lock and tells the others which images are missing. Each process generates its share, and after
 a barrier the main process measures latency, extracts features (cached, see :mod:`.reference`) and writes
 ``results.json`` / ``results.md``. The output folder's identity is what decides the images (model and its weights'
-hashes, prompts, subset, seeds, sampling, dtype): the same command resumes, other settings are refused.
+hashes, prompts, subset, seeds, sampling with its key steps, dtype): the same command resumes, other settings are refused.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     model = os.path.abspath(cfg.model) if cfg.model else str(bundled("student"))
     info = _inspect("--model", model, *(cfg.resolution or (None, None)))
     height, width = cfg.resolution or (info.default_size, info.default_size)
-    info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps)  # steps, timesteps and mode checked from the configs
+    info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
     source = prompt_source(cfg.prompts, cfg.prompt_field, cfg.seed)
     indices = source.select(cfg.num_prompts, cfg.seed)
     if cfg.features == "toy":
@@ -103,8 +103,9 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     if cfg.reference_model:
         _inspect("--reference-model", cfg.reference_model, height, width)
         reference_sampling = Sampling(height, width, "loop", cfg.reference_steps, None, cfg.reference_guidance)
-    return Plan(cfg, Path(os.path.abspath(cfg.out)), model, source, indices, jobs, Sampling(height, width, cfg.mode, cfg.steps, cfg.timesteps, cfg.guidance),
-                reference_sampling, device, resolve_dtype(cfg.dtype, device))
+    sampling = Sampling(height, width, cfg.mode, cfg.steps, cfg.timesteps, cfg.guidance, cfg.key_steps)
+    return Plan(cfg, Path(os.path.abspath(cfg.out)), model, source, indices, jobs, sampling, reference_sampling, device,
+                resolve_dtype(cfg.dtype, device))
 
 
 def _load(path: str, plan: Plan):
@@ -120,7 +121,11 @@ def identity(plan: Plan, weights: dict[str, str]) -> dict:
     c, s = plan.cfg, plan.sampling
     return dict(model=plan.model, weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
                 images_per_prompt=c.images_per_prompt, seed=c.seed, height=s.height, width=s.width, steps=c.steps,
-                timesteps=c.timesteps, mode=c.mode, guidance=c.guidance, dtype=c.dtype)
+                timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype)
+
+
+#: settings added to :func:`identity` since runs were first saved, as their value in those runs (they resume)
+IDENTITY_DEFAULTS = dict(key_steps=None)
 
 
 def _reference(plan: Plan, extractor) -> dict | None:
@@ -137,8 +142,8 @@ def _reference(plan: Plan, extractor) -> dict | None:
     if cfg.reference_model:
         model = os.path.abspath(cfg.reference_model)
         jobs = hashlib.sha256(repr([(j.prompt, j.seed) for j in plan.jobs]).encode()).hexdigest()
-        description = dict(set="model", model=model, weights=weights_hashes(model), jobs=jobs, sampling=asdict(plan.reference_sampling),
-                           dtype=cfg.dtype, **network)
+        description = dict(set="model", model=model, weights=weights_hashes(model), jobs=jobs,
+                           sampling=plan.reference_sampling.description(), dtype=cfg.dtype, **network)
         folder = plan.out / REFERENCE_IMAGES / cache_key(description)
         return dict(what=f"{model}, {cfg.reference_steps}-step DDIM loop, guidance {cfg.reference_guidance:g}", folder=folder,
                     description=description)
@@ -156,7 +161,8 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
     cfg = plan.cfg
     weights = weights_hashes(plan.model)
-    folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True)
+    folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True,
+                          defaults=IDENTITY_DEFAULTS)
     extractor = None
     if cfg.needs_reference or "alignment" in cfg.metrics:
         if cfg.features == "toy":
@@ -172,7 +178,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
         clip = ClipScorer(cfg.clip, plan.device)
     reference = _reference(plan, extractor)
     pipe = _load(plan.model, plan)
-    steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps)
+    steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)
     stack.enter_context(folder)  # the lock, the marker: from here on the folder is ours
     images = plan.out / IMAGES
     images.mkdir(exist_ok=True)
@@ -184,7 +190,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
         reference_folder.mkdir(parents=True, exist_ok=True)
         write_manifest(reference_folder, plan.jobs)
         reference_todo = _missing_indices(reference_folder, plan.jobs)
-    held = Setup(pipe, dict(steps=steps.num_steps, timesteps=steps.timesteps), weights, extractor, clip, reference)
+    held = Setup(pipe, dict(steps=steps.num_steps, timesteps=steps.timesteps, key_steps=steps.key_steps), weights, extractor, clip, reference)
     return held, (todo, reference_folder and str(reference_folder), reference_todo)
 
 

@@ -37,6 +37,7 @@ class EvalConfig:
     steps: int | None = None
     timesteps: list[int] | None = None
     mode: str = "loop_free"
+    key_steps: list[int] | None = None  # propagate: the full-UNet steps; default Faster Diffusion's
     guidance: float = 1.0
     dtype: str = "fp32"
     device: str | None = None
