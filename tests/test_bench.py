@@ -60,3 +60,15 @@ def test_bench_runs_in_bf16_with_the_same_flops(rows):
     bf16 = inference_rows(ARCHS["tiny"], (128, 128), torch.device("cpu"), torch.bfloat16, repeats=1)
     assert [r.name for r in bf16] == list(rows)
     assert all(r.gflops == pytest.approx(rows[r.name].gflops, rel=1e-12) and r.median_s > 0 for r in bf16)
+
+
+def test_with_50_adds_the_loop_and_encoder_propagation():
+    """--with-50: the 50-step loop and, beside it, 50-step propagation (9 full steps, decoders alone at the 41 others)."""
+    rows = inference_rows(ARCHS["tiny"], (64, 64), torch.device("cpu"), torch.float32, repeats=1, with_50=True, end_to_end=False)
+    names = [r.name for r in rows]
+    loop = names.index("full UNet, 50 steps")
+    assert names[loop + 1] == "propagate, 50 steps, 9 key steps"
+    f = {r.name: r.gflops for r in rows}
+    assert f["full UNet, 50 steps"] == pytest.approx(50 * f["full UNet, 1 step"], rel=1e-12)
+    assert 9 * f["full UNet, 1 step"] < f["propagate, 50 steps, 9 key steps"] < f["full UNet, 50 steps"]
+    assert all(r.median_s > 0 and r.ratio == pytest.approx(r.median_s / rows[0].median_s) for r in rows)

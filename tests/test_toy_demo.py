@@ -76,7 +76,7 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
     cfg, rows = short_demo
     out = Path(cfg.out)
     report = json.loads((out / "metrics.json").read_text())
-    names = ["teacher 3-step DDIM", "teacher 4-step DDIM", "one-step VSD", "TiUE"]
+    names = ["teacher 3-step DDIM", "teacher 3-step propagate", "teacher 4-step DDIM", "one-step VSD", "TiUE"]
     assert [r["name"] for r in report["rows"]] == names and report["rows"] == rows
     for row in rows:
         assert 0 <= row["alignment"] <= 1 and math.isfinite(row["fd"]) and row["unet_ms_per_image"] > 0
@@ -86,7 +86,7 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
     assert len(train) == 40 and not {parse_prompt(p) for p in train} & {parse_prompt(p) for p in heldout_prompts(64, seed=0)}
     assert report["prompts"] == heldout_prompts(3, seed=0) == heldout_prompts(64, seed=0)[:3]
     grid = Image.open(out / "grid.png")
-    assert grid.height == 4 * 2 * 64 and grid.width > 3 * 2 * 64
+    assert grid.height == 5 * 2 * 64 and grid.width > 3 * 2 * 64
     for kind in ("one-step", "tiue"):
         student = StableDiffusionPipeline.from_pretrained(out / "students" / f"{kind}-seed0", safety_checker=None)
         assert student.unet.config.sample_size == 16
@@ -125,13 +125,13 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
     before = unet.stat().st_mtime_ns
     again = run_demo(DemoConfig(**{**cfg.__dict__, "students": ("tiue",)}))
     assert unet.stat().st_mtime_ns == before
-    assert again[2]["alignment"] == rows[3]["alignment"] and again[2]["fd"] == rows[3]["fd"]
+    assert again[3]["alignment"] == rows[4]["alignment"] and again[3]["fd"] == rows[4]["fd"]
     r = run("demo", "--out", cfg.out, "--max-steps", 2, "--num-prompts", 3, "--images-per-prompt", 2, "--teacher-steps", 3, "--students", "tiue")
     assert r.exit_code == 2 and "other settings" in r.output, r.output  # its prompt file differs (CLI default length)
     assert not (Path(cfg.out) / "distill_prompts-4000-seed0.txt").exists()
     # the same folder given relatively is the same run (the saved settings hold what paths mean, not how they were spelt)
     relative = run_demo(DemoConfig(**{**cfg.__dict__, "out": os.path.relpath(cfg.out), "students": ("tiue",)}))
-    assert unet.stat().st_mtime_ns == before and relative[2]["fd"] == rows[3]["fd"]
+    assert unet.stat().st_mtime_ns == before and relative[3]["fd"] == rows[4]["fd"]
     with pytest.raises(LoopfreeError, match="trained for 2 steps, more than --max-steps 1"):
         run_demo(DemoConfig(**{**cfg.__dict__, "max_steps": 1}))
     log = Path(cfg.out) / "students" / "tiue-seed0" / "eval.jsonl"
@@ -149,7 +149,8 @@ def test_eval_toy_backend_reproduces_the_demo_rows(short_demo, tmp_path):
     cfg, rows = short_demo
     common = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2, "--batch-size", 64, "--metrics", "alignment,fid,pr,dc"]
     runs = [(rows[0], ["--model", bundled("teacher"), "--mode", "loop", "--steps", 3, "--guidance", 4.5]),
-            (rows[3], ["--model", Path(cfg.out) / "students" / "tiue-seed0"])]
+            (rows[1], ["--model", bundled("teacher"), "--mode", "propagate", "--steps", 3, "--guidance", 4.5]),
+            (rows[4], ["--model", Path(cfg.out) / "students" / "tiue-seed0"])]
     for k, (row, args) in enumerate(runs):
         r = run(*common, *args, "--out", tmp_path / str(k))
         assert r.exit_code == 0, r.output

@@ -6,7 +6,9 @@ Random weights of the real architecture (speed doesn't depend on weight values).
 ``torch.utils.flop_counter`` (its FLOPs; also the warm-up), then is timed: the median over repeats. Two sections,
 each a ratio to its first row: the UNet alone (one full UNet step) and end to end — text encoder(s), the UNet
 work, VAE decode — (one full end-to-end step). The one pass is timed with the hoisted decoders (the default) and
-with the plain ones.
+with the plain ones. ``--with-50`` adds the 50-step DDIM loop and, beside it, 50-step encoder propagation (Faster
+Diffusion: the full UNet at its 9 key steps, the decoders alone at the other 41, batched per segment as
+``mode="propagate"`` runs them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from loopfree.archs import Arch
 from loopfree.runtime import compile_unet, passes
-from loopfree.sampler import Conditioning, ddim_loop, loop_free
+from loopfree.sampler import Conditioning, ddim_loop, default_key_steps, loop_free, propagate
 from loopfree.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.timing import Sections, measure, synchronize
 
@@ -81,10 +83,13 @@ def _cases(arch: Arch, unet, parts: tuple[list, object] | None, inputs: tuple, d
     with torch.inference_mode():
         feats = passes(unet).encode(unet, x, ts[0], text, added)
     K = decoders
+    ts50, keys50 = decoder_timesteps(scheduler.config, 50), default_key_steps(50)  # encoder propagation (Faster Diffusion)
+    fifty = [(UNET, "full UNet, 50 steps", lambda: ddim_loop(unet, scheduler, x, 50, cond)),
+             (UNET, f"propagate, 50 steps, {len(keys50)} key steps", lambda: propagate(unet, schedule, x, ts50, keys50, cond))]
     cases = [
         (UNET, "full UNet, 1 step", lambda: unet(x, ts[0], text, added_cond_kwargs=added)),
         (UNET, f"full UNet, {K} steps", lambda: ddim_loop(unet, scheduler, x, K, cond)),
-        *([(UNET, "full UNet, 50 steps", lambda: ddim_loop(unet, scheduler, x, 50, cond))] if with_50 else []),
+        *(fifty if with_50 else []),
         (UNET, f"one pass, K={K}", lambda: loop_free(unet, schedule, x, ts, cond)),
         (UNET, f"one pass, K={K}, plain decoders", lambda: loop_free(unet, schedule, x, ts, cond, hoist=False)),
         (UNET, "encoder alone", lambda: passes(unet).encode(unet, x, ts[0], text, added)),

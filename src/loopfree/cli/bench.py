@@ -24,7 +24,7 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @options.dtype()
 @click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True, help="K, decoders of the one-pass sampler (and DDIM steps of the K-step row).")
 @click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed repeats per row (median reported).")
-@click.option("--with-50", is_flag=True, help="Also time a 50-step DDIM loop (long on a CPU).")
+@click.option("--with-50", is_flag=True, help="Also time a 50-step DDIM loop and 50-step encoder propagation (long on a CPU).")
 @click.option("--end-to-end/--unet-only", default=True, show_default=True,
               help="Also time text encoder(s) + UNet + VAE decode (the real text encoder and VAE shapes).")
 @options.compile_()

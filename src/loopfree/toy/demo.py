@@ -5,7 +5,9 @@
 1. Distil the bundled teacher into students with the real ``loopfree distill`` machinery (prompts
    only; the attribute combinations of the evaluation prompts are kept out of the training prompts).
 2. Sample a fixed held-out prompt set, several seeds per prompt, from the teacher (50- and 4-step
-   DDIM with guidance) and from every student (one pass, no guidance), all from the same x_T.
+   DDIM with guidance, and 50-step encoder propagation — Faster Diffusion's default key steps, the
+   training-free way to share the encoder) and from every student (one pass, no guidance), all from the
+   same x_T.
 3. Score every row against the toy world's ground truth with ``loopfree eval``'s toy backend (the same
    seeds, PNG-exact images, extractor and metric functions: :mod:`loopfree.toy.evaluate`) and write
    ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
@@ -165,7 +167,9 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
+    # (the propagate row: the same DDIM steps with Faster Diffusion's default key steps, the decoder alone elsewhere)
     teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)),
+                    (f"teacher {cfg.teacher_steps}-step propagate", Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance)),
                     ("teacher 4-step DDIM", Sampling(size, size, "loop", 4, None, cfg.guidance))]
     names, rows, grid_rows = [], [], []
     bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
