@@ -30,7 +30,7 @@ ALIASES = {"--steps": ("--max-steps", None), "--prompts": ("--num-prompts", None
 @click.option("--num-prompts", type=int, default=_DEMO.num_prompts, show_default=True, help="Held-out evaluation prompts.")
 @options.images_per_prompt(_DEMO.images_per_prompt)
 @click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher).")
-@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher row.")
+@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher rows (DDIM loop and encoder propagation).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--eval-every", type=click.IntRange(0, None), default=0, show_default=True,
               help="Learning curves: score every student every N steps on the evaluation prompts (curves.png, curves.json).")

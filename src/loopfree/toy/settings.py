@@ -107,7 +107,7 @@ class DemoConfig:
     num_prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
     images_per_prompt: int = 4  # images per evaluation prompt
     teacher: str | None = None  # default: the bundled toy teacher
-    teacher_steps: int = 50  # DDIM steps of the reference teacher row
+    teacher_steps: int = 50  # DDIM steps of the reference teacher rows (loop and propagate)
     guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5); distillation's is in ``distill``
     distill_prompts: int = 4000  # distillation prompt file length
     seed: int = 0  # evaluation prompts and x_T
