@@ -75,6 +75,31 @@ def test_toy_world_quality_on_the_bundled_teacher(tmp_path):
     assert set(row["quality"]) == {"alignment", "fd"} and 0 <= row["quality"]["alignment"] <= 1
 
 
+def test_steps_clip_score_is_eval_clip_score_of_the_same_images(model_dir, tmp_path):
+    """--clip gives a real (non-toy) model a quality figure: each row's clip_score is what `loopfree eval --metrics clip`
+    reports for the same prompts, seeds and sampling (its images, its ClipScorer)."""
+    from evalkit import make_clip
+
+    clip = make_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nthe blue dog\n")
+    r = run("steps", "--model", model_dir, "--prompts", prompts, *SMALL, "--steps", "2,4", "--batch-size", 4, "--clip", clip,
+            "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    written = _written(tmp_path / "s", "steps")
+    rows = {row["name"]: row for row in written["rows"]}
+    assert all(-1 <= row["clip_score"] <= 1 and "alignment" not in row for row in rows.values())
+    assert written["clip"]["path"] == str(clip) and list(written["clip"]["sha256"]) == ["model.safetensors"]
+    common = ["eval", "--model", model_dir, "--prompts", prompts, "--images-per-prompt", 2, "--batch-size", 4, "--metrics", "clip",
+              "--clip", clip]
+    for name, sampling in [("one pass, K=4", []), ("DDIM 2, full UNet", ["--mode", "loop", "--steps", 2]),
+                           ("DDIM 4, encoder at 3 key steps", ["--mode", "propagate", "--steps", 4])]:
+        out = tmp_path / name.replace(" ", "").replace(",", "-").replace("=", "")
+        e = CliRunner().invoke(main, [str(a) for a in [*common, *sampling, "--out", out]])
+        assert e.exit_code == 0, e.output
+        assert rows[name]["clip_score"] == json.loads((out / "results.json").read_text())["metrics"]["clip_score"], name
+
+
 @pytest.mark.parametrize("args, message", [
     (["features", "--model", "{missing}"], "does not exist"),
     (["noise", "--model", "{model}", "--model", "{missing}"], "does not exist"),
@@ -82,6 +107,8 @@ def test_toy_world_quality_on_the_bundled_teacher(tmp_path):
     (["steps", "--model", "{notpipe}"], "not a diffusers pipeline"),
     (["features", "--steps", ""], "the list is empty"),
     (["steps", "--steps", "2,0"], "steps must be in 1..1000"),
+    (["steps", "--model", "{model}", "--clip", "{missing}"], "does not exist"),
+    (["features", "--model", "{model}", "--clip", "{notpipe}"], "config.json is missing"),
     (["features", "--prompts", "{missing}"], "prompt file not found"),
     (["interpolate", "--from", ""], "--from and --to must both be non-empty"),
     (["interpolate", "--to", "   "], "--from and --to must both be non-empty"),

@@ -1,5 +1,6 @@
 """What the analyses share: how they sample (prompts, x_T, guidance, batches), the model checks made before any
-loading, the quality figure (a pluggable function; the toy world's by default) and progress bars.
+loading, the quality figure (a pluggable function: the toy world's for a toy-world model, ``loopfree eval``'s CLIP
+score with ``--clip``) and progress bars.
 
     setup = Sampling(num_prompts=16, images_per_prompt=4, guidance=4.5)   # loopfree.analysis.settings
     pipe, prompts = load(model, setup), prompt_list(setup)
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -63,21 +65,31 @@ class Run:
     folder: OutputFolder
     pipe: Any
     quality: Quality | None
+    clip: dict | None = None  # the CLIP model of the clip_score figure: path and sha256 of its weights
 
 
 def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: Sampling, out: str,
-          overwrite: bool) -> Run:
-    """Check the model folder (default: the bundled ``bundled_default``), steps, prompts and ``--out`` before
-    loading anything; then load the model and its quality figure."""
+          overwrite: bool, clip: str | None = None) -> Run:
+    """Check the model folder (default: the bundled ``bundled_default``), steps, prompts, ``--out`` and the
+    ``clip`` folder (``--clip``, optional) before loading the model; then load it and its quality figure."""
+    from loopfree.devices import resolve_device
     from loopfree.loading import inspect_pipeline
     from loopfree.toy.assets import bundled
 
     model = str(Path(model or bundled(bundled_default)).absolute())
     steps = check_steps(list(steps), inspect_pipeline(model).num_train_timesteps)
     prompts = prompt_list(setup)
-    folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings()), overwrite)
+    clip = str(Path(clip).absolute()) if clip is not None else None
+    folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings(), clip=clip), overwrite)
+    scorer = None
+    if clip is not None:
+        from loopfree.evaluation.clip import ClipScorer
+
+        with quiet_loading():
+            scorer = ClipScorer(clip, resolve_device(setup.device))
     pipe = load(model, setup)
-    return Run(model, steps, prompts, folder, pipe, quality_for(pipe, prompts))
+    return Run(model, steps, prompts, folder, pipe, quality_for(pipe, prompts, scorer),
+               scorer and dict(path=scorer.path, sha256=scorer.sha256))
 
 
 def prompt_list(setup: Sampling) -> list[str]:
@@ -180,9 +192,39 @@ def is_toy_world(pipe) -> bool:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor == IMAGE_SIZE and all(f"{w}</w>" in vocab for w in VOCABULARY)
 
 
-def quality_for(pipe, prompts: list[str]) -> Quality | None:
+def quality_for(pipe, prompts: list[str], clip=None) -> Quality | None:
     """The quality figure for ``pipe``'s images of ``prompts``: the toy world's alignment and fd (against its
-    real images) for a toy-world model, else None (the analyses then show no quality)."""
+    real images) for a toy-world model; with ``clip`` (a :class:`loopfree.evaluation.clip.ClipScorer`) also
+    ``clip_score``, for any model. None when neither applies (the analyses then show no quality)."""
+    figures = [figure for figure in (toy_quality(pipe, prompts), clip_quality(pipe, clip)) if figure is not None]
+    if not figures:
+        return None
+
+    def quality(images: torch.Tensor, image_prompts: list[str]) -> dict[str, float]:
+        return {k: v for figure in figures for k, v in figure(images, image_prompts).items()}
+
+    return quality
+
+
+def clip_quality(pipe, clip) -> Quality | None:
+    """``clip_score``: ``loopfree eval``'s CLIP score of the images — the same PNG pixels, prepared at the metric
+    resolution (256, Lanczos) and scored by the same :class:`~loopfree.evaluation.clip.ClipScorer` in the same
+    batches, the mean cosine of image and prompt; None without a scorer."""
+    if clip is None:
+        return None
+    from loopfree.evaluation.features import READ_BATCH, extract, prepare
+    from loopfree.evaluation.settings import METRIC_RESOLUTION
+
+    def clip_score(images: torch.Tensor, image_prompts: list[str]) -> dict[str, float]:
+        prepared = np.stack([prepare(image, METRIC_RESOLUTION) for image in to_pil(pipe, images)])
+        chunks = (prepared[i : i + READ_BATCH] for i in range(0, len(prepared), READ_BATCH))
+        return {"clip_score": float(extract(None, chunks, clip, image_prompts)["clip"].mean())}
+
+    return clip_score
+
+
+def toy_quality(pipe, prompts: list[str]) -> Quality | None:
+    """The toy world's alignment and fd of the images (against its real images); None for another model."""
     if not is_toy_world(pipe):
         return None
     from loopfree.toy.classifier import load_classifier
@@ -193,11 +235,11 @@ def quality_for(pipe, prompts: list[str]) -> Quality | None:
         parse_prompt(prompt)  # every prompt must name the toy world's attributes: a one-line error otherwise
     classifier = load_classifier()
 
-    def toy_quality(images: torch.Tensor, image_prompts: list[str]) -> dict[str, float]:
+    def toy_scores(images: torch.Tensor, image_prompts: list[str]) -> dict[str, float]:
         scores = evaluate_images(images, image_prompts, classifier, seed=0)
         return {k: scores[k] for k in TOY_SCORES}
 
-    return toy_quality
+    return toy_scores
 
 
 def progress(total: int, desc: str, unit: str = "img·step") -> tqdm:

@@ -76,12 +76,13 @@ def plot(rows: list[dict], title: str):
 
 
 def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: Sampling = FEATURES,
-                 out: str = "analysis/features", overwrite: bool = False) -> Path:
-    """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder."""
-    run = start("features", model, "teacher", steps, setup, out, overwrite)
+                 out: str = "analysis/features", overwrite: bool = False, clip: str | None = None) -> Path:
+    """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder.
+    ``clip``: a local CLIP folder, for the ``clip_score`` of every N."""
+    run = start("features", model, "teacher", steps, setup, out, overwrite, clip)
     with run.folder, progress(sum(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
         rows = similarity_rows(run.pipe, run.steps, setup, run.prompts, run.quality, bar)
         save_figure(plot(rows, f"UNet features over DDIM steps: {Path(run.model).name}"), run.folder.path / "features.png")
         write_json(run.folder.path / "features.json",
-                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, rows=rows))
+                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, clip=run.clip, rows=rows))
     return run.folder.final

@@ -9,8 +9,8 @@ Rows: the one pass (its recorded decoder timesteps, K = 4 by default), then for 
 share the encoder more and more: a full UNet pass per step (``mode="loop"``), encoder propagation with Faster
 Diffusion's key steps (``mode="propagate"``) and the encoder once for all N steps (key steps [0]). Columns: the
 first image of each of the first prompts. Every row records its sampling time per image (text encoding and
-denoising, not the VAE) and, with a quality figure (toy world), its scores on all the images, also written beside
-its name. Writes ``steps.png`` and ``steps.json``.
+denoising, not the VAE) and, with a quality figure (toy world; ``--clip``: the CLIP score of ``loopfree eval``), its
+scores on all the images, also written beside its name. Writes ``steps.png`` and ``steps.json``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def label(name: str, scores: dict[str, float]) -> str:
 
 
 def run_steps(model: str | None = None, steps: list[int] = STUDENT_STEPS, setup: Sampling = STEPS,
-              out: str = "analysis/steps", overwrite: bool = False) -> Path:
-    """Sample ``model`` (default: the bundled student) every way and write steps.png/json to ``out``; the folder."""
-    run = start("steps", model, "student", steps, setup, out, overwrite)
+              out: str = "analysis/steps", overwrite: bool = False, clip: str | None = None) -> Path:
+    """Sample ``model`` (default: the bundled student) every way and write steps.png/json to ``out``; the folder.
+    ``clip``: a local CLIP folder, for every row's ``clip_score``."""
+    run = start("steps", model, "student", steps, setup, out, overwrite, clip)
     pipe, image_prompts = run.pipe, per_image(run.prompts, setup)
     x_T = initial_latents(pipe, len(run.prompts), setup)
     shown = slice(0, GRID_COLUMNS * setup.images_per_prompt, setup.images_per_prompt)
@@ -70,5 +71,5 @@ def run_steps(model: str | None = None, steps: list[int] = STUDENT_STEPS, setup:
             labels.append(label(name, scores))
         save_image(run.folder.path / "steps.png", image_grid(grid, labels, scale=max(1, 96 // grid[0][0].width)))
         write_json(run.folder.path / "steps.json",
-                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, rows=rows))
+                   dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, clip=run.clip, rows=rows))
     return run.folder.final

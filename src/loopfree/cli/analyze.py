@@ -5,6 +5,7 @@ models by default. Each writes a PNG and a JSON into ``--out`` (default ``analys
     loopfree analyze noise --model a --model b   # Fig. 8: distribution of the students' noise predictions
     loopfree analyze interpolate --from "…" --to "…"   # Fig. 9: text-embedding interpolation
     loopfree analyze steps                       # Fig. 10: the student as a 2…50-step DDIM model
+    loopfree analyze steps --model runs/tiue --prompts prompts.txt --clip clip-vit-g-14   # a real model: CLIP score per row
 """
 
 from __future__ import annotations
@@ -35,13 +36,19 @@ def _sampling(default: defaults.Sampling, prompts: bool = True):
 
 
 def _run(analysis, default: defaults.Sampling, args: tuple, out: str, kwargs: dict) -> None:
-    """``analysis(*args, sampling, out, overwrite)`` with the Sampling of the command's options (those it lacks
-    keep ``default``'s values); says where it wrote."""
+    """``analysis(*args, sampling, out, overwrite, **rest)`` with the Sampling of the command's options (those it
+    lacks keep ``default``'s values) and the options that are not Sampling's as ``rest``; says where it wrote."""
     from dataclasses import fields, replace
 
     overwrite = kwargs.pop("overwrite")
     setup = replace(default, **{f.name: kwargs.pop(f.name) for f in fields(default) if f.name in kwargs})
-    click.echo(f"wrote {analysis(*args, setup, out, overwrite)}")
+    click.echo(f"wrote {analysis(*args, setup, out, overwrite, **kwargs)}")
+
+
+def _clip():
+    return click.option("--clip", type=click.Path(), default=None,
+                        help="A local transformers CLIP folder (as loopfree eval --clip takes it): every row gets "
+                             "loopfree eval's CLIP score of its images, for any model.")
 
 
 def _out(name: str):
@@ -60,6 +67,7 @@ def analyze() -> None:
 @analyze.command()
 @options.model("Model to analyse (default: the bundled toy teacher).")
 @_step_list(defaults.FEATURE_STEPS, "DDIM step counts N to compare.")
+@_clip()
 @_out("features")
 @_sampling(defaults.FEATURES)
 def features(model, steps, out, **kwargs) -> None:
@@ -106,6 +114,7 @@ def interpolate(model, source, target, method, columns, rows, mode, steps, out, 
 @analyze.command()
 @options.model()
 @_step_list(defaults.STUDENT_STEPS, "DDIM step counts N, each sampled with a full UNet per step and with the encoder shared.")
+@_clip()
 @_out("steps")
 @_sampling(defaults.STEPS)
 def steps(model, steps, out, **kwargs) -> None:
