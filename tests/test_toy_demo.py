@@ -193,3 +193,28 @@ def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     assert no_kl.kl_weight == 0.0  # the student kind decides what it is
     r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
     assert r.exit_code == 2 and "No such option" in r.output
+
+
+def test_students_trained_in_worker_processes_equal_those_trained_one_after_another(tmp_path):
+    """The demo's fast path (one process per run, one thread each) gives the sequential path's students, learning
+    curves included, bit for bit."""
+    from safetensors.torch import load_file
+
+    from loopfree.devices import cpu_threads
+    from loopfree.toy.demo import RowScorer, student_config, train_students
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(heldout_prompts(64, seed=1)[:20]) + "\n")
+    scorer = RowScorer(heldout_prompts(64, seed=0), 3, 2, 0, 64)
+    trained = {}
+    for path, threads in (("sequential", 1), ("parallel", 2)):
+        cfg = DemoConfig(out=str(tmp_path / path), max_steps=2, eval_every=1)
+        todo = [student_config(cfg, kind, 0, str(bundled("teacher")), prompts) for kind in ("one-step", "tiue")]
+        with cpu_threads(threads):
+            train_students(todo, scorer)
+        trained[path] = [(load_file(Path(c.out) / "unet" / "diffusion_pytorch_model.safetensors"),
+                          [{k: v for k, v in json.loads(line).items()} for line in (Path(c.out) / "eval.jsonl").read_text().splitlines()])
+                         for c in todo]
+    for (weights_a, curve_a), (weights_b, curve_b) in zip(trained["sequential"], trained["parallel"]):
+        assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+        assert curve_a == curve_b and [r["step"] for r in curve_a] == [0, 1, 2]

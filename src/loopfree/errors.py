@@ -11,3 +11,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+    def __reduce__(self):  # crosses process boundaries intact (the demo trains students in worker processes)
+        return Interrupted, (str(self), self.signum)

@@ -13,16 +13,20 @@
    ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
    trained N times and the table gives mean ± spread over them (the README's long run).
 
-Finished students are reused and interrupted ones resume, so the same command can be run again.
+Finished students are reused and interrupted ones resume, so the same command can be run again. With two or more
+torch threads the students train side by side, one process and one thread each (:func:`train_students`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -140,30 +144,69 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
         return _train_and_score(cfg, folder.final, teacher, teacher_path, configs, todo, prompts, pool, prompts_file)
 
 
+class RowScorer:
+    """The demo's evaluation: its jobs (prompts × images, per-image seeds) and their scores as ``loopfree eval
+    --features toy`` computes them. Called as ``(pipe, step)`` it is distillation's learning-curve hook. Picklable:
+    the classifier and the real images' features are built on first use, in whichever process scores."""
+
+    def __init__(self, pool: list[str], num_prompts: int, images_per_prompt: int, seed: int, size: int):
+        self.jobs = plan_jobs(pool, list(range(num_prompts)), images_per_prompt, seed)  # as `loopfree eval --features toy`
+        self.aligned, self.seed, self.size = [j.prompt for j in self.jobs], seed, size
+        self._reference: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reference": None}
+
+    def scores(self, images: np.ndarray, metrics: tuple[str, ...] = ("fid", "pr", "dc")) -> dict[str, float]:
+        """Scores of ``images`` (uint8, one per job)."""
+        if self._reference is None:
+            extractor = ToyExtractor()
+            self._reference = extractor, extractor.outputs(real_reference(self.aligned, self.seed))
+        extractor, real = self._reference
+        fake = extractor(images)
+        return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
+
+    def __call__(self, pipe, step: int) -> dict[str, float]:
+        """The EMA student's scores during distillation (``eval.jsonl``): the rows' images, fd alone of the
+        distribution scores."""
+        pipe.set_progress_bar_config(disable=True)
+        sampling = Sampling(self.size, self.size, "loop_free", len(pipe.decoder_timesteps), None, 1.0)
+        return self.scores(sample(pipe, self.jobs, sampling)[0], ("fid",))
+
+
+def _worker_started(counter, threads: int) -> None:
+    with counter.get_lock():
+        position, counter.value = counter.value, counter.value + 1
+    os.environ["TQDM_POSITION"] = str(position)  # one progress line per worker
+    torch.set_num_threads(threads)
+
+
+def train_students(todo: list[DistillConfig], curve: RowScorer | None) -> None:
+    """Distil every configuration in ``todo`` (resuming where a run stopped). With several runs and several torch
+    threads, the runs go to worker processes, one thread each: the toy UNet's small kernels use two cores better
+    as two processes than as two threads. Each run is seeded by its configuration alone, so the students equal
+    those trained one after another with one thread (tested)."""
+    workers = min(len(todo), torch.get_num_threads())
+    if workers < 2:
+        for config in todo:
+            distill(dataclasses.replace(config, resume="auto"), curve)
+        return
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
+                             initargs=(counter, torch.get_num_threads() // workers)) as pool:
+        for future in [pool.submit(distill, dataclasses.replace(c, resume="auto"), curve) for c in todo]:
+            future.result()
+
+
 def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, configs: dict, todo: list, prompts: list[str],
                      pool: list[str], prompts_file: Path) -> list[dict]:
-    jobs = plan_jobs(pool, list(range(len(prompts))), cfg.images_per_prompt, cfg.seed)  # as `loopfree eval --features toy`
-    aligned = [j.prompt for j in jobs]
     size = inspect_pipeline(teacher_path).default_size
-    extractor = ToyExtractor()
-    real = extractor.outputs(real_reference(aligned, cfg.seed))
-
-    def scores_of(images: np.ndarray, metrics: tuple[str, ...] = ("fid", "pr", "dc")) -> dict[str, float]:
-        """Scores of ``images`` (one per job) as ``loopfree eval --features toy`` computes them."""
-        fake = extractor(images)
-        return {**toy_scores(fake, aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
-
-    def learning_curve(pipe, step: int) -> dict[str, float]:
-        """The EMA student's scores during distillation (``eval.jsonl``): the rows' images and metrics, fd alone
-        of the distribution scores."""
-        pipe.set_progress_bar_config(disable=True)
-        return scores_of(sample(pipe, jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))[0], ("fid",))
-
+    scorer = RowScorer(pool, len(prompts), cfg.images_per_prompt, cfg.seed, size)
     # -- students: one distillation per kind and training seed
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
-    for config in todo:
-        distill(dataclasses.replace(config, resume="auto"), learning_curve if cfg.eval_every else None)
+    train_students(todo, scorer if cfg.eval_every else None)
     runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
@@ -176,10 +219,10 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
 
     def score(pipe, sampling: Sampling) -> tuple[dict[str, float], list[Image.Image]]:
         """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
-        images, ms = sample(pipe, jobs, sampling)
+        images, ms = sample(pipe, scorer.jobs, sampling)
         bar.update()
         shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
-        return {**scores_of(images), "unet_ms_per_image": ms}, enlarged(shown)
+        return {**scorer.scores(images), "unet_ms_per_image": ms}, enlarged(shown)
 
     for name, call in teacher_rows:
         scores, shown = score(teacher, call)
