@@ -157,7 +157,13 @@ def test_cli_memory_prints_a_table_with_a_total():
     held = sum(r["gib"] for r in rows if r["phase"] == HELD)
     assert total == [pytest.approx(held + max(r["gib"] for r in rows if r["kind"] == "peak"))]
 
+    scaled = run("--train", "--memory", "--arch", "tiny", "--resolution", 128, "--measure-resolution", 64, "--json")
+    assert scaled.exit_code == 0, scaled.output
+    assert json.loads(scaled.output)["measured_at"] == "64x64"
+
 
 def test_cli_memory_needs_train():
     r = run("--memory", "--arch", "tiny")
     assert r.exit_code == 2 and "--train" in r.output
+    r = run("--train", "--arch", "tiny", "--measure-resolution", 64)
+    assert r.exit_code == 2 and "--memory" in r.output

@@ -14,8 +14,8 @@ Two kinds of parts, added up the way a step holds them:
 Activations are measured at batch 1 on the CPU with random weights of the real shapes, under CPU autocast for
 bf16/fp16 with GroupNorm and LayerNorm in float32 as CUDA's autocast runs them (:class:`Float32Norms`). A saved
 tensor computed from the batch's inputs grows with the batch; the rest (autocast's low-precision copies of fp32
-weights) does not: the estimate for B prompts is ``fixed + B · per prompt``. Measured at a smaller size, the per-prompt
-part is scaled by the pixel count.
+weights, the hoisted upsamplers' folded kernels) does not: the estimate for B prompts is ``fixed + B · per prompt``.
+Measured at a smaller size, the per-prompt part is scaled by the pixel count. fp16 is measured as bf16 (same sizes).
 
 Left out: the allocator's rounding and fragmentation, kernel workspaces (cuDNN, cuBLAS), the CUDA context, and the
 activations recomputed during backward under gradient checkpointing (one block at a time).
@@ -23,11 +23,10 @@ activations recomputed during backward under gradient checkpointing (one block a
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -281,7 +280,7 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     f = arch.vae_scale_factor
     at = measure_size or size
     # fp16 has bf16's sizes; it is measured as bf16 (the CPU's fp16 kernels are few)
-    on_cpu = dataclasses.replace(cfg, dtype="bf16") if dtype == "fp16" else cfg
+    on_cpu = replace(cfg, dtype="bf16") if dtype == "fp16" else cfg
     act = measured(arch, on_cpu, (at[0] // f, at[1] // f)).at(batch, (size[0] * size[1]) / (at[0] * at[1]))
     fp32, teacher = 4, torch.finfo(WEIGHT_DTYPES.get(dtype, torch.float32)).bits // 8
     student, lora = n["unet"] * fp32, n["lora"] * fp32
