@@ -2,6 +2,7 @@
 
     loopfree bench --arch sd21 --resolution 512
     loopfree bench --train --arch small
+    loopfree bench --train --memory --arch sd21 --batch-size 8 --dtype bf16 --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
 @click.option("--batch-teacher-fake/--no-batch-teacher-fake", default=True, show_default=True,
               help="With --train: teacher and fake-score passes as one UNet call.")
+@click.option("--memory", is_flag=True,
+              help="With --train: estimate the step's memory per device instead (GiB per part: exact parameter counts, "
+                   "activations measured at batch 1 on the CPU, whatever --device); not a GPU measurement.")
+@click.option("--measure-resolution", type=options.Resolution(), default=None,
+              help="With --memory: measure the activations at this image size and scale them by the pixel count "
+                   "(default: at --resolution).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
-          gradient_checkpointing, batch_teacher_fake) -> None:
+          gradient_checkpointing, batch_teacher_fake, memory, measure_resolution) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.archs import ARCHS
     from loopfree.bench import format_table, inference_rows, train_rows
@@ -45,6 +52,18 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
     spec = ARCHS[arch]
     height, width = resolution or (spec.resolution, spec.resolution)
     check_size(height, width, spec.vae_scale_factor, spec.resolution)
+    if (memory or measure_resolution) and not train:
+        raise LoopfreeError("--memory estimates a distillation step's memory: add --train")
+    if measure_resolution and not memory:
+        raise LoopfreeError("--measure-resolution goes with --memory")
+    if memory:
+        if compile_:
+            raise LoopfreeError("--compile times the sampler; it does not apply to --memory")
+        if measure_resolution:
+            check_size(*measure_resolution, spec.vae_scale_factor, spec.resolution)
+        _memory(arch, spec, (height, width), dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake,
+                measure_resolution, as_json)
+        return
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     size = f"{width}x{height}"
@@ -65,3 +84,21 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
     else:
         compiled = ", compiled" if compile_ else ""
         click.echo(format_table(rows, f"loopfree bench: {arch}, {size}, {dev}, {dtype}{compiled}, batch {batch_size}, median of {repeats}"))
+
+
+def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json) -> None:
+    """``--train --memory``: the estimate's table (or JSON). The measurement runs on the CPU whatever --device says."""
+    from loopfree.memory import format_memory_table, memory_rows
+
+    rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size)
+    height, width = size
+    if as_json:
+        click.echo(json.dumps(dict(arch=arch, resolution=f"{width}x{height}", dtype=dtype, batch_size=batch_size, steps=steps,
+                                   gradient_checkpointing=gradient_checkpointing, estimate=True,
+                                   measured_at=None if measure_size is None else f"{measure_size[1]}x{measure_size[0]}",
+                                   rows=[asdict(r) for r in rows]), indent=2))
+        return
+    at = f", activations measured at {measure_size[1]}x{measure_size[0]}" if measure_size else ""
+    title = (f"loopfree bench --train --memory: {arch}, {width}x{height}, {dtype}, batch {batch_size}, K={steps}, "
+             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at} — an estimate")
+    click.echo(format_memory_table(rows, title))
