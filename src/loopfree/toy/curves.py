@@ -63,6 +63,8 @@ def plot_curves(curves: dict[str, dict[str, dict[str, list]]], references: dict[
         for style, (name, scores) in zip(("--", ":", "-."), references.items()):
             if metric in scores:
                 ax.axhline(scores[metric], color="black", linestyle=style, linewidth=1, label=name)
+        if metric == "fd":  # early steps are orders of magnitude off
+            ax.set_yscale("log")
         ax.set_title(f"{metric} ({better} is better)")
         ax.set_xlabel("distillation step")
         ax.grid(alpha=0.3)
