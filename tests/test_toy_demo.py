@@ -14,6 +14,7 @@ from PIL import Image
 
 from loopfree.cli import main
 from loopfree.errors import LoopfreeError
+from loopfree.images import LINE
 from loopfree.loading import load_pipeline
 from loopfree.toy.assets import bundled
 from loopfree.toy.curves import seed_curves
@@ -86,7 +87,7 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
     assert len(train) == 40 and not {parse_prompt(p) for p in train} & {parse_prompt(p) for p in heldout_prompts(64, seed=0)}
     assert report["prompts"] == heldout_prompts(3, seed=0) == heldout_prompts(64, seed=0)[:3]
     grid = Image.open(out / "grid.png")
-    assert grid.height == 5 * 2 * 64 and grid.width > 3 * 2 * 64
+    assert grid.height == LINE + 5 * 3 * 64 and grid.width > 3 * 3 * 64  # a line of column labels, 5 rows of 3× images
     for kind in ("one-step", "tiue"):
         student = StableDiffusionPipeline.from_pretrained(out / "students" / f"{kind}-seed0", safety_checker=None)
         assert student.unet.config.sample_size == 16

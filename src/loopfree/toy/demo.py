@@ -42,11 +42,12 @@ from loopfree.toy.assets import bundled
 from loopfree.toy.curves import plot_curves, seed_curves
 from loopfree.toy.evaluate import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
-from loopfree.toy.world import heldout_prompts, training_prompts
+from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
 from loopfree.trainer import distill
 
 METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
 GRID_COLUMNS = 8
+GRID_SCALE = 3  # 192-pixel cells: room for each column's attributes above it
 BATCH = 64  # images per pipeline call (``loopfree eval --batch-size 64`` reproduces a row bit for bit)
 
 
@@ -83,11 +84,6 @@ def sample(pipe, jobs: list[Job], sampling: Sampling) -> tuple[np.ndarray, float
         images += [np.asarray(im) for im in pil]
         seconds += spent
     return np.stack(images), 1000.0 * seconds / len(jobs)
-
-
-def enlarged(images: list[Image.Image], scale: int = 2) -> list[Image.Image]:
-    """``images`` ``scale`` times larger, pixels kept sharp."""
-    return [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
 
 
 def summarise(name: str, runs: list[dict[str, float]]) -> dict:
@@ -222,7 +218,7 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
         images, ms = sample(pipe, scorer.jobs, sampling)
         bar.update()
         shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
-        return {**scorer.scores(images), "unet_ms_per_image": ms}, enlarged(shown)
+        return {**scorer.scores(images), "unet_ms_per_image": ms}, shown
 
     for name, call in teacher_rows:
         scores, shown = score(teacher, call)
@@ -243,7 +239,9 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, con
     bar.close()
 
     # -- outputs
-    save_image(out / "grid.png", image_grid(grid_rows, names))
+    shown_prompts = [parse_prompt(p) for p in prompts[:GRID_COLUMNS]]
+    columns = [f"{a.size} {a.colour} {a.shape}, {a.position}, {a.background}" for a in shown_prompts]
+    save_image(out / "grid.png", image_grid(grid_rows, names, columns, scale=GRID_SCALE))
     if cfg.eval_every:
         curves = {STUDENTS[kind][0]: seed_curves([d / "eval.jsonl" for d in dirs]) for kind, dirs in runs.items()}
         write_json(out / "curves.json", {"eval_every": cfg.eval_every, "students": curves})
