@@ -192,6 +192,10 @@ def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     no_kl = student_config(cfg, "tiue-no-kl", 0, "t", tmp_path / "p.txt")
     assert (tiue.kl_weight, tiue.guidance, tiue.lr_student, tiue.lora_rank) == (0.3, 2.0, 1e-4, 16)
     assert no_kl.kl_weight == 0.0  # the student kind decides what it is
+    one_step = student_config(cfg, "one-step", 0, "t", tmp_path / "p.txt")
+    assert one_step.kl_weight == 0.0 and one_step.student == "one-step"  # SwiftBrush: no KL term, whatever --kl-weight says
+    recipe = student_config(DemoConfig(out=str(tmp_path)), "tiue", 0, "t", tmp_path / "p.txt")
+    assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance) == (1.0, "sum", 3e-3, 4.5)  # the study's recipe
     r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
     assert r.exit_code == 2 and "No such option" in r.output
 
