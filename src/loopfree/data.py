@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import LoopfreeError
+from .errors import LoopfreeError, first_line
 
 DEFAULT_FIELD = "prompt"
 
@@ -31,11 +31,6 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-def _one_line(error: Exception) -> str:
-    """First line of an exception's message (LoopfreeError messages are one line)."""
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _field_value(record: Any, field: str, where: str) -> Any:
@@ -159,7 +154,7 @@ def _read_parquet(path: Path, field: str | None) -> Iterator[tuple[str, Any]]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
-        raise LoopfreeError(f"cannot read {path}: {_one_line(e)}") from None
+        raise LoopfreeError(f"cannot read {path}: {first_line(e)}") from None
     yield from _column_values(
         path,
         parquet.schema_arrow.names,
@@ -178,7 +173,7 @@ def _read_datasets_dir(path: Path, field: str | None) -> Iterator[tuple[str, Any
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # corrupt, or written by an incompatible datasets version
-        raise LoopfreeError(f"cannot read {path} as a saved dataset: {_one_line(e)}") from None
+        raise LoopfreeError(f"cannot read {path} as a saved dataset: {first_line(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1 and "train" not in ds:
             raise LoopfreeError(f"{path} holds splits {', '.join(ds)}; save one split or a 'train' split")
@@ -234,7 +229,7 @@ def load_prompts(path: str | Path, field: str | None = None) -> PromptSet:
             else:
                 seen[prompt] = None
     except OSError as e:
-        raise LoopfreeError(f"cannot read {path}: {e.strerror or _one_line(e)}") from None
+        raise LoopfreeError(f"cannot read {path}: {e.strerror or first_line(e)}") from None
     if not seen:
         raise LoopfreeError(f"no prompts in {path} ({n_blank} blank lines or records)")
     return PromptSet(prompts=list(seen), n_blank=n_blank, n_duplicates=n_duplicates)

@@ -14,3 +14,8 @@ class Interrupted(Exception):
 
     def __reduce__(self):  # crosses process boundaries intact (the demo trains students in worker processes)
         return Interrupted, (str(self), self.signum)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (a third-party error can be a page long), or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.errors import LoopfreeError, first_line
 from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
 
 #: Components a Stable Diffusion (XL) pipeline needs, and the weight file stem each one's library writes.
@@ -166,5 +166,5 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None):
     try:
         return cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # whatever the gate could not foresee
-        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        first = first_line(e)
         raise LoopfreeError(f"cannot load the model in {str(path)!r}: {first}") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.errors import LoopfreeError, first_line
 from loopfree.evaluation.features import file_sha256
 from loopfree.evaluation.settings import CLIP_REPOS
 from loopfree.loading import check_safetensors
@@ -55,7 +55,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().to(device)
             self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            first = first_line(e)
             raise LoopfreeError(f"--clip {path}: cannot load it ({first}): {hint}") from None
         self.path, self.device = str(folder.absolute()), device
         self.sha256 = {file.name: file_sha256(file) for file in files}

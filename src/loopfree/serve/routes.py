@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from loopfree.errors import LoopfreeError
+from loopfree.errors import LoopfreeError, first_line
 from loopfree.serve.batcher import Batcher, Closed, QueueFull
 from loopfree.serve.engine import Engine
 from loopfree.serve.schemas import ImageRequest, resolve, validation_message
@@ -79,7 +79,7 @@ def api_router(engine: Engine, batcher: Batcher) -> APIRouter:
         except LoopfreeError:
             raise
         except Exception as e:  # the model failed on this request; the server goes on
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            first = first_line(e)
             return error_response(500, f"generation failed: {first}", "server_error")
         return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(p.png).decode()} for p in pictures],
                 "seed": order.seed}
