@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
 from loopfree.archs import Arch
+from loopfree.config import DistillConfig
 from loopfree.runtime import compile_unet, passes
 from loopfree.sampler import Conditioning, ddim_loop, default_key_steps, loop_free, propagate
 from loopfree.schedule import NoiseSchedule, decoder_timesteps
@@ -147,6 +148,12 @@ def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") ->
     return "\n".join(lines)
 
 
+def train_config(batch: int, decoders: int, dtype: str, gradient_checkpointing: bool, batch_teacher_fake: bool) -> DistillConfig:
+    """The distillation settings a training benchmark runs: the paper's defaults but for these."""
+    return DistillConfig(teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
+                         gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake)
+
+
 def train_rows(
     arch: Arch, size: tuple[int, int], device: torch.device, dtype: str, repeats: int, batch: int = 1, decoders: int = 4,
     gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
@@ -154,13 +161,9 @@ def train_rows(
     """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
     from accelerate import Accelerator
 
-    from loopfree.config import DistillConfig
     from loopfree.distiller import Distiller
 
-    cfg = DistillConfig(
-        teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake,
-    )
+    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
     distiller = Distiller(cfg, arch.build(device), sd21_scheduler(), acc, (size[0] // arch.vae_scale_factor, size[1] // arch.vae_scale_factor))
     _, text, added = arch.inputs(batch, size, device, torch.float32)

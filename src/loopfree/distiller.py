@@ -36,6 +36,17 @@ def student_timesteps(cfg: DistillConfig, scheduler_config) -> tuple[list[int], 
     return cfg.timesteps or decoder_timesteps(scheduler_config, cfg.steps), None
 
 
+def fake_lora(cfg: DistillConfig) -> LoraConfig:
+    """The fake score's LoRA on the teacher's UNet."""
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+
+
+def losses(cfg: DistillConfig, schedule: NoiseSchedule) -> tuple[StudentLoss, FakeScoreLoss]:
+    """The student's loss (VSD + λ·KL) and the fake score's, with ``cfg``'s settings."""
+    return (StudentLoss(schedule, cfg.guidance, cfg.vsd_t_min, cfg.vsd_t_max, cfg.kl_weight, cfg.kl_reduction),
+            FakeScoreLoss(schedule, cfg.fake_cfg_dropout))
+
+
 class Distiller:
     """Teacher ε_ψ, fake score ε_φ (teacher + LoRA), student ε_θ (+ EMA), their optimisers, and one step."""
 
@@ -52,7 +63,7 @@ class Distiller:
         self.student_params = list(student.parameters())
         self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)
         # -- teacher ε_ψ and fake score ε_φ on the same frozen weights
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+        lora = fake_lora(cfg)
         weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
         self.scores = TeacherAndFakeScore(unet.to(accelerator.device), schedule, lora, weight_dtype, cfg.batch_teacher_fake)
         if cfg.gradient_checkpointing:
@@ -72,8 +83,7 @@ class Distiller:
             Generator(student, student_schedule, self.timesteps), self.scores.base, adam(self.student_params, cfg.lr_student),
             adam(self.lora_params, cfg.lr_fake),
         )
-        self.student_loss = StudentLoss(schedule, cfg.guidance, cfg.vsd_t_min, cfg.vsd_t_max, cfg.kl_weight, cfg.kl_reduction)
-        self.fake_loss = FakeScoreLoss(schedule, cfg.fake_cfg_dropout)
+        self.student_loss, self.fake_loss = losses(cfg, schedule)
         # checkpoints hold the student, the LoRA and the EMA (save_weights), never a copy of the frozen teacher
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())

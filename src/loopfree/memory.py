@@ -160,14 +160,13 @@ def autocast(dtype: str) -> Iterator[None]:
 def parameter_counts(arch: Arch, cfg: DistillConfig) -> dict[str, int]:
     """Parameters of the UNet (student = teacher shape), the fake score's LoRA (``cfg``'s rank and targets), the
     text encoder(s) and the VAE; built on the meta device (nothing allocated)."""
-    from peft import LoraConfig
-
     from loopfree.archs import parameter_count
+    from loopfree.distiller import fake_lora
     from loopfree.scores import FAKE
 
     with torch.device("meta"):
         unet = arch.build("meta").requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets), FAKE)
+        unet.add_adapter(fake_lora(cfg), FAKE)
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
         base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
     return {"unet": base, "lora": lora, "text_encoders": sum(parameter_count(arch, "text_encoders")),
@@ -206,11 +205,8 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
     built as the :class:`~loopfree.distiller.Distiller` builds them: the student's graph (its forward and loss; the
     guided scores its loss asks for are measured apart), then, the student let go, the teacher + fake score's guided
     pass and the fake-score update's graph. One UNet's weights are in RAM at a time."""
-    from peft import LoraConfig
-
     from loopfree.bench import sd21_scheduler
-    from loopfree.distiller import WEIGHT_DTYPES, student_timesteps
-    from loopfree.objective import FakeScoreLoss, StudentLoss
+    from loopfree.distiller import WEIGHT_DTYPES, fake_lora, losses, student_timesteps
     from loopfree.sampler import Conditioning, Generator
     from loopfree.schedule import NoiseSchedule, sample_timesteps
     from loopfree.scores import TeacherAndFakeScore
@@ -226,7 +222,7 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     generator = Generator(student, NoiseSchedule.from_scheduler(scheduler, final_alpha), timesteps)
-    student_loss = StudentLoss(schedule, cfg.guidance, cfg.vsd_t_min, cfg.vsd_t_max, cfg.kl_weight, cfg.kl_reduction)
+    student_loss, fake_loss = losses(cfg, schedule)
     no_scores = lambda x_t, t: (torch.zeros(2, *x_t.shape), torch.zeros(2, *x_t.shape))  # noqa: E731
     with SavedTensors(student.parameters(), inputs) as graph:
         with autocast(cfg.dtype):
@@ -235,8 +231,7 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
     del student, generator, x0, eps
     gc.collect()
 
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
-    scores = TeacherAndFakeScore(arch.build(), schedule, lora, WEIGHT_DTYPES.get(cfg.dtype, torch.float32),
+    scores = TeacherAndFakeScore(arch.build(), schedule, fake_lora(cfg), WEIGHT_DTYPES.get(cfg.dtype, torch.float32),
                                  cfg.batch_teacher_fake)
     if cfg.gradient_checkpointing:
         scores.base.enable_gradient_checkpointing()
@@ -249,7 +244,7 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
             return scores.fake(x_t, t, cond.where(keep, uncond))
 
     with SavedTensors(scores.base.parameters(), inputs) as fake_graph:
-        FakeScoreLoss(schedule, cfg.fake_cfg_dropout)(x, fake)
+        fake_loss(x, fake)
     return Activations(graph.fixed, round((graph.bytes - graph.fixed) / batch), fake_graph.fixed,
                        round((fake_graph.bytes - fake_graph.fixed) / batch), round(guided.peak / batch))
 
@@ -272,10 +267,10 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     """Estimated memory of one distillation step per device, ``batch`` prompts at ``size`` (height, width) pixels,
     paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak; the
     total, held + the largest peak. ``measure_size``: measure activations there (pixels), extrapolate to ``size``."""
+    from loopfree.bench import train_config
     from loopfree.distiller import WEIGHT_DTYPES
 
-    cfg = DistillConfig(teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
-                        gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake)
+    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake)
     n = parameter_counts(arch, cfg)
     f = arch.vae_scale_factor
     at = measure_size or size
