@@ -14,7 +14,7 @@ from loopfree.analysis.features import similarity_rows
 from loopfree.analysis.interpolate import interpolation_latents, lerp, slerp
 from loopfree.analysis.noise import moments, statistics
 from loopfree.analysis.settings import Sampling
-from loopfree.split import decode, encode
+from loopfree.method.split import decode, encode
 from tiny import make_pipeline, make_unet, sdxl_added_cond
 
 
@@ -153,7 +153,7 @@ def test_quality_only_for_toy_world_models(pipe):
 def test_image_grid_labels_columns_and_enlarges():
     from PIL import Image
 
-    from loopfree.images import LINE, image_grid
+    from loopfree.utils.images import LINE, image_grid
 
     tiles = [[Image.new("RGB", (8, 8), (10 * i, 20 * j, 200)) for j in range(3)] for i in range(2)]
     plain = image_grid(tiles)

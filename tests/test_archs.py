@@ -2,7 +2,7 @@
 
 import pytest
 
-from loopfree.archs import ARCHS, parameter_count
+from loopfree.bench.archs import ARCHS, parameter_count
 
 CLIP_L, OPENCLIP_H, OPENCLIP_BIGG_PROJ, SD_VAE = 123_060_480, 340_387_840, 694_659_840, 83_653_863
 

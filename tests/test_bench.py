@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loopfree.archs import ARCHS
-from loopfree.bench import END_TO_END, UNET, count_flops, format_table, inference_rows
-from loopfree.split import decode, encode
+from loopfree.bench.archs import ARCHS
+from loopfree.bench.speed import END_TO_END, UNET, count_flops, format_table, inference_rows
+from loopfree.method.split import decode, encode
 from tiny import make_unet
 
 

@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from loopfree.cli.config_options import config_options
-from loopfree.config import DistillConfig, load_config, save_config
-from loopfree.errors import LoopfreeError
+from loopfree.training.config import DistillConfig, load_config, save_config
+from loopfree.utils.errors import LoopfreeError
 
 REQUIRED = {"teacher": "teacher_dir", "prompts": "prompts.txt", "out": "out_dir"}
 
@@ -104,7 +104,7 @@ def test_malformed_yaml_files(tmp_path):
         ("steps: 0", ["steps", "≥ 1"]),
         ("steps: 1", ["steps = 1", "one-step"]),
         ("vsd_t_max: 1000", ["vsd_t_max", "[0, 999]"]),
-        ("vsd_t_min: 500\nvsd_t_max: 400", ["vsd_t_min", "vsd_t_max"]),
+        ("vsd_t_min: 500\nt_max: 400", ["vsd_t_min", "vsd_t_max"]),
         ("timesteps: [900, 600, 1]", ["timesteps", "3 entries"]),
         ("timesteps: [900, 300, 600, 1]", ["timesteps", "decreasing"]),
         ("fake_cfg_dropout: 1.5", ["fake_cfg_dropout", "[0, 1]"]),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loopfree.data import PromptSet, PromptStream, load_prompts
-from loopfree.errors import LoopfreeError
+from loopfree.training.data import PromptSet, PromptStream, load_prompts
+from loopfree.utils.errors import LoopfreeError
 
 
 def _write(path: Path, text: str) -> Path:

@@ -20,7 +20,7 @@ from evalkit import (
 from test_metrics import _brute_force_prdc
 
 from loopfree.cli import main
-from loopfree.metrics import frechet_distance
+from loopfree.evaluation.metrics import frechet_distance
 
 
 def run(*args):
@@ -129,7 +129,7 @@ def test_propagate_with_every_step_a_key_step_gives_the_loop_images(assets, tmp_
     import numpy as np
     from PIL import Image
 
-    from loopfree.outputs import MARKER
+    from loopfree.utils.outputs import MARKER
 
     common = ["eval", "--model", assets["sd"], "--prompts", assets["prompts"], "--images-per-prompt", 2, "--steps", 3, "--guidance", 2.0,
               "--metrics", "clip", "--clip", assets["clip"]]

@@ -7,10 +7,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from loopfree.hoist import SHARED_TEXT, unsupported
-from loopfree.sampler import Conditioning, Generator, loop_free
-from loopfree.schedule import NoiseSchedule
-from loopfree.split import EncoderFeatures, decode, encode
+from loopfree.method.hoist import SHARED_TEXT, unsupported
+from loopfree.method.sampler import Conditioning, Generator, loop_free
+from loopfree.method.schedule import NoiseSchedule
+from loopfree.method.split import EncoderFeatures, decode, encode
 from tiny import make_scheduler, make_unet, sdxl_added_cond, unet_config
 
 TS = [751, 501, 251, 1]

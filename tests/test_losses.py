@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from loopfree.guidance import guided
-from loopfree.objective import fake_score_loss, kl_loss, vsd_loss
-from loopfree.schedule import diffuse, sample_timesteps
+from loopfree.method.guidance import guided
+from loopfree.method.objective import fake_score_loss, kl_loss, vsd_loss
+from loopfree.method.schedule import diffuse, sample_timesteps
 
 
 def _rand(*shape: int, seed: int) -> torch.Tensor:

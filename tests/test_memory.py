@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
 
-from loopfree.archs import ARCHS
+from loopfree.bench.archs import ARCHS
 from loopfree.cli import main
-from loopfree.config import DistillConfig
-from loopfree.memory import GIB, HELD, Activations, Float32Norms, LiveTensors, SavedTensors, measure, memory_rows, parameter_counts
+from loopfree.training.config import DistillConfig
+from loopfree.bench.memory import GIB, HELD, Activations, Float32Norms, LiveTensors, SavedTensors, measure, memory_rows, parameter_counts
 
 TINY = ARCHS["tiny"]
 

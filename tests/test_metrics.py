@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopfree.errors import LoopfreeError
-from loopfree.metrics import f1_score, frechet_distance, frechet_distance_from_stats, kernel_distance, prdc
+from loopfree.utils.errors import LoopfreeError
+from loopfree.evaluation.metrics import f1_score, frechet_distance, frechet_distance_from_stats, kernel_distance, prdc
 
 
 def test_fd_of_gaussian_samples_matches_closed_form():

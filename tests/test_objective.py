@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from loopfree.objective import FakeScoreLoss, StudentLoss, kl_loss
-from loopfree.schedule import NoiseSchedule
+from loopfree.method.objective import FakeScoreLoss, StudentLoss, kl_loss
+from loopfree.method.schedule import NoiseSchedule
 from tiny import make_scheduler
 
 SCHEDULE = NoiseSchedule.from_scheduler(make_scheduler())

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from loopfree.cli import main
-from loopfree.errors import LoopfreeError
-from loopfree.outputs import MARKER, OutputFolder, write_atomic, write_json
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.outputs import MARKER, OutputFolder, write_atomic, write_json
 
 
 def test_a_one_go_folder_appears_whole_or_not_at_all(tmp_path):

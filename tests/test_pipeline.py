@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from loopfree.loading import load_pipeline
-from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.pipelines.pipeline import LoopFreePipeline, LoopFreeXLPipeline
 from tiny import make_pipeline
 
 PROMPTS = ["a red cat", "a photo of the blue dog"]

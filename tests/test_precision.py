@@ -14,12 +14,12 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from loopfree.generate import generate_images
-from loopfree.loading import load_pipeline
-from loopfree.runtime import EAGER, compile_unet, passes, prepare_pipeline
-from loopfree.sampler import Conditioning, loop_free
-from loopfree.schedule import NoiseSchedule
-from loopfree.seeding import initial_noise
+from loopfree.pipelines.generate import generate_images
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.method.runtime import EAGER, compile_unet, passes, prepare_pipeline
+from loopfree.method.sampler import Conditioning, loop_free
+from loopfree.method.schedule import NoiseSchedule
+from loopfree.utils.seeding import initial_noise
 from loopfree.toy.assets import bundled
 from tiny import make_pipeline, make_scheduler, make_unet
 

@@ -11,9 +11,9 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from loopfree.cli import main
-from loopfree.sampler import FASTER_DIFFUSION_KEY_STEPS, Conditioning, check_key_steps, default_key_steps, loop_free, propagate
-from loopfree.schedule import NoiseSchedule, decoder_timesteps
-from loopfree.split import decode, encode
+from loopfree.method.sampler import FASTER_DIFFUSION_KEY_STEPS, Conditioning, check_key_steps, default_key_steps, loop_free, propagate
+from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
+from loopfree.method.split import decode, encode
 from tiny import make_pipeline, make_scheduler, make_unet, sdxl_added_cond
 
 PROMPTS = ["a red cat", "a photo of the blue dog"]

@@ -14,12 +14,12 @@ from accelerate import Accelerator
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from loopfree.checkpoint import MANIFEST, complete_checkpoints
+from loopfree.training.checkpoint import MANIFEST, complete_checkpoints
 from loopfree.cli import main
-from loopfree.distiller import Distiller
-from loopfree.errors import LoopfreeError
-from loopfree.loading import load_pipeline
-from loopfree.trainer import distill, validate
+from loopfree.training.distiller import Distiller
+from loopfree.utils.errors import LoopfreeError
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.training.trainer import distill, validate
 from tiny import distill_config as config
 from tiny import make_teacher_folder
 
@@ -181,7 +181,7 @@ def test_a_setting_added_since_a_run_was_saved_counts_as_its_default(teacher, tw
         del settings["fake_updates"]
         path.write_text(json.dumps(saved))
     manifest = json.loads((out / "checkpoints" / "checkpoint-00000002" / MANIFEST).read_text())
-    from loopfree.checkpoint import file_digest
+    from loopfree.training.checkpoint import file_digest
 
     state = out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"
     manifest["trainer_state.json"] = {"size": state.stat().st_size, "blake2b": file_digest(state)}

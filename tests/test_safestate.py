@@ -2,7 +2,7 @@
 
 import torch
 
-from loopfree.safestate import load_state, save_state
+from loopfree.utils.safestate import load_state, save_state
 
 
 def test_optimizer_state_roundtrip_continues_identically(tmp_path):

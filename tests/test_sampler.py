@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from loopfree.sampler import Conditioning, ddim_combine, loop_free
-from loopfree.schedule import NoiseSchedule, decoder_timesteps
-from loopfree.split import decode, encode
+from loopfree.method.sampler import Conditioning, ddim_combine, loop_free
+from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
+from loopfree.method.split import decode, encode
 from tiny import make_scheduler, make_unet
 
 
@@ -87,7 +87,7 @@ def test_loop_free_is_encoder_once_then_decoders(guidance):
 
 def test_one_step_generator_is_the_swiftbrush_reparameterisation():
     """K = 1, τ = [999], ā_final = 1 gives x_0 = (x_T - sqrt(1-ā_T) ε_θ(x_T, T)) / sqrt(ā_T) (SPEC §3)."""
-    from loopfree.sampler import Generator
+    from loopfree.method.sampler import Generator
 
     unet, sched = make_unet("sd"), make_scheduler()
     x_T, c = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
@@ -101,7 +101,7 @@ def test_one_step_generator_is_the_swiftbrush_reparameterisation():
 
 def test_ddim_loop_leaves_the_callers_scheduler_untouched():
     """bench shared one scheduler between rows and ddim_loop re-set its timesteps (module-level mutable state)."""
-    from loopfree.sampler import ddim_loop
+    from loopfree.method.sampler import ddim_loop
 
     scheduler = make_scheduler()
     scheduler.set_timesteps(4)

@@ -3,7 +3,7 @@
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from loopfree.scores import BASE, FAKE, lora_rows
+from loopfree.method.scores import BASE, FAKE, lora_rows
 
 
 class TwoLinear(torch.nn.Module):

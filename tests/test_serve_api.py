@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from loopfree.generate import generate_images
+from loopfree.pipelines.generate import generate_images
 from loopfree.serve.app import create_app
 from loopfree.serve.batcher import Batcher
 from loopfree.toy.assets import bundled

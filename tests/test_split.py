@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loopfree.split import decode, encode
+from loopfree.method.split import decode, encode
 from tiny import make_unet, sdxl_added_cond
 
 

@@ -70,6 +70,36 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
 
+#: folder → layer; a module may import from its own layer and the ones below (README "Layout")
+LAYERS = {"utils": 0, "method": 1, "toy": 1, "pipelines": 2, "training": 3, "bench": 4, "evaluation": 4,
+          "analysis": 5, "serve": 5, "demo": 5, "cli": 6}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return 7  # the package's lazy public names and ``python -m loopfree`` sit above everything
+    return LAYERS[parts[1]]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, targets in graph.items() for b in targets if layer(b) > layer(a))
+
+
+def test_upward_import_finder_finds_one():
+    assert upward_imports({"loopfree.method.x": {"loopfree.training.y"}, "loopfree.training.y": set()}) == [
+        ("loopfree.method.x", "loopfree.training.y")
+    ]
+
+
+def test_every_module_sits_in_a_layer_folder():
+    assert {m.split(".")[1] for m in import_graph() if m.count(".") >= 1} - {"__main__"} <= set(LAYERS)
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+    assert upward_imports(import_graph()) == []
+
+
 def test_library_code_does_not_depend_on_click():
     graph = import_graph()
     for path in ROOT.rglob("*.py"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 from loopfree.toy.classifier import (
     ToyClassifier,
     accuracy,
@@ -16,7 +16,7 @@ from loopfree.toy.classifier import (
     save_classifier,
     train_classifier,
 )
-from loopfree.toy.evaluate import evaluate_images, real_reference
+from loopfree.evaluation.toy import evaluate_images, real_reference
 from loopfree.toy.world import ToyWorld, heldout_prompts
 
 
@@ -53,7 +53,7 @@ def test_features_are_batched_consistently(classifier, fresh):
     feats = classifier.embed(x, batch_size=16)
     assert feats.shape == (40, 64)
     with torch.no_grad():
-        np.testing.assert_allclose(feats, classifier.features(x).double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(feats, classifier.features(x).double().numpy(), rtol=1e-5, atol=1e-4)  # fp32 roundoff of features up to ~40
     with pytest.raises(LoopfreeError):
         classifier.features(torch.zeros(2, 3, 32, 32))
 

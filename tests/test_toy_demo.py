@@ -13,12 +13,12 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from loopfree.cli import main
-from loopfree.errors import LoopfreeError
-from loopfree.images import LINE
-from loopfree.loading import load_pipeline
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.images import LINE
+from loopfree.pipelines.loading import load_pipeline
 from loopfree.toy.assets import bundled
-from loopfree.toy.curves import seed_curves
-from loopfree.toy.demo import METRICS, DemoConfig, format_table, run_demo, summarise
+from loopfree.demo.curves import seed_curves
+from loopfree.demo.demo import METRICS, DemoConfig, format_table, run_demo, summarise
 from loopfree.toy.world import heldout_prompts, parse_prompt
 
 
@@ -182,7 +182,7 @@ def test_demo_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
 def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     """Issue 10: each ablation row must be reproducible from the command line; the flags reach the students."""
     from loopfree.cli.demo import demo as command
-    from loopfree.toy.demo import student_config
+    from loopfree.demo.demo import student_config
     from loopfree.toy.settings import DEMO_DISTILL_KEYS
 
     flags = {p.name for p in command.params}
@@ -205,8 +205,8 @@ def test_students_trained_in_worker_processes_equal_those_trained_one_after_anot
     curves included, bit for bit."""
     from safetensors.torch import load_file
 
-    from loopfree.devices import cpu_threads
-    from loopfree.toy.demo import RowScorer, student_config, train_students
+    from loopfree.utils.devices import cpu_threads
+    from loopfree.demo.demo import RowScorer, student_config, train_students
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(heldout_prompts(64, seed=1)[:20]) + "\n")

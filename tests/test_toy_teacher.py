@@ -7,11 +7,11 @@ import torch
 from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 
-from loopfree.errors import LoopfreeError
-from loopfree.loading import load_pipeline
-from loopfree.pipeline import LoopFreePipeline
+from loopfree.utils.errors import LoopfreeError
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.pipelines.pipeline import LoopFreePipeline
 from loopfree.cli.toy import toy
-from loopfree.toy.teacher import TeacherConfig, train_teacher
+from loopfree.demo.teacher import TeacherConfig, train_teacher
 
 TINY = dict(
     threads=1, vae_channels=(8, 8, 8), vae_groups=4, vae_steps=2, vae_batch=4,

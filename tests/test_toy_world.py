@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 from loopfree.toy import world
 from loopfree.toy.tokenizer import build_tokenizer
 from loopfree.toy.world import (

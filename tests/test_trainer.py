@@ -15,9 +15,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from loopfree.cli import main
-from loopfree.loading import load_pipeline
-from loopfree.distiller import Distiller
-from loopfree.trainer import PromptEncoder, distill
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.training.distiller import Distiller
+from loopfree.training.trainer import PromptEncoder, distill
 from tiny import distill_config as config
 from tiny import make_teacher_folder
 

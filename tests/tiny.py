@@ -112,7 +112,7 @@ def make_vae(seed: int = 0) -> AutoencoderKL:
 
 def make_pipeline(root, kind: str = "sd", prediction_type: str = "epsilon"):
     """A tiny LoopFreePipeline (kind "sd") or LoopFreeXLPipeline (kind "sdxl") with random weights."""
-    from loopfree.pipeline import LoopFreePipeline, LoopFreeXLPipeline
+    from loopfree.pipelines.pipeline import LoopFreePipeline, LoopFreeXLPipeline
 
     tok = make_tokenizer(os.path.join(root, "tok"))
     parts = dict(vae=make_vae(), unet=make_unet(kind), scheduler=make_scheduler(prediction_type), tokenizer=tok)
@@ -136,7 +136,7 @@ def make_teacher_folder(root, kind: str = "sd", prediction_type: str = "epsilon"
 
 def distill_config(teacher_root, out, **kw):
     """A quick ``DistillConfig`` for the tiny teacher: batch 2, LoRA rank 4, 4 steps, checkpoint every 2."""
-    from loopfree.config import load_config
+    from loopfree.training.config import load_config
 
     base = dict(teacher=str(teacher_root / "pipe"), prompts=str(teacher_root / "prompts.txt"), out=str(out), batch_size=2,
                 lora_rank=4, log_with="none", checkpoint_every=2, max_steps=4, lr_student=1e-3)

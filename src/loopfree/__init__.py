@@ -17,14 +17,14 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _PUBLIC = {
-    "LoopFreePipeline": "loopfree.pipeline",
-    "LoopFreeXLPipeline": "loopfree.pipeline",
-    "load_pipeline": "loopfree.loading",
-    "inspect_pipeline": "loopfree.loading",
-    "DistillConfig": "loopfree.config",
-    "load_config": "loopfree.config",
-    "distill": "loopfree.trainer",
-    "LoopfreeError": "loopfree.errors",
+    "LoopFreePipeline": "loopfree.pipelines.pipeline",
+    "LoopFreeXLPipeline": "loopfree.pipelines.pipeline",
+    "load_pipeline": "loopfree.pipelines.loading",
+    "inspect_pipeline": "loopfree.pipelines.loading",
+    "DistillConfig": "loopfree.training.config",
+    "load_config": "loopfree.training.config",
+    "distill": "loopfree.training.trainer",
+    "LoopfreeError": "loopfree.utils.errors",
 }
 __all__ = sorted(_PUBLIC)
 

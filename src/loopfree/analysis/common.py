@@ -21,19 +21,19 @@ import torch
 from tqdm.auto import tqdm
 
 from loopfree.analysis.settings import Sampling
-from loopfree.errors import LoopfreeError
-from loopfree.outputs import OutputFolder
-from loopfree.seeding import derive_seed, initial_noise
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.outputs import OutputFolder
+from loopfree.utils.seeding import derive_seed, initial_noise
 
 #: images (N, 3, H, W) in [-1, 1], the prompt of each image → named scores (toy world: alignment, fd)
 Quality = Callable[[torch.Tensor, list[str]], dict[str, float]]
 
-TOY_SCORES = ("alignment", "fd")  # the toy world's figures the analyses report (loopfree.toy.evaluate)
+TOY_SCORES = ("alignment", "fd")  # the toy world's figures the analyses report (loopfree.evaluation.toy)
 
 
 def check_models(*models: str) -> list[str]:
     """Absolute paths of pipeline folders that pass the loading gate's cheap checks (nothing is loaded)."""
-    from loopfree.loading import inspect_pipeline
+    from loopfree.pipelines.loading import inspect_pipeline
 
     for model in models:
         inspect_pipeline(model)
@@ -72,8 +72,8 @@ def start(command: str, model: str | None, bundled_default: str, steps: list[int
           overwrite: bool, clip: str | None = None) -> Run:
     """Check the model folder (default: the bundled ``bundled_default``), steps, prompts, ``--out`` and the
     ``clip`` folder (``--clip``, optional) before loading the model; then load it and its quality figure."""
-    from loopfree.devices import resolve_device
-    from loopfree.loading import inspect_pipeline
+    from loopfree.utils.devices import resolve_device
+    from loopfree.pipelines.loading import inspect_pipeline
     from loopfree.toy.assets import bundled
 
     model = str(Path(model or bundled(bundled_default)).absolute())
@@ -94,7 +94,7 @@ def start(command: str, model: str | None, bundled_default: str, steps: list[int
 
 def prompt_list(setup: Sampling) -> list[str]:
     """The first ``num_prompts`` prompts of the prompt file, or the toy world's held-out evaluation prompts."""
-    from loopfree.data import load_prompts
+    from loopfree.training.data import load_prompts
     from loopfree.toy.world import heldout_prompts
 
     if setup.num_prompts < 1 or setup.images_per_prompt < 1 or setup.batch_size < 1:
@@ -123,8 +123,8 @@ def quiet_loading() -> Iterator[None]:
 
 def load(model: str, setup: Sampling):
     """The pipeline on ``setup``'s device and dtype, its own progress bar off (the analyses show theirs)."""
-    from loopfree.devices import resolve_device, resolve_dtype
-    from loopfree.loading import load_pipeline
+    from loopfree.utils.devices import resolve_device, resolve_dtype
+    from loopfree.pipelines.loading import load_pipeline
 
     device = resolve_device(setup.device)
     with quiet_loading():
@@ -228,7 +228,7 @@ def toy_quality(pipe, prompts: list[str]) -> Quality | None:
     if not is_toy_world(pipe):
         return None
     from loopfree.toy.classifier import load_classifier
-    from loopfree.toy.evaluate import evaluate_images
+    from loopfree.evaluation.toy import evaluate_images
     from loopfree.toy.world import parse_prompt
 
     for prompt in prompts:

@@ -20,9 +20,9 @@ from loopfree.analysis.capture import AdjacentSimilarity, unet_features
 from loopfree.analysis.common import (
     Quality, batches, initial_latents, per_image, progress, sample_batch, start, to_images,
 )
-from loopfree.figures import figure, save_figure
+from loopfree.utils.figures import figure, save_figure
 from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, Sampling
-from loopfree.outputs import write_json
+from loopfree.utils.outputs import write_json
 
 
 def similarity_rows(pipe, steps: list[int], setup: Sampling, prompts: list[str], quality: Quality | None = None,

@@ -19,10 +19,10 @@ import torch
 
 from loopfree.analysis.common import check_models, initial_latents, load, output_folder, progress, to_images, to_pil
 from loopfree.analysis.settings import COLUMNS, FROM, INTERPOLATE, METHODS, ROWS, TO, Sampling
-from loopfree.errors import LoopfreeError
-from loopfree.images import image_grid
-from loopfree.outputs import save_image, write_json
-from loopfree.sampler import Conditioning
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.images import image_grid
+from loopfree.utils.outputs import save_image, write_json
+from loopfree.method.sampler import Conditioning
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:

@@ -22,12 +22,12 @@ import torch
 from loopfree.analysis.common import (
     batches, check_models, conditioning, initial_latents, load, output_folder, per_image, progress, prompt_list,
 )
-from loopfree.figures import figure, save_figure
+from loopfree.utils.figures import figure, save_figure
 from loopfree.analysis.settings import NOISE, Sampling
-from loopfree.objective import kl_loss
-from loopfree.outputs import write_json
-from loopfree.sampler import loop_free, propagate
-from loopfree.schedule import NoiseSchedule
+from loopfree.method.objective import kl_loss
+from loopfree.utils.outputs import write_json
+from loopfree.method.sampler import loop_free, propagate
+from loopfree.method.schedule import NoiseSchedule
 
 HISTOGRAM_RANGE = (-5.0, 5.0)
 BINS = 200

@@ -10,7 +10,7 @@ from typing import Any
 class Sampling:
     """How an analysis samples: which prompts, how many images of each, seeds, guidance, batches, device."""
 
-    prompts: str | None = None  # a prompt file (loopfree.data.load_prompts); default: the toy world's held-out prompts
+    prompts: str | None = None  # a prompt file (loopfree.training.data.load_prompts); default: the toy world's held-out prompts
     num_prompts: int = 16
     images_per_prompt: int = 4
     seed: int = 0

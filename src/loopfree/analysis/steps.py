@@ -20,10 +20,10 @@ from pathlib import Path
 
 from loopfree.analysis.common import initial_latents, per_image, progress, sample, start, to_images, to_pil
 from loopfree.analysis.settings import STEPS, STUDENT_STEPS, Sampling
-from loopfree.images import image_grid
-from loopfree.outputs import save_image, write_json
-from loopfree.sampler import default_key_steps
-from loopfree.timing import synchronize
+from loopfree.utils.images import image_grid
+from loopfree.utils.outputs import save_image, write_json
+from loopfree.method.sampler import default_key_steps
+from loopfree.utils.timing import synchronize
 
 GRID_COLUMNS = 6
 

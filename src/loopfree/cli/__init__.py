@@ -5,7 +5,7 @@
     loopfree generate "a red circle on a white background"
     loopfree distill --teacher path/to/sd21-base --prompts prompts.txt --out runs/tiue
 
-Library code raises :class:`~loopfree.errors.LoopfreeError` for bad input; here, and only here, it becomes
+Library code raises :class:`~loopfree.utils.errors.LoopfreeError` for bad input; here, and only here, it becomes
 one line on stderr and exit code 2 (``Interrupted``: 128 + the signal number).
 """
 
@@ -16,7 +16,7 @@ import logging
 
 import click
 
-from loopfree.errors import Interrupted, LoopfreeError
+from loopfree.utils.errors import Interrupted, LoopfreeError
 
 #: command name -> "module:attribute"
 COMMANDS = {

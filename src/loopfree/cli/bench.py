@@ -13,7 +13,7 @@ from dataclasses import asdict
 import click
 
 from loopfree.cli import options
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 
@@ -44,10 +44,10 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
           gradient_checkpointing, batch_teacher_fake, memory, measure_resolution) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
-    from loopfree.archs import ARCHS
-    from loopfree.bench import format_table, inference_rows, train_rows
-    from loopfree.devices import resolve_device, resolve_dtype
-    from loopfree.pipeline import check_size
+    from loopfree.bench.archs import ARCHS
+    from loopfree.bench.speed import format_table, inference_rows, train_rows
+    from loopfree.utils.devices import resolve_device, resolve_dtype
+    from loopfree.pipelines.pipeline import check_size
 
     spec = ARCHS[arch]
     height, width = resolution or (spec.resolution, spec.resolution)
@@ -88,7 +88,7 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
 
 def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json) -> None:
     """``--train --memory``: the estimate's table (or JSON). The measurement runs on the CPU whatever --device says."""
-    from loopfree.memory import format_memory_table, memory_rows
+    from loopfree.bench.memory import format_memory_table, memory_rows
 
     rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size)
     height, width = size

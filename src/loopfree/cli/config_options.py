@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal, TypeVar, get_args, get_origin, get_ty
 
 import click
 
-from loopfree.config import DistillConfig, _without_none
+from loopfree.training.config import DistillConfig, _without_none
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,7 +12,7 @@ import click
 
 from loopfree.cli import options
 from loopfree.cli.config_options import config_options
-from loopfree.config import DistillConfig
+from loopfree.training.config import DistillConfig
 from loopfree.toy.settings import DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
 
 _DEMO = DemoConfig()
@@ -45,8 +45,8 @@ def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_p
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from loopfree.devices import cpu_threads
-    from loopfree.toy.demo import format_table, run_demo
+    from loopfree.utils.devices import cpu_threads
+    from loopfree.demo.demo import format_table, run_demo
 
     cfg = DemoConfig(out=out, max_steps=max_steps, students=tuple(s.strip() for s in students.split(",") if s.strip()),
                      train_seeds=train_seeds, num_prompts=num_prompts, images_per_prompt=images_per_prompt, teacher=teacher,

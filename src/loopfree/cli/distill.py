@@ -10,7 +10,7 @@ import click
 
 from loopfree.cli import options
 from loopfree.cli.config_options import config_options
-from loopfree.config import DistillConfig
+from loopfree.training.config import DistillConfig
 
 ALIASES = {
     "--decoder-steps": ("--steps", None),
@@ -26,8 +26,8 @@ def distill(config, **overrides) -> None:
     """Distil a teacher pipeline into a loop-free (TiUE) or one-step student from text prompts alone."""
     from accelerate import PartialState
 
-    from loopfree.config import load_config
-    from loopfree.trainer import distill as run
+    from loopfree.training.config import load_config
+    from loopfree.training.trainer import distill as run
 
     out = run(load_config(config, overrides))
     if PartialState().is_main_process:

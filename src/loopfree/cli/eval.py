@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from loopfree.cli import options
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: fid,kid,clip,pr,dc,latency; toy: alignment,fid,pr,dc,latency)."
 

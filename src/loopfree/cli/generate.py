@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from loopfree.cli import options
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 
 @click.command(cls=options.Command, aliases={"--num-images": ("--images-per-prompt", None)})
@@ -40,7 +40,7 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
             raise LoopfreeError("give --resolution or the deprecated --height/--width, not both")
         resolution = (height, width)
 
-    from loopfree.generate import generate_images
+    from loopfree.pipelines.generate import generate_images
 
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from loopfree.cli import options
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve] extra
 

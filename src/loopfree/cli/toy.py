@@ -31,7 +31,7 @@ def train_teacher(out, vae_steps, max_steps, minutes, batch_size, lr, probe_ever
     """Train the toy teacher and save it as a Stable Diffusion pipeline folder in OUT/pipeline."""
     import logging
 
-    from loopfree.toy.teacher import TeacherConfig, train_teacher as run
+    from loopfree.demo.teacher import TeacherConfig, train_teacher as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = TeacherConfig(seed=seed, threads=threads, vae_steps=vae_steps, unet_steps=max_steps, minutes=minutes,

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopfree.errors import LoopfreeError, first_line
+from loopfree.utils.errors import LoopfreeError, first_line
 from loopfree.evaluation.features import file_sha256
 from loopfree.evaluation.settings import CLIP_REPOS
-from loopfree.loading import check_safetensors
+from loopfree.pipelines.loading import check_safetensors
 
 
 def _weights(folder: Path, hint: str) -> list[Path]:

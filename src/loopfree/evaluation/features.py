@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.settings import INCEPTION_URL
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

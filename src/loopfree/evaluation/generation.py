@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from loopfree.outputs import save_image, write_atomic
-from loopfree.seeding import derive_seed, initial_noise
-from loopfree.timing import synchronize
+from loopfree.utils.outputs import save_image, write_atomic
+from loopfree.utils.seeding import derive_seed, initial_noise
+from loopfree.utils.timing import synchronize
 
 MANIFEST = "manifest.jsonl"
 

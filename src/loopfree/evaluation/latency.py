@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from loopfree.evaluation.generation import Job, Sampling, initial_latents
-from loopfree.timing import measure
+from loopfree.utils.timing import measure
 
 WARMUP = 2
 

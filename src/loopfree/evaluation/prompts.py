@@ -3,7 +3,7 @@
     source = prompt_source("captions_val2014.json", field=None, seed=0)
     indices = source.select(30_000, seed=0)      # a seeded subset; image i of prompt p depends on p, not on the subset
 
-Every source ``loopfree distill`` reads (:func:`loopfree.data.load_prompts`: txt, jsonl, csv, parquet, datasets
+Every source ``loopfree distill`` reads (:func:`loopfree.training.data.load_prompts`: txt, jsonl, csv, parquet, datasets
 folders) plus COCO captions JSON and DrawBench / PartiPrompts CSV/TSV; without a file, the toy world's held-out
 prompts (already a seeded draw, so a subset is their first N, as in ``loopfree demo``).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,6 @@ def prompt_source(path: str | None, field: str | None, seed: int) -> PromptSourc
         from loopfree.toy.world import heldout_prompts
 
         return PromptSource(f"the toy world's {EVAL_POOL} held-out prompts (seed {seed})", heldout_prompts(EVAL_POOL, seed), True)
-    from loopfree.data import load_prompts
+    from loopfree.training.data import load_prompts
 
     return PromptSource(os.path.abspath(path), load_prompts(path, field).prompts)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from loopfree.outputs import write_atomic
+from loopfree.utils.outputs import write_atomic
 
 CACHE = "reference"
 

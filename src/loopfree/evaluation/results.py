@@ -11,8 +11,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from loopfree.errors import LoopfreeError
-from loopfree.outputs import write_atomic, write_json
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.outputs import write_atomic, write_json
 
 RESULTS = "results.json"
 #: (metric key, column header, decimals); a column appears when some run has the metric

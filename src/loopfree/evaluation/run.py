@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.features import InceptionExtractor, extract, file_sha256, find_images, image_batches
 from loopfree.evaluation.generation import Job, Sampling, generate, missing, plan_jobs, write_manifest
 from loopfree.evaluation.prompts import PromptSource, prompt_source
@@ -68,7 +68,7 @@ def weights_hashes(folder: str) -> dict[str, str]:
 
 
 def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None):
-    from loopfree.loading import inspect_pipeline
+    from loopfree.pipelines.loading import inspect_pipeline
 
     try:
         info = inspect_pipeline(path)
@@ -80,7 +80,7 @@ def _inspect(flag: str, path: str, height: int | None = None, width: int | None 
 
 def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     """Check the options every process can check, and derive the jobs (no weights loaded, nothing written)."""
-    from loopfree.devices import resolve_dtype
+    from loopfree.utils.devices import resolve_dtype
     from loopfree.toy.assets import bundled
 
     model = os.path.abspath(cfg.model) if cfg.model else str(bundled("student"))
@@ -109,7 +109,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
 
 
 def _load(path: str, plan: Plan):
-    from loopfree.loading import load_pipeline
+    from loopfree.pipelines.loading import load_pipeline
 
     pipe = load_pipeline(path, dtype=plan.dtype).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
@@ -157,7 +157,7 @@ def _missing_indices(folder: Path, jobs: list[Job]) -> list[int]:
 
 def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
     """Main process: check the rest, open the output folder, plan the missing images (returned for all processes)."""
-    from loopfree.outputs import OutputFolder
+    from loopfree.utils.outputs import OutputFolder
 
     cfg = plan.cfg
     weights = weights_hashes(plan.model)
@@ -166,7 +166,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
     extractor = None
     if cfg.needs_reference or "alignment" in cfg.metrics:
         if cfg.features == "toy":
-            from loopfree.toy.evaluate import ToyExtractor
+            from loopfree.evaluation.toy import ToyExtractor
 
             extractor = ToyExtractor()
         else:
@@ -235,7 +235,7 @@ def _score(plan: Plan, held: Setup) -> dict:
                             lambda: extract(extractor, image_batches(files, resolution, "features"), held.clip, prompts))
     reference, real, where = held.reference, None, None
     if reference and reference.get("toy"):
-        from loopfree.toy.evaluate import real_reference
+        from loopfree.evaluation.toy import real_reference
 
         real = extractor.outputs(real_reference(prompts, cfg.seed))
     elif reference:
@@ -248,7 +248,7 @@ def _score(plan: Plan, held: Setup) -> dict:
     if held.clip is not None:
         metrics.update(clip_score=float(fake["clip"].mean()), clip_score_std=float(fake["clip"].std()))
     if "alignment" in cfg.metrics:
-        from loopfree.toy.evaluate import toy_scores
+        from loopfree.evaluation.toy import toy_scores
 
         metrics.update(toy_scores(fake, prompts, real if reference and reference.get("toy") else None))
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
@@ -269,7 +269,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     """Generate and score; the results on the main process (None on the others)."""
     from accelerate import PartialState
 
-    from loopfree.devices import resolve_device
+    from loopfree.utils.devices import resolve_device
 
     state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     device = state.device if state.num_processes > 1 else resolve_device(cfg.device)

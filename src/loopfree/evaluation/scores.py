@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from loopfree.evaluation.settings import KID_SUBSET_SIZE, KID_SUBSETS, PRDC_K
-from loopfree.metrics import frechet_distance, kernel_distance, prdc
+from loopfree.evaluation.metrics import frechet_distance, kernel_distance, prdc
 
 
 def distribution_scores(real: np.ndarray, fake: np.ndarray, metrics: tuple[str, ...], k: int = PRDC_K, seed: int = 0,

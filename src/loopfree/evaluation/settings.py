@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 FEATURES = ("inception", "toy")
 METRICS = ("fid", "kid", "clip", "pr", "dc", "latency", "alignment")

@@ -22,8 +22,8 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from loopfree.devices import cpu_threads
-from loopfree.errors import LoopfreeError
+from loopfree.utils.devices import cpu_threads
+from loopfree.utils.errors import LoopfreeError
 from loopfree.serve.batcher import Batcher
 from loopfree.serve.engine import Engine, check_models, load_engine
 from loopfree.serve.page import CSS, build_page

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from loopfree.devices import resolve_device, resolve_dtype
-from loopfree.errors import LoopfreeError
-from loopfree.loading import PipelineInfo, inspect_pipeline, load_pipeline
-from loopfree.seeding import initial_noise
+from loopfree.utils.devices import resolve_device, resolve_dtype
+from loopfree.utils.errors import LoopfreeError
+from loopfree.pipelines.loading import PipelineInfo, inspect_pipeline, load_pipeline
+from loopfree.utils.seeding import initial_noise
 from loopfree.toy.assets import bundled
 
 

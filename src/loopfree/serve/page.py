@@ -13,8 +13,8 @@ import gradio as gr
 from PIL import Image
 from pydantic import ValidationError
 
-from loopfree.errors import LoopfreeError
-from loopfree.pipeline import MODES
+from loopfree.utils.errors import LoopfreeError
+from loopfree.pipelines.pipeline import MODES
 from loopfree.serve.batcher import Batcher, Closed, QueueFull
 from loopfree.serve.engine import Engine, Picture
 from loopfree.serve.schemas import MAX_IMAGES, ImageRequest, Order, resolve, validation_message

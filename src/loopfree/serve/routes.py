@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from loopfree.errors import LoopfreeError, first_line
+from loopfree.utils.errors import LoopfreeError, first_line
 from loopfree.serve.batcher import Batcher, Closed, QueueFull
 from loopfree.serve.engine import Engine
 from loopfree.serve.schemas import ImageRequest, resolve, validation_message

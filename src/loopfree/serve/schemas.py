@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from loopfree.errors import LoopfreeError
-from loopfree.pipeline import MODES
-from loopfree.seeding import derive_seed
+from loopfree.utils.errors import LoopfreeError
+from loopfree.pipelines.pipeline import MODES
+from loopfree.utils.seeding import derive_seed
 from loopfree.serve.engine import Engine, Item, Settings
 
 MAX_IMAGES = 10  # n per request, as in the OpenAI API

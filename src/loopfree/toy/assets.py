@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 #: Shipped folders under ``loopfree/assets``.
 ASSETS = ("classifier", "teacher", "student")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 from loopfree.toy.assets import asset_path
 from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, Attributes, ToyWorld, attribute_labels
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from loopfree.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError
 
 IMAGE_SIZE = 64
 

@@ -1,0 +1,253 @@
+"""``loopfree demo``: the whole method on the bundled toy teacher, in minutes on a CPU.
+
+    loopfree demo --out loopfree-demo
+
+1. Distil the bundled teacher into students with the real ``loopfree distill`` machinery (prompts
+   only; the attribute combinations of the evaluation prompts are kept out of the training prompts).
+2. Sample a fixed held-out prompt set, several seeds per prompt, from the teacher (50- and 4-step
+   DDIM with guidance, and 50-step encoder propagation — Faster Diffusion's default key steps, the
+   training-free way to share the encoder) and from every student (one pass, no guidance), all from the
+   same x_T.
+3. Score every row against the toy world's ground truth with ``loopfree eval``'s toy backend (the same
+   seeds, PNG-exact images, extractor and metric functions: :mod:`loopfree.evaluation.toy`) and write
+   ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
+   trained N times and the table gives mean ± spread over them (the README's long run).
+
+Finished students are reused and interrupted ones resume, so the same command can be run again. With two or more
+torch threads the students train side by side, one process and one thread each (:func:`train_students`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from loopfree.training.config import DistillConfig, load_config
+from loopfree.utils.errors import LoopfreeError
+from loopfree.evaluation.generation import Job, Sampling, batches, plan_jobs
+from loopfree.evaluation.generation import sample as sample_batch
+from loopfree.evaluation.scores import distribution_scores
+from loopfree.utils.images import image_grid
+from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+from loopfree.utils.outputs import OutputFolder, save_image, write_atomic, write_json
+from loopfree.toy.assets import bundled
+from loopfree.demo.curves import plot_curves, seed_curves
+from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
+from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
+from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
+from loopfree.training.trainer import distill
+
+METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
+GRID_COLUMNS = 8
+GRID_SCALE = 3  # 192-pixel cells: room for each column's attributes above it
+BATCH = 64  # images per pipeline call (``loopfree eval --batch-size 64`` reproduces a row bit for bit)
+
+
+def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
+    """The ``loopfree distill`` configuration of one student run."""
+    return DistillConfig(
+        teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
+        max_steps=cfg.max_steps, seed=seed, eval_every=cfg.eval_every,
+        **{"guidance": cfg.guidance, **TOY_DISTILL, **cfg.distill, **STUDENTS[kind][1]},
+    )
+
+
+def finished(config: DistillConfig) -> bool:
+    """Whether ``config.out`` holds the finished student of ``config``; an error if it holds a run
+    with other settings (a run that only stopped earlier is resumed, or continued to more steps)."""
+    saved = Path(config.out) / "distill_config.yaml"
+    if not saved.is_file():
+        return False
+    previous = load_config(saved)
+    same = dict(max_steps=config.max_steps, eval_every=config.eval_every, resume=None)
+    if dataclasses.replace(previous, **same) != dataclasses.replace(config, resume=None):
+        raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
+    if previous.max_steps > config.max_steps:
+        raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --max-steps {config.max_steps}")
+    return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
+
+
+def sample(pipe, jobs: list[Job], sampling: Sampling) -> tuple[np.ndarray, float]:
+    """The images of ``jobs`` as uint8 (N, 64, 64, 3), exactly what ``loopfree eval`` writes as PNGs, and the
+    denoising time per image in ms (text encoding, UNet passes and sampler; the VAE decode is not timed)."""
+    images, seconds = [], 0.0
+    for batch in batches(jobs, BATCH):
+        pil, spent = sample_batch(pipe, batch, sampling, pipe.device)
+        images += [np.asarray(im) for im in pil]
+        seconds += spent
+    return np.stack(images), 1000.0 * seconds / len(jobs)
+
+
+def summarise(name: str, runs: list[dict[str, float]]) -> dict:
+    """One table row: the mean of each metric over ``runs`` (training seeds) and its spread (sample
+    standard deviation; null for a single run)."""
+    row: dict = {"name": name, "runs": len(runs)}
+    for key in (*METRICS, "unet_ms_per_image"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        row[key] = float(values.mean())
+        row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+    row["per_attribute_accuracy"] = {k[len("accuracy_"):]: float(np.mean([r[k] for r in runs])) for k in runs[0] if k.startswith("accuracy_")}
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table, ``mean ± spread`` where there are several runs."""
+    def cell(row: dict, key: str) -> str:
+        digits = 0 if key == "unet_ms_per_image" else 3
+        text = f"{row[key]:.{digits}f}"
+        return text + (f" ± {row[key + '_std']:.{digits}f}" if row.get(key + "_std") is not None else "")
+
+    keys = (*METRICS, "unet_ms_per_image")
+    table = [["", *[k.replace("unet_ms_per_image", "unet ms/img") for k in keys]]]
+    table += [[row["name"], *[cell(row, k) for k in keys]] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table)
+
+
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
+    """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
+    teacher_path = os.path.abspath(cfg.teacher) if cfg.teacher else str(bundled("teacher"))
+    try:
+        inspect_pipeline(teacher_path)
+    except LoopfreeError as e:
+        raise LoopfreeError(f"--teacher: {e}") from None
+    # what decides the students: a rerun with these settings continues the folder, others are refused
+    identity = dict(teacher=teacher_path, seed=cfg.seed, guidance=cfg.guidance, distill_prompts=cfg.distill_prompts,
+                    distill=cfg.distill)
+    folder = OutputFolder(cfg.out, "demo", identity, overwrite=overwrite, resumable=True)
+    out = folder.final
+    pool = heldout_prompts(EVAL_POOL, seed=cfg.seed)
+    prompts = pool[: cfg.num_prompts]
+    prompts_file = out / f"distill_prompts-{cfg.distill_prompts}-seed{cfg.seed}.txt"
+    configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file) for s in range(cfg.train_seeds)]
+               for kind in cfg.students}
+    todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]  # checked before writing
+    lacking = [c.out for group in configs.values() for c in group if cfg.eval_every and c not in todo
+               and not (Path(c.out) / "eval.jsonl").is_file()]
+    if lacking:
+        raise LoopfreeError(f"{lacking[0]} was trained without --eval-every: its learning curve needs another --out")
+    teacher = load_pipeline(teacher_path)
+    teacher.set_progress_bar_config(disable=True)
+    with folder:
+        return _train_and_score(cfg, folder.final, teacher, teacher_path, configs, todo, prompts, pool, prompts_file)
+
+
+class RowScorer:
+    """The demo's evaluation: its jobs (prompts × images, per-image seeds) and their scores as ``loopfree eval
+    --features toy`` computes them. Called as ``(pipe, step)`` it is distillation's learning-curve hook. Picklable:
+    the classifier and the real images' features are built on first use, in whichever process scores."""
+
+    def __init__(self, pool: list[str], num_prompts: int, images_per_prompt: int, seed: int, size: int):
+        self.jobs = plan_jobs(pool, list(range(num_prompts)), images_per_prompt, seed)  # as `loopfree eval --features toy`
+        self.aligned, self.seed, self.size = [j.prompt for j in self.jobs], seed, size
+        self._reference: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reference": None}
+
+    def scores(self, images: np.ndarray, metrics: tuple[str, ...] = ("fid", "pr", "dc")) -> dict[str, float]:
+        """Scores of ``images`` (uint8, one per job)."""
+        if self._reference is None:
+            extractor = ToyExtractor()
+            self._reference = extractor, extractor.outputs(real_reference(self.aligned, self.seed))
+        extractor, real = self._reference
+        fake = extractor(images)
+        return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
+
+    def __call__(self, pipe, step: int) -> dict[str, float]:
+        """The EMA student's scores during distillation (``eval.jsonl``): the rows' images, fd alone of the
+        distribution scores."""
+        pipe.set_progress_bar_config(disable=True)
+        sampling = Sampling(self.size, self.size, "loop_free", len(pipe.decoder_timesteps), None, 1.0)
+        return self.scores(sample(pipe, self.jobs, sampling)[0], ("fid",))
+
+
+def _worker_started(counter, threads: int) -> None:
+    with counter.get_lock():
+        position, counter.value = counter.value, counter.value + 1
+    os.environ["TQDM_POSITION"] = str(position)  # one progress line per worker
+    torch.set_num_threads(threads)
+
+
+def train_students(todo: list[DistillConfig], curve: RowScorer | None) -> None:
+    """Distil every configuration in ``todo`` (resuming where a run stopped). With several runs and several torch
+    threads, the runs go to worker processes, one thread each: the toy UNet's small kernels use two cores better
+    as two processes than as two threads. Each run is seeded by its configuration alone, so the students equal
+    those trained one after another with one thread (tested)."""
+    workers = min(len(todo), torch.get_num_threads())
+    if workers < 2:
+        for config in todo:
+            distill(dataclasses.replace(config, resume="auto"), curve)
+        return
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("i", 0)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
+                             initargs=(counter, torch.get_num_threads() // workers)) as pool:
+        for future in [pool.submit(distill, dataclasses.replace(c, resume="auto"), curve) for c in todo]:
+            future.result()
+
+
+def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, configs: dict, todo: list, prompts: list[str],
+                     pool: list[str], prompts_file: Path) -> list[dict]:
+    size = inspect_pipeline(teacher_path).default_size
+    scorer = RowScorer(pool, len(prompts), cfg.images_per_prompt, cfg.seed, size)
+    # -- students: one distillation per kind and training seed
+    if not prompts_file.is_file():
+        write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
+    train_students(todo, scorer if cfg.eval_every else None)
+    runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
+
+    # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
+    # (the propagate row: the same DDIM steps with Faster Diffusion's default key steps, the decoder alone elsewhere)
+    teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)),
+                    (f"teacher {cfg.teacher_steps}-step propagate", Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance)),
+                    ("teacher 4-step DDIM", Sampling(size, size, "loop", 4, None, cfg.guidance))]
+    names, rows, grid_rows = [], [], []
+    bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
+
+    def score(pipe, sampling: Sampling) -> tuple[dict[str, float], list[Image.Image]]:
+        """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
+        images, ms = sample(pipe, scorer.jobs, sampling)
+        bar.update()
+        shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
+        return {**scorer.scores(images), "unet_ms_per_image": ms}, shown
+
+    for name, call in teacher_rows:
+        scores, shown = score(teacher, call)
+        names.append(name)
+        rows.append(summarise(name, [scores]))
+        grid_rows.append(shown)
+    for kind, dirs in runs.items():
+        runs_scores = []
+        for directory in dirs:
+            student = load_pipeline(directory)
+            student.set_progress_bar_config(disable=True)
+            scores, shown = score(student, Sampling(size, size, "loop_free", len(student.decoder_timesteps), None, 1.0))
+            runs_scores.append(scores)
+            if len(runs_scores) == 1:  # the grid shows the first training seed
+                grid_rows.append(shown)
+        names.append(STUDENTS[kind][0])
+        rows.append(summarise(names[-1], runs_scores))
+    bar.close()
+
+    # -- outputs
+    shown_prompts = [parse_prompt(p) for p in prompts[:GRID_COLUMNS]]
+    columns = [f"{a.size} {a.colour} {a.shape}, {a.position}, {a.background}" for a in shown_prompts]
+    save_image(out / "grid.png", image_grid(grid_rows, names, columns, scale=GRID_SCALE))
+    if cfg.eval_every:
+        curves = {STUDENTS[kind][0]: seed_curves([d / "eval.jsonl" for d in dirs]) for kind, dirs in runs.items()}
+        write_json(out / "curves.json", {"eval_every": cfg.eval_every, "students": curves})
+        teachers = {row["name"]: {**row, "accuracy": float(np.mean(list(row["per_attribute_accuracy"].values())))}
+                    for row in rows[: len(teacher_rows)]}
+        plot_curves(curves, teachers, out / "curves.png")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    write_json(out / "metrics.json", {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts})
+    return rows

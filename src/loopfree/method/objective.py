@@ -1,0 +1,105 @@
+"""The TiUE distillation objective (SPEC §3), in the paper's symbols. The trainer owns everything else.
+
+Each iteration the student ε_θ makes x_0 in one pass, with its K·B noise predictions ε^k (SPEC §2). Then
+
+    L_θ = L_vsd + λ_KL · L_KL                                 (StudentLoss: paper Eqs. 5, 12-13)
+    L_φ = mean((sqrt(ā_t) (ε_φ(x_t, t, c) - ε))²)             (FakeScoreLoss, on sg(x_0))
+
+``ScorePair`` is what the objective needs of the two frozen-base networks: given (x_t, t), the teacher's and
+the fake score's noise predictions, each as [unconditional; conditional] along a leading axis of 2 — the
+objective applies the guidance itself. ā_t is per item, (B,); every loss is computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from loopfree.method.guidance import guided
+from loopfree.method.schedule import NoiseSchedule, diffuse, sample_timesteps
+
+#: (x_t, t) -> (ε_ψ, ε_φ), each (2, B, C, H, W) = [unconditional; conditional]
+ScorePair = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: (x_t, t, keep_prompt (B,) bool) -> ε_φ (B, C, H, W): the fake score, prompt replaced by "" where not kept
+FakeScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_item(alpha_bar_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) → (B, 1, …, 1) in float32, to broadcast against ``like``."""
+    return alpha_bar_t.float().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def vsd_loss(x0: torch.Tensor, eps_teacher: torch.Tensor, eps_fake: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Variational score distillation: a loss whose gradient on x_0 is g / x0.numel(). Its value means nothing."""
+    # SPEC §3.2: g = (1 - ā_t)(ε_ψ - ε_φ), non-finite → 0
+    g = (1 - _per_item(alpha_bar_t, x0)) * (eps_teacher.float() - eps_fake.float())
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+    # SPEC §3.2: L_vsd = 0.5 · mean((x_0 - sg(x_0 - g))²)
+    return 0.5 * ((x0.float() - (x0.float() - g).detach()) ** 2).mean()
+
+
+def kl_loss(eps: torch.Tensor, reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+    """KL(N(μ, s²) ‖ N(0, 1)) of a scalar Gaussian fitted to each of the N = K·B noise predictions (N, C, H, W).
+
+    ``sum`` over the N items is the authors' form (λ = 0.1), whose weight grows with K·B; ``mean`` is
+    batch-independent: sum with λ equals mean with λ·N, so the paper's setting (λ 0.1, K 4, 8 prompts per
+    device) is mean with λ = 3.2.
+    """
+    flat = eps.float().flatten(1)
+    mu, s2 = flat.mean(dim=1), flat.var(dim=1, correction=1)
+    # SPEC §3.3: KL = 0.5 (μ² + s² - log s² - 1)
+    kl = 0.5 * (mu**2 + s2 - s2.log() - 1)
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "mean":
+        return kl.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def fake_score_loss(eps_fake: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Denoising loss of the fake score on the detached student latents."""
+    # SPEC §3.5: L_mse = mean((sqrt(ā_t)(ε_φ(x_t, t, c) - ε))²)
+    return ((_per_item(alpha_bar_t, eps_fake).sqrt() * (eps_fake.float() - eps.float())) ** 2).mean()
+
+
+@dataclass
+class StudentLoss:
+    """L_vsd + λ_KL · L_KL for a student sample x_0 and its noise predictions ε^k."""
+
+    schedule: NoiseSchedule
+    guidance: float = 4.5  # w on teacher and fake score (paper: 4.5)
+    t_min: int = 20  # VSD timesteps t ~ U{t_min, …, t_max} (paper: 20, 980)
+    t_max: int = 980
+    kl_weight: float = 0.1  # λ_KL (paper: 0.1 with reduction "sum"; 0: the w/o-KL ablation)
+    kl_reduction: Literal["sum", "mean"] = "sum"
+
+    def __call__(self, x0: torch.Tensor, eps_student: torch.Tensor, scores: ScorePair) -> dict[str, torch.Tensor]:
+        """``x0`` (B, C, H, W) with gradient, ``eps_student`` (K, B, C, H, W); returns loss, vsd and kl."""
+        t = sample_timesteps(x0.shape[0], self.t_min, self.t_max, device=x0.device)
+        alpha_bar = self.schedule.alpha_bar(t).float()
+        x_t = diffuse(x0.detach(), torch.randn_like(x0), alpha_bar)  # SPEC §3.2: fresh ε'
+        with torch.no_grad():
+            eps_psi, eps_phi = scores(x_t, t)
+        eps_teacher, eps_fake = guided(*eps_psi, self.guidance), guided(*eps_phi, self.guidance)
+        vsd = vsd_loss(x0, eps_teacher, eps_fake, alpha_bar)
+        kl = kl_loss(eps_student.flatten(0, 1), self.kl_reduction)
+        return {"loss": vsd + self.kl_weight * kl, "vsd": vsd, "kl": kl}
+
+
+@dataclass
+class FakeScoreLoss:
+    """The fake score's denoising loss on sg(x_0), with the prompt dropped to "" at a rate (for guidance)."""
+
+    schedule: NoiseSchedule
+    prompt_dropout: float = 0.1  # p of the empty prompt (paper: 0.1)
+
+    def __call__(self, x0: torch.Tensor, fake: FakeScore) -> torch.Tensor:
+        B = x0.shape[0]
+        t = sample_timesteps(B, 0, self.schedule.num_train_timesteps - 1, device=x0.device)  # SPEC §3.5: U{0, …, 999}
+        alpha_bar = self.schedule.alpha_bar(t).float()
+        eps = torch.randn_like(x0)
+        x_t = diffuse(x0.detach(), eps, alpha_bar)
+        keep = torch.rand(B, device=x0.device) >= self.prompt_dropout
+        return fake_score_loss(fake(x_t, t, keep), eps, alpha_bar)

@@ -1,0 +1,101 @@
+"""The noise-schedule maths in one place (SPEC §1-2): ā_t, the forward process, v ↔ ε, DDIM steps.
+
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    x_t = diffuse(x_0, eps, schedule.alpha_bar(t))
+    taus = decoder_timesteps(pipe.scheduler.config, 4)      # SD2.1-base: [751, 501, 251, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from loopfree.utils.errors import LoopfreeError
+
+
+@dataclass
+class NoiseSchedule:
+    """ā_t of the teacher's training scheduler, ā_final, and its prediction type (SPEC §1)."""
+
+    alphas_cumprod: torch.Tensor  # (num_train_timesteps,), float64
+    final_alpha_cumprod: float  # 1.0 if set_alpha_to_one else ā_0
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    @classmethod
+    def from_scheduler(cls, scheduler, final_alpha_cumprod: float | None = None) -> "NoiseSchedule":
+        """From any diffusers scheduler's config; ``final_alpha_cumprod`` overrides ā_final (one-step: 1.0)."""
+        ddim = DDIMScheduler.from_config(scheduler.config)
+        if ddim.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise LoopfreeError(f"prediction_type {ddim.config.prediction_type!r} is not supported (epsilon, v_prediction)")
+        final = float(ddim.final_alpha_cumprod) if final_alpha_cumprod is None else final_alpha_cumprod
+        return cls(ddim.alphas_cumprod.double(), final, ddim.config.prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """ā at integer timesteps (float64, on t's device); t < 0 means 'after the last step' (ā_final)."""
+        t = torch.as_tensor(t)
+        final = torch.tensor(self.final_alpha_cumprod, dtype=torch.float64)
+        return torch.where(t.cpu() >= 0, self.alphas_cumprod[t.clamp(min=0).cpu()], final).to(t.device)
+
+    def to_epsilon(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Noise prediction from the model output: v → ε = sqrt(ā) v + sqrt(1-ā) x_t; t scalar or per item (B,)."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        ab = self.alpha_bar(t).to(x_t.device, torch.float32)
+        ab = ab.reshape(-1, *[1] * (x_t.ndim - 1)) if ab.ndim else ab
+        return (ab.sqrt() * model_output + (1 - ab).sqrt() * x_t).to(model_output.dtype)
+
+    def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
+        """One DDIM (η = 0) step from t to t_prev (t_prev < 0: to ā_final), given the noise prediction ε.
+
+        ``x ← a x + b ε``, ``a = sqrt(ā_prev/ā)``, ``b = sqrt(ā_prev)(sqrt(1/ā_prev - 1) - sqrt(1/ā - 1))``
+        (SPEC §2, paper Eqs. 7-10).
+        """
+        ab, ab_prev = self.alpha_bar(t).item(), self.alpha_bar(t_prev).item()
+        a = (ab_prev / ab) ** 0.5
+        b = ab_prev**0.5 * ((1 / ab_prev - 1) ** 0.5 - (1 / ab - 1) ** 0.5)
+        return a * x + b * eps
+
+
+def diffuse(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Forward process q(x_t | x_0): x_t = sqrt(ā_t) x_0 + sqrt(1 - ā_t) ε, ā_t per item (B,)."""
+    a = alpha_bar_t.float().reshape(-1, *([1] * (x0.ndim - 1)))
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype)
+
+
+def sample_timesteps(
+    batch: int, t_min: int, t_max: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``batch`` integer timesteps from U{t_min, ..., t_max}, both bounds inclusive (SPEC §3)."""
+    if not 0 <= t_min <= t_max:
+        raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+    return torch.randint(t_min, t_max + 1, (batch,), generator=generator, device=device)
+
+
+def decoder_timesteps(scheduler_config, num_steps: int) -> list[int]:
+    """The teacher's DDIM timesteps for ``num_steps`` steps (SD2.1-base, 4 → [751, 501, 251, 1])."""
+    num_train = int(scheduler_config["num_train_timesteps"])
+    if not 1 <= num_steps <= num_train:
+        raise LoopfreeError(f"the number of steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_steps}")
+    ddim = DDIMScheduler.from_config(scheduler_config)
+    ddim.set_timesteps(num_steps)
+    return [int(t) for t in ddim.timesteps]
+
+
+def check_timesteps(timesteps: list[int], num_train_timesteps: int) -> list[int]:
+    """``timesteps`` as ints if they are a non-empty, strictly decreasing list within [0, num_train_timesteps)."""
+    ts = [int(t) for t in timesteps]
+    if not ts:
+        raise LoopfreeError("timesteps is empty")
+    if any(float(a) != b for a, b in zip(timesteps, ts)):
+        raise LoopfreeError(f"timesteps must be integers, got {list(timesteps)}")
+    if any(not 0 <= t < num_train_timesteps for t in ts):
+        raise LoopfreeError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {ts}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise LoopfreeError(f"timesteps must be strictly decreasing, got {ts}")
+    return ts

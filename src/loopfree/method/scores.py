@@ -1,0 +1,109 @@
+"""The frozen teacher ε_ψ and the fake score ε_φ, sharing one UNet (SPEC §3).
+
+The fake score is the teacher with a LoRA adapter named ``fake_score`` switched on (paper: r 64, alpha 108,
+on ``to_q``/``to_v``), so a run holds two UNets (student, teacher), not three. Both guided passes can run as
+one UNet call: rows routed to peft's ``__base__`` skip the LoRA (the teacher), the others use it.
+
+    scores = TeacherAndFakeScore(unet, schedule, LoraConfig(r=64, lora_alpha=108, target_modules=["to_q", "to_v"]))
+    eps_psi, eps_phi = scores.pair(x_t, t, cond, uncond)       # each (2, B, C, H, W): [uncond; cond]
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from loopfree.method.sampler import Conditioning
+from loopfree.method.schedule import NoiseSchedule
+
+FAKE = "fake_score"  # the LoRA adapter's name
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch: the frozen base, i.e. the teacher
+
+
+@contextmanager
+def lora_rows(model: torch.nn.Module, adapter_names: list[str]) -> Iterator[None]:
+    """Inside, row b of every LoRA layer's input goes through adapter ``adapter_names[b]`` (``__base__``: none).
+
+    peft's mixed-batch inference passes ``adapter_names`` to each ``LoraLayer.forward``; models that peft does
+    not wrap (diffusers' ``add_adapter``) have no public way to pass it, so it is handed to the LoRA layers by
+    forward pre-hooks that live only for the ``with`` block. ``tests/test_scores.py`` pins the peft behaviour
+    this relies on.
+    """
+
+    def pass_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapter_names}
+
+    handles = [m.register_forward_pre_hook(pass_names, with_kwargs=True) for m in model.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class TeacherAndFakeScore:
+    """ε_ψ and ε_φ on one frozen base UNet; only the LoRA (``params``) trains."""
+
+    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, lora: LoraConfig,
+                 weight_dtype: torch.dtype = torch.float32, batch_pair: bool = True):
+        self.schedule, self.batch_pair = schedule, batch_pair
+        base = unet.requires_grad_(False)
+        if weight_dtype != torch.float32:
+            base.to(weight_dtype)  # the frozen weights in the compute dtype; the LoRA stays float32
+        base.add_adapter(lora, FAKE)
+        cast_training_params(base, dtype=torch.float32)
+        self.base = base
+        self.trainable: torch.nn.Module = base  # the fake score for training steps (the trainer wraps it for DDP)
+        self.params = [p for p in base.parameters() if p.requires_grad]
+
+    @contextmanager
+    def teacher(self) -> Iterator[None]:
+        """Inside, the base UNet is the teacher (adapters off)."""
+        self.base.disable_adapters()
+        try:
+            yield
+        finally:
+            self.base.enable_adapters()
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The UNet's noise prediction (adapters as currently routed) in float32, v-predictions converted."""
+        unet = model if model is not None else self.base
+        dtype = self.base.dtype
+        out = unet(x_t.to(dtype), t, c.text.to(dtype), added_cond_kwargs=c.added).sample.float()
+        return self.schedule.to_epsilon(out, x_t, t)
+
+    def fake(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """ε_φ with gradients to the LoRA, through the (possibly DDP-wrapped) trainable module."""
+        return self.eps(x_t, t, c, self.trainable)
+
+    @torch.no_grad()
+    def pair(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_ψ, ε_φ), each (2, B, …) = [unconditional; conditional], for classifier-free guidance.
+
+        The unconditional and conditional halves always share a call; with ``batch_pair`` the teacher's and the
+        fake score's passes share one too (teacher rows skip the LoRA), else they are two calls.
+        """
+        c = Conditioning.cat([uncond, cond])
+        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        if self.batch_pair:
+            with lora_rows(self.base, [BASE] * len(x2) + [FAKE] * len(x2)):
+                eps = self.eps(torch.cat([x2, x2]), torch.cat([t2, t2]), Conditioning.cat([c, c]))
+            eps_teacher, eps_fake = eps.chunk(2)
+        else:
+            with self.teacher():
+                eps_teacher = self.eps(x2, t2, c)
+            eps_fake = self.eps(x2, t2, c)
+        return torch.stack(eps_teacher.chunk(2)), torch.stack(eps_fake.chunk(2))
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.base, adapter_name=FAKE)
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(self.base, state, adapter_name=FAKE)

@@ -1,0 +1,2 @@
+"""The student as diffusers pipelines (``pipeline``), the checked loading gate (``loading``) and ``loopfree
+generate`` (``generate``)."""

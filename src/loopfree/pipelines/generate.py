@@ -1,0 +1,61 @@
+"""Generate images for one prompt into an output folder (``loopfree generate``).
+
+    generate_images("a red circle on a white background", out="images", images_per_prompt=4)
+
+Image i gets x_T from ``derive_seed(seed, 0, i)``, so the same seed gives the same images whatever the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loopfree.utils.outputs import OutputFolder, save_image, write_json
+from loopfree.utils.seeding import derive_seed, initial_noise
+
+BATCH = 8  # images per pipeline call
+
+
+def generate_images(
+    prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
+    seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
+    mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
+    key_steps: list[int] | None = None,
+) -> Path:
+    """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
+
+    ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``compile``: ``torch.compile`` the encoder and the decoder
+    (:func:`loopfree.method.runtime.prepare_pipeline`)."""
+    from loopfree.utils.devices import resolve_device, resolve_dtype
+    from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+    from loopfree.method.runtime import prepare_pipeline
+    from loopfree.toy.assets import bundled
+
+    model = str(model) if model is not None else str(bundled("student"))
+    info = inspect_pipeline(model)  # cheap checks first: nothing is loaded or written if they fail
+    height, width = resolution or (info.default_size, info.default_size)
+    info.check_size(height, width)
+    plan = info.plan_steps(mode, steps, timesteps, key_steps)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    settings = dict(prompt=prompt, model=os.path.abspath(model), images_per_prompt=images_per_prompt, seed=seed,
+                    mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile)
+    folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
+
+    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype), dev, compile)
+    pipe.set_progress_bar_config(disable=True)
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    seeds = [derive_seed(seed, 0, i) for i in range(images_per_prompt)]
+    with folder:
+        files = []
+        for start in range(0, images_per_prompt, BATCH):
+            chunk = seeds[start : start + BATCH]
+            latents = initial_noise(chunk, shape, dev, pipe.unet.dtype)
+            images = pipe([prompt] * len(chunk), latents=latents, height=height, width=width, mode=mode, guidance_scale=guidance,
+                          num_inference_steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps).images
+            for i, image in enumerate(images, start):
+                files.append(f"{i:03d}.png")
+                save_image(folder.path / files[-1], image)
+        write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps,
+                                                        device=str(dev), seeds=seeds, files=files))
+    return folder.final

@@ -1,0 +1,329 @@
+"""``loopfree distill``: distil a teacher into a TiUE (or one-step) student from text prompts alone (SPEC §3).
+
+    loopfree distill --teacher path/to/sd21-base --prompts prompts.txt --out runs/tiue --max-steps 20000
+    accelerate launch --multi_gpu --num_processes 8 -m loopfree distill --config distill.yaml
+
+The loop: prompts → conditioning → :meth:`Distiller.step` (objective: :mod:`loopfree.method.objective`), with
+checkpoints (:mod:`loopfree.training.checkpoint`), SIGTERM/SIGINT handling, validation grids and logging. ``--out``
+follows :class:`~loopfree.utils.outputs.OutputFolder`: a run is continued only with ``--resume`` and the settings
+that decide it; a changed one is refused by name, harmless ones (run length, logging, …) are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from loopfree.training.checkpoint import STATE, find_checkpoint, save_checkpoint
+from loopfree.training.config import DistillConfig, save_config
+from loopfree.training.data import PromptStream, load_prompts
+from loopfree.training.distiller import Distiller
+from loopfree.utils.errors import Interrupted, LoopfreeError
+from loopfree.utils.images import image_grid
+from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+from loopfree.utils.outputs import OutputFolder, changed_keys, save_image
+from loopfree.method.sampler import Conditioning
+
+#: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
+HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every", "eval_every",
+            "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
+            "gradient_checkpointing")
+
+
+def identity_defaults() -> dict:
+    """Each setting's default: a run saved before a setting existed ran with it (for comparing identities)."""
+    return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
+
+
+def run_identity(cfg: DistillConfig) -> dict:
+    """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in HARMLESS and k != "out"}
+    return {**values, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
+
+
+class PromptEncoder:
+    """Prompts → (conditional, unconditional) conditioning through the teacher's frozen text encoder(s).
+
+    The unconditional side is the same for every prompt, so it is encoded once; with ``cache`` every prompt is too.
+    """
+
+    def __init__(self, pipe, device: torch.device, resolution: int, cache: bool):
+        self.pipe, self.device, self.size = pipe, device, (resolution, resolution)
+        self.cache: dict[str, Conditioning] | None = {} if cache else None
+        with torch.no_grad():
+            self.uncond = pipe.encode_conditioning([""], None, 1, True, device, self.size)[1]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return self.pipe.encode_conditioning(prompts, None, 1, False, self.device, self.size)[0]
+
+    def __call__(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        if self.cache is None:
+            cond = self._encode(prompts)
+        else:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+            if missing:
+                encoded = self._encode(missing)
+                self.cache.update((p, encoded.rows(i, i + 1)) for i, p in enumerate(missing))
+            cond = Conditioning.cat([self.cache[p] for p in prompts])
+        return cond, self.uncond.repeat(len(prompts))
+
+
+def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path | None]:
+    """Everything that can be wrong with the user's input, checked before anything is loaded or written; the
+    image size, the prompts, the output folder and the (verified) checkpoint to resume from."""
+    try:
+        info = inspect_pipeline(cfg.teacher)
+    except LoopfreeError as e:
+        raise LoopfreeError(f"teacher: {e}") from None
+    prompts = load_prompts(cfg.prompts, cfg.prompt_field).prompts
+    resolution = cfg.resolution or info.default_size
+    try:
+        info.check_size(resolution, resolution)
+    except LoopfreeError as e:
+        raise LoopfreeError(f"--resolution: {e}") from None
+    if cfg.dtype == "fp16" and not torch.cuda.is_available():
+        raise LoopfreeError("fp16 mixed precision needs a CUDA device; use --dtype bf16 on a CPU")
+    if cfg.log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise LoopfreeError("--log-with wandb needs the wandb package: pip install wandb")
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise LoopfreeError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True, defaults=identity_defaults())
+    if folder.resuming and cfg.resume is None:
+        raise LoopfreeError(f"--out {cfg.out} holds a distillation with these settings: pass --resume latest to continue it "
+                            "or --overwrite to start again")
+    # every process of the launch reads the same checkpoint; it must hold their RNG states
+    checkpoint = find_checkpoint(out, cfg.resume, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE).read_text())
+        changed = changed_keys(state["identity"], run_identity(cfg), identity_defaults())
+        if changed:
+            raise LoopfreeError(f"checkpoint {checkpoint} was made with other settings ({', '.join(changed)}): they would alter the run")
+    return resolution, prompts, folder, checkpoint
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops."""
+
+    signum = 0
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """SIGTERM/SIGINT set the flag inside; the previous handlers are back afterwards (so Ctrl-C works again)."""
+    flag, previous = StopFlag(), {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, flag.handle)
+    except ValueError:  # not the main thread: signals stay with whoever owns them
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """The global random states (python, numpy, torch) seeded inside are restored afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+#: (student pipeline, step) -> scores; called on the main process every ``eval_every`` steps (learning curves)
+Evaluation = Callable[[object, int], dict[str, float]]
+
+
+def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
+    """Run the whole distillation described by ``cfg``; returns the folder of the final pipeline. With
+    ``evaluate`` and ``cfg.eval_every``, the EMA student is scored along the way (``eval.jsonl``)."""
+    resolution, prompts, folder, checkpoint = check_inputs(cfg)
+    with preserved_rng():
+        acc = Accelerator(
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # CPU data parallel uses gloo
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.log_with == "none" else cfg.log_with,
+            project_config=ProjectConfiguration(project_dir=str(folder.final), logging_dir=str(folder.final / "logs")),
+        )
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise LoopfreeError(f"{acc.distributed_type.value} is not supported: every process holds the whole student, its EMA "
+                                "and optimiser state (data parallel); launch with --multi_gpu (README: what fits in memory)")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
+        acc.wait_for_everyone()  # every process has checked --out before the main one writes to it
+        with folder if acc.is_main_process else nullcontext():
+            return _train(cfg, acc, folder.final, resolution, prompts, checkpoint, evaluate)
+
+
+def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, prompts: list[str], checkpoint: Path | None,
+           evaluate: Evaluation | None) -> Path:
+    main = acc.is_main_process
+    # -- models: same initial weights on every process, then a different random stream per process
+    set_seed(cfg.seed)
+    pipe = load_pipeline(cfg.teacher)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False).to(acc.device)
+    distiller = Distiller(cfg, pipe.unet, pipe.scheduler, acc, resolution // pipe.vae_scale_factor)
+    set_seed(cfg.seed, device_specific=True)
+    stream = PromptStream(prompts, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+    encode = PromptEncoder(pipe, acc.device, resolution, cfg.cache_prompt_embeds)
+    validation_prompts = cfg.validation_prompts or prompts[:4]
+
+    # -- resume: weights, optimisers, RNG states (accelerate), EMA, data position, step
+    step = 0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE).read_text())
+        acc.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        distiller.load_weights(checkpoint, state["ema_step"])
+        stream.load_state_dict(state["stream"])
+        step = state["step"]
+        if main:
+            record_changes(out, state["config"], cfg, step)
+    if main:
+        save_config(cfg, out / "distill_config.yaml")
+    if cfg.log_with != "none":
+        acc.init_trackers("loopfree", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+
+    def checkpoint_now() -> None:
+        state = {"stream": stream.state_dict(), "ema_step": distiller.ema.optimization_step,
+                 "identity": run_identity(cfg), "config": dataclasses.asdict(cfg)}
+        save_checkpoint(acc, distiller, out, step, state, cfg.checkpoints_total_limit)
+
+    def score_now() -> None:
+        if not (evaluate and cfg.eval_every and step % cfg.eval_every == 0 and main):
+            return
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):  # the evaluation's draws leave the training stream alone
+            scores = evaluate(student_pipeline(pipe, distiller, ema=True), step)
+        acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scores}) + "\n")
+
+    if checkpoint is None:
+        score_now()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="distill", unit="step", disable=not main)
+    t_last = time.perf_counter()
+    with stop_on_signals() as stop:
+        while step < cfg.max_steps:
+            cond, uncond = encode(stream.next_batch())
+            logs = distiller.step(cond, uncond)
+            step += 1
+            now = time.perf_counter()
+            logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
+            acc.log(logs, step=step)
+            bar.update()
+            bar.set_postfix(vsd=f"{logs['loss/vsd']:.3g}", kl=f"{logs['loss/kl']:.3g}", fake=f"{logs['loss/fake_mse']:.3g}")
+            if cfg.validate_every and step % cfg.validate_every == 0 and main:
+                validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", step, resolution, acc)
+            score_now()
+            signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
+            if signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                checkpoint_now()
+            if signum:
+                bar.close()
+                acc.end_training()
+                raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
+    bar.close()
+    if cfg.checkpoint_every and not (out / "checkpoints" / f"checkpoint-{step:08d}").is_dir():
+        checkpoint_now()
+    check_replicas_agree(distiller, acc)
+
+    # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
+    if main:
+        publish_pipeline(student_pipeline(pipe, distiller, ema=cfg.save_ema), out)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
+
+
+def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int) -> None:
+    """Append the harmless options that differ from the checkpoint's run to ``resumes.jsonl``."""
+    now = dataclasses.asdict(cfg)
+    changed = {k: [saved.get(k), now[k]] for k in HARMLESS if saved.get(k) != now[k] and k not in ("resume", "overwrite")}
+    with open(out / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}) + "\n")
+
+
+def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
+    """Data-parallel replicas must hold the same student: compare a checksum across processes."""
+    checksum = torch.stack([p.detach().double().sum() for p in distiller.student_params]).sum().reshape(1)
+    sums = acc.gather(checksum.to(acc.device)).cpu()
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"student weights differ across processes: checksums {sums.tolist()}")
+    if acc.num_processes > 1 and acc.is_main_process:
+        print(f"{acc.num_processes} processes hold identical student weights (checksum {sums[0].item():.10g})")
+
+
+def student_pipeline(pipe, distiller: Distiller, ema: bool):
+    """A pipeline of the teacher's components with the student UNet (a copy with EMA weights if ``ema``)."""
+    unet = distiller.student
+    if ema:
+        unet = copy.deepcopy(unet)
+        distiller.ema.copy_to(unet.parameters())
+    student = type(pipe)(**{**pipe.components, "unet": unet})
+    student.decoder_timesteps = distiller.timesteps
+    student.final_alpha_cumprod = distiller.final_alpha
+    return student
+
+
+def publish_pipeline(pipe, out: Path) -> None:
+    """Save ``pipe`` into ``out`` beside the run's other files; ``model_index.json`` goes in last, so a folder
+    that has it holds a whole pipeline."""
+    staging = out / ".tmp-pipeline"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)
+    (out / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+@torch.no_grad()
+def validate(pipe, distiller: Distiller, prompts: list[str], path: Path, step: int, resolution: int, acc: Accelerator,
+             seeds: int = 4) -> None:
+    """A grid of the current student's samples at the training resolution: one row per prompt, one column per seed."""
+    student = student_pipeline(pipe, distiller, ema=False)
+    student.set_progress_bar_config(disable=True)
+    rows = []
+    for prompt in prompts:
+        gens = [torch.Generator(acc.device).manual_seed(s) for s in range(seeds)]
+        rows.append(student([prompt] * seeds, generator=gens, height=resolution, width=resolution).images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = image_grid(rows)
+    save_image(path, grid)
+    for tracker in acc.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
