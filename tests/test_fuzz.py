@@ -142,7 +142,7 @@ NUMBERS = [
     (["distill", "--lr-student", "-1"], "lr_student"),
     (["distill", "--guidance", "nan"], "guidance"),
     (["distill", "--kl-weight", "-0.5"], "kl_weight"),
-    (["distill", "--vsd-t-max", "1000"], "vsd_t_max"),
+    (["distill", "--t-max", "1000"], "t_max"),
     (["distill", "--resolution", "62"], "multiple of 4"),
     (["distill", "--timesteps", "700,900"], "timesteps"),
     (["demo", "--num-prompts", "0"], "--num-prompts must be in 1..64"),

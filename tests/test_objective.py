@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loopfree.method.objective import FakeScoreLoss, StudentLoss, kl_loss
+from loopfree.method.objective import SiD, VSD, FakeScoreLoss, StudentLoss, kl_loss, regression_loss
 from loopfree.method.schedule import NoiseSchedule
 from tiny import make_scheduler
 
@@ -41,7 +41,7 @@ def test_student_loss_gradient_is_guided_vsd_plus_weighted_kl(kl_weight, reducti
     ref = eps_student.detach().clone().requires_grad_(True)
     (kl_weight * kl_loss(ref.flatten(0, 1), reduction)).backward()
     assert torch.allclose(eps_student.grad, ref.grad, atol=1e-7)
-    assert torch.allclose(out["loss"], out["vsd"] + kl_weight * out["kl"])
+    assert torch.allclose(out["loss"], out["score"] + kl_weight * out["kl"])
     # x_t is a fresh noising of sg(x_0) at t ∈ [20, 980]
     assert ((t >= 20) & (t <= 980)).all() and not x_t.requires_grad
 
@@ -79,3 +79,84 @@ def test_fake_score_loss_by_hand_and_prompt_dropout_rate():
         loss(x0, fake)
     dropped = 1 - torch.cat([keep for _, _, keep in calls]).float().mean().item()
     assert abs(dropped - 0.25) < 0.03
+
+
+def linear_scores(seen: list):
+    """A ScorePair whose predictions are affine in x_t (gradients flow), teacher and fake with other weights."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.rand(4, 1, 4, 1, 1, generator=g) + 0.5  # psi_u, psi_c, phi_u, phi_c scales per channel
+    b = torch.randn(4, 1, 4, 1, 1, generator=g)
+
+    def scores(x_t, t):
+        seen.append((x_t.detach().clone(), t.clone()))
+        eps = w * x_t + b
+        return eps[:2], eps[2:]
+
+    return scores, w, b
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.2])
+def test_sid_gradient_equals_autograd_of_the_papers_x0_form(alpha):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 5, 5, requires_grad=True)
+    seen = []
+    scores, w, b = linear_scores(seen)
+    loss = StudentLoss(SCHEDULE, SiD(alpha), guidance=2.0, guidance_fake=0.5, kl_weight=0.0)
+    loss(x0, torch.randn(4, 3, 4, 5, 5), scores)["loss"].backward()
+    (x_t_seen, t), = seen
+    # the independent form: x_t = a x0 + s ε' with the recorded ε'; f = (x_t - s ε̂(x_t)) / a; SiD's loss on it
+    ab = SCHEDULE.alpha_bar(t).double().reshape(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    ref = x0.detach().double().clone().requires_grad_(True)
+    noise = (x_t_seen.double() - a * ref.detach()) / s
+    x_t = a * ref + s * noise
+    eps = w.double() * x_t + b.double()
+    eps_psi = eps[0] + 2.0 * (eps[1] - eps[0])
+    eps_phi = eps[2] + 0.5 * (eps[3] - eps[2])
+    f_psi, f_phi = (x_t - s * eps_psi) / a, (x_t - s * eps_phi) / a
+    per_item = ((f_psi - f_phi) * (f_psi - ref) - alpha * (f_psi - f_phi) ** 2).sum((1, 2, 3)) / 100
+    weight = 1 / (ref - f_psi).abs().mean((1, 2, 3)).detach()
+    (weight * per_item).mean().backward()
+    torch.testing.assert_close(x0.grad.double(), ref.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_sid_gradient_vanishes_where_the_fake_score_is_the_teacher():
+    x0 = torch.randn(2, 4, 5, 5, requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(2, 1, 4, 1, 1, generator=g)
+
+    def same(x_t, t):
+        eps = w * x_t
+        return eps, eps.clone()
+
+    StudentLoss(SCHEDULE, SiD(), kl_weight=0.0)(x0, torch.randn(4, 2, 4, 5, 5), same)["loss"].backward()
+    assert x0.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("w_psi, w_phi", [(1.0, 0.0), (1.0, -1.0), (1.5, 1.5)])  # Zero-CFG, Anti-CFG, LSG
+def test_teacher_and_fake_score_take_their_own_guidance(w_psi, w_phi):
+    x0 = torch.randn(3, 4, 5, 5, requires_grad=True)
+    seen = []
+    scores, psi, phi = fixed_scores(seen)
+    StudentLoss(SCHEDULE, guidance=w_psi, guidance_fake=w_phi, kl_weight=0.0)(x0, torch.randn(4, 3, 4, 5, 5), scores)["loss"].backward()
+    ab = SCHEDULE.alpha_bar(seen[0][1]).float().reshape(-1, 1, 1, 1)
+    by_hand = (1 - ab) * ((psi[0] + w_psi * (psi[1] - psi[0])) - (phi[0] + w_phi * (phi[1] - phi[0]))) / x0.numel()
+    assert torch.allclose(x0.grad, by_hand, atol=1e-6)
+
+
+def test_vsd_sees_no_gradient_through_the_scores_and_sid_does():
+    for score_loss, through in ((VSD(), False), (SiD(), True)):
+        seen_grad = []
+
+        def scores(x_t, t):
+            seen_grad.append(x_t.requires_grad and torch.is_grad_enabled())
+            return torch.ones(2, *x_t.shape) * x_t, torch.zeros(2, *x_t.shape) * x_t
+
+        StudentLoss(SCHEDULE, score_loss)(torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(4, 2, 4, 5, 5), scores)
+        assert seen_grad == [through]
+
+
+def test_regression_loss_gradient_by_hand():
+    x0, target = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(2, 4, 3, 3)
+    regression_loss(x0, target).backward()
+    assert torch.allclose(x0.grad, 2 * (x0.detach() - target) / x0.numel())

@@ -102,7 +102,9 @@ def test_learning_curves_end_at_the_rows_scores(short_demo):
         row = next(r for r in rows if r["name"] == name)
         assert curve["alignment"]["steps"] == [0, 1, 2]
         for metric in ("alignment", "fd", "diversity"):
-            assert curve[metric]["mean"][-1] == pytest.approx(row[metric], abs=1e-9) and curve[metric]["std"] == [0, 0, 0]
+            # the curve's images come from a one-thread worker, the row's from the two-thread main process: float
+            # roundoff differs (and fd of 6 images, a square root of a rank-deficient covariance, magnifies it)
+            assert curve[metric]["mean"][-1] == pytest.approx(row[metric], rel=1e-3) and curve[metric]["std"] == [0, 0, 0]
         assert curve["accuracy"]["mean"][-1] == pytest.approx(np.mean(list(row["per_attribute_accuracy"].values())))
     assert Image.open(Path(cfg.out) / "curves.png").format == "PNG"
 

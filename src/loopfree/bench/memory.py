@@ -236,8 +236,8 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
     if cfg.gradient_checkpointing:
         scores.base.enable_gradient_checkpointing()
     cond, uncond = Conditioning(text, added), Conditioning(torch.zeros_like(text), added)
-    with LiveTensors() as guided, autocast(cfg.dtype):
-        scores.pair(torch.randn_like(x), sample_timesteps(batch, cfg.vsd_t_min, cfg.vsd_t_max), cond, uncond)
+    with LiveTensors() as guided, autocast(cfg.dtype), torch.no_grad():
+        scores.pair(torch.randn_like(x), sample_timesteps(batch, cfg.t_min, cfg.t_max), cond, uncond)
 
     def fake(x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         with autocast(cfg.dtype):

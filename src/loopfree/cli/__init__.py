@@ -25,6 +25,7 @@ COMMANDS = {
     "distill": "loopfree.cli.distill:distill",
     "bench": "loopfree.cli.bench:bench",
     "demo": "loopfree.cli.demo:demo",
+    "study": "loopfree.cli.study:study",
     "serve": "loopfree.cli.serve:serve",
     "toy": "loopfree.cli.toy:toy",
     "eval": "loopfree.cli.eval:eval",

@@ -124,10 +124,6 @@ def identity(plan: Plan, weights: dict[str, str]) -> dict:
                 timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype)
 
 
-#: settings added to :func:`identity` since runs were first saved, as their value in those runs (they resume)
-IDENTITY_DEFAULTS = dict(key_steps=None)
-
-
 def _reference(plan: Plan, extractor) -> dict | None:
     """What the generated images are compared with, and the cache description of its features."""
     cfg = plan.cfg
@@ -161,8 +157,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
     cfg = plan.cfg
     weights = weights_hashes(plan.model)
-    folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True,
-                          defaults=IDENTITY_DEFAULTS)
+    folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True)
     extractor = None
     if cfg.needs_reference or "alignment" in cfg.metrics:
         if cfg.features == "toy":

@@ -2,16 +2,23 @@
 
 Each iteration the student ε_θ makes x_0 in one pass, with its K·B noise predictions ε^k (SPEC §2). Then
 
-    L_θ = L_vsd + λ_KL · L_KL                                 (StudentLoss: paper Eqs. 5, 12-13)
+    L_θ = L_score + λ_KL · L_KL [+ λ_reg · L_reg]             (StudentLoss: paper Eqs. 5, 12-13)
     L_φ = mean((sqrt(ā_t) (ε_φ(x_t, t, c) - ε))²)             (FakeScoreLoss, on sg(x_0))
+
+L_score is ``VSD`` (the paper's) or ``SiD`` (Zhou et al. 2024), each with its own guidance of the teacher (w_ψ) and
+of the fake score (w_φ): the paper's w_ψ = w_φ = 4.5, SiD-LSG's equal lower scales, few-step SiD's Zero-CFG
+(w_ψ = 1, w_φ = 0) and Anti-CFG (w_ψ = 1, w_φ < 0). L_reg is DMD's regression on cached teacher pairs.
 
 ``ScorePair`` is what the objective needs of the two frozen-base networks: given (x_t, t), the teacher's and
 the fake score's noise predictions, each as [unconditional; conditional] along a leading axis of 2 — the
 objective applies the guidance itself. ā_t is per item, (B,); every loss is computed in float32.
+
+    python -m pytest tests/test_objective.py     # each loss's gradient against a hand computation
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -40,6 +47,29 @@ def vsd_loss(x0: torch.Tensor, eps_teacher: torch.Tensor, eps_fake: torch.Tensor
     return 0.5 * ((x0.float() - (x0.float() - g).detach()) ** 2).mean()
 
 
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The denoised estimate f(x_t) = (x_t - sqrt(1 - ā_t) ε) / sqrt(ā_t) (DDIM, Song et al. 2021, Eq. 12)."""
+    a = _per_item(alpha_bar_t, x_t)
+    return (x_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+
+def sid_loss(x0: torch.Tensor, x_t: torch.Tensor, eps_teacher: torch.Tensor, eps_fake: torch.Tensor,
+             alpha_bar_t: torch.Tensor, alpha: float = 1.2) -> torch.Tensor:
+    """Score identity Distillation's generator loss; gradients flow through x_0, x_t and both networks' outputs."""
+    f_psi, f_phi = x0_from_eps(x_t, eps_teacher, alpha_bar_t), x0_from_eps(x_t, eps_fake, alpha_bar_t)
+    # SiD (Zhou et al. 2024) Alg. 1, generator loss: (f_ψ - f_φ)ᵀ((f_ψ - x_0) - α (f_ψ - f_φ)), weighted by 1 / sg(mean|x_0 - f_ψ|)
+    weight = 1 / (x0.float() - f_psi).abs().flatten(1).mean(1).detach().clamp(min=1e-5)
+    per_item = ((f_psi - f_phi) * ((f_psi - x0.float()) - alpha * (f_psi - f_phi))).flatten(1).mean(1)
+    loss = weight * per_item
+    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)).mean()
+
+
+def regression_loss(x0: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
+    """DMD's regression term on a teacher pair (x_T, x_0^teacher), as mean squared latent distance."""
+    # DMD (Yin et al. 2024) Eq. 4, with latent MSE for LPIPS: L_reg = mean((G_θ(x_T) - x_0^teacher)²)
+    return ((x0.float() - x0_teacher.float()) ** 2).mean()
+
+
 def kl_loss(eps: torch.Tensor, reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:
     """KL(N(μ, s²) ‖ N(0, 1)) of a scalar Gaussian fitted to each of the N = K·B noise predictions (N, C, H, W).
 
@@ -65,27 +95,51 @@ def fake_score_loss(eps_fake: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torc
 
 
 @dataclass
+class VSD:
+    """Variational score distillation (paper Eq. 5): the scores see a detached x_t."""
+
+    through_scores = False  # no gradient through the teacher and fake score
+
+    def __call__(self, x0, x_t, eps_teacher, eps_fake, alpha_bar_t) -> torch.Tensor:
+        return vsd_loss(x0, eps_teacher, eps_fake, alpha_bar_t)
+
+
+@dataclass
+class SiD:
+    """Score identity Distillation (Zhou et al. 2024): its gradient runs through both networks."""
+
+    alpha: float = 1.2  # SiD: α = 1.2 (its best on every benchmark)
+    through_scores = True
+
+    def __call__(self, x0, x_t, eps_teacher, eps_fake, alpha_bar_t) -> torch.Tensor:
+        return sid_loss(x0, x_t, eps_teacher, eps_fake, alpha_bar_t, self.alpha)
+
+
+@dataclass
 class StudentLoss:
-    """L_vsd + λ_KL · L_KL for a student sample x_0 and its noise predictions ε^k."""
+    """L_score + λ_KL · L_KL for a student sample x_0 and its noise predictions ε^k."""
 
     schedule: NoiseSchedule
-    guidance: float = 4.5  # w on teacher and fake score (paper: 4.5)
-    t_min: int = 20  # VSD timesteps t ~ U{t_min, …, t_max} (paper: 20, 980)
+    score_loss: VSD | SiD = dataclasses.field(default_factory=VSD)  # paper: VSD
+    guidance: float = 4.5  # w_ψ, the teacher's guidance (paper: 4.5)
+    guidance_fake: float = 4.5  # w_φ, the fake score's guidance (paper: 4.5, the teacher's)
+    t_min: int = 20  # score-loss timesteps t ~ U{t_min, …, t_max} (paper: 20, 980)
     t_max: int = 980
     kl_weight: float = 0.1  # λ_KL (paper: 0.1 with reduction "sum"; 0: the w/o-KL ablation)
     kl_reduction: Literal["sum", "mean"] = "sum"
 
     def __call__(self, x0: torch.Tensor, eps_student: torch.Tensor, scores: ScorePair) -> dict[str, torch.Tensor]:
-        """``x0`` (B, C, H, W) with gradient, ``eps_student`` (K, B, C, H, W); returns loss, vsd and kl."""
+        """``x0`` (B, C, H, W) with gradient, ``eps_student`` (K, B, C, H, W); returns loss, score and kl."""
         t = sample_timesteps(x0.shape[0], self.t_min, self.t_max, device=x0.device)
         alpha_bar = self.schedule.alpha_bar(t).float()
-        x_t = diffuse(x0.detach(), torch.randn_like(x0), alpha_bar)  # SPEC §3.2: fresh ε'
-        with torch.no_grad():
+        through = self.score_loss.through_scores
+        x_t = diffuse(x0 if through else x0.detach(), torch.randn_like(x0), alpha_bar)  # SPEC §3.2: fresh ε'
+        with torch.set_grad_enabled(through and torch.is_grad_enabled()):
             eps_psi, eps_phi = scores(x_t, t)
-        eps_teacher, eps_fake = guided(*eps_psi, self.guidance), guided(*eps_phi, self.guidance)
-        vsd = vsd_loss(x0, eps_teacher, eps_fake, alpha_bar)
+        eps_teacher, eps_fake = guided(*eps_psi, self.guidance), guided(*eps_phi, self.guidance_fake)
+        score = self.score_loss(x0, x_t, eps_teacher, eps_fake, alpha_bar)
         kl = kl_loss(eps_student.flatten(0, 1), self.kl_reduction)
-        return {"loss": vsd + self.kl_weight * kl, "vsd": vsd, "kl": kl}
+        return {"loss": score + self.kl_weight * kl, "score": score, "kl": kl}
 
 
 @dataclass

@@ -83,9 +83,9 @@ class TeacherAndFakeScore:
         """ε_φ with gradients to the LoRA, through the (possibly DDP-wrapped) trainable module."""
         return self.eps(x_t, t, c, self.trainable)
 
-    @torch.no_grad()
     def pair(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_ψ, ε_φ), each (2, B, …) = [unconditional; conditional], for classifier-free guidance.
+        """(ε_ψ, ε_φ), each (2, B, …) = [unconditional; conditional], for classifier-free guidance (gradients as the
+        caller's grad mode says: the objective decides).
 
         The unconditional and conditional halves always share a call; with ``batch_pair`` the teacher's and the
         fake score's passes share one too (teacher rows skip the LoRA), else they are two calls.

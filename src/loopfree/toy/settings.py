@@ -72,9 +72,11 @@ STUDENTS: dict[str, tuple[str, dict]] = {
 }
 
 #: DistillConfig keys that ``loopfree demo`` takes as flags (training settings; the run's plumbing is its own).
-DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "guidance", "vsd_t_min", "vsd_t_max",
-                     "kl_weight", "kl_reduction", "fake_cfg_dropout", "lora_rank", "lora_alpha", "lora_targets",
-                     "lr_student", "lr_fake", "fake_updates", "max_grad_norm", "ema_decay", "dtype")
+DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "objective", "sid_alpha", "guidance",
+                     "guidance_fake", "t_min", "t_max", "kl_weight", "kl_reduction", "regression_weight",
+                     "regression_pairs", "regression_steps", "regression_guidance", "fake_cfg_dropout", "lora_rank",
+                     "lora_alpha", "lora_targets", "lr_student", "lr_fake", "lr_schedule", "lr_fake_schedule",
+                     "lr_warmup_steps", "fake_updates", "max_grad_norm", "ema_decay", "dtype")
 #: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
 TOY_DISTILL = dict(
     batch_size=8,  # prompts per step (paper: 8 per GPU)

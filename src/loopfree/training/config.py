@@ -6,7 +6,7 @@ Precedence: dataclass defaults < YAML file < command-line flags actually given.
 
 import dataclasses
 import difflib
-import logging
+import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ import yaml
 
 from loopfree.utils.errors import LoopfreeError
 
-logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000  # training timesteps of the SD teachers: t ∈ {0, ..., 999}
 
@@ -27,8 +26,8 @@ _NON_NEGATIVE = (lambda v: v >= 0, "≥ 0")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _DECAY = (lambda v: 0 <= v < 1, "in [0, 1)")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_FINITE = (lambda v: math.isfinite(v), "a finite number")
 _TIMESTEP = (lambda v: 0 <= v < NUM_TRAIN_TIMESTEPS, f"in [0, {NUM_TRAIN_TIMESTEPS - 1}]")
-_POSITIVE_INT = (lambda v: v >= 1, "≥ 1")
 
 
 def _opt(text: str, default: Any = dataclasses.MISSING, **metadata: Any) -> Any:
@@ -55,7 +54,7 @@ class DistillConfig:
     resolution: int | None = _opt(
         "square image size in pixels, a multiple of the teacher's VAE factor (default: its native size; paper: 512)",
         None,
-        check=_POSITIVE_INT,
+        check=_AT_LEAST_1,
     )
     seed: int = _opt("random seed for prompts, noise and timesteps", 0)
     checkpoint_every: int = _opt("resumable checkpoint every N steps and at the end (0: none; SIGTERM/SIGINT still saves one)", 1000, check=_NON_NEGATIVE)
@@ -77,9 +76,29 @@ class DistillConfig:
     )
     one_step_timestep: int = _opt("timestep T of the one-step student (SPEC §3: 999)", 999, check=_TIMESTEP)
     # -- losses
-    guidance: float = _opt("classifier-free guidance of teacher and fake score (paper: 4.5)", 4.5, check=_NON_NEGATIVE)
-    vsd_t_min: int = _opt("smallest VSD timestep (paper: 20)", 20, check=_TIMESTEP)
-    vsd_t_max: int = _opt("largest VSD timestep (paper: 980)", 980, check=_TIMESTEP)
+    objective: Literal["vsd", "sid"] = _opt(
+        "the student's score loss: vsd (paper) or sid (Score identity Distillation, gradients through both scores)", "vsd"
+    )
+    sid_alpha: float = _opt("SiD's α (SiD paper: 1.2)", 1.2, check=_FINITE)
+    guidance: float = _opt("w_ψ, classifier-free guidance of the teacher in the student loss (paper: 4.5)", 4.5,
+                           check=_NON_NEGATIVE)
+    guidance_fake: float | None = _opt(
+        "w_φ, guidance of the fake score in the student loss (default: --guidance, the paper's; Zero-CFG: "
+        "--guidance 1 --guidance-fake 0; Anti-CFG: --guidance 1 and a negative w_φ)",
+        None,
+        check=_FINITE,
+    )
+    t_min: int = _opt("smallest timestep of the score loss (paper: 20)", 20, check=_TIMESTEP)
+    t_max: int = _opt("largest timestep of the score loss (paper: 980)", 980, check=_TIMESTEP)
+    regression_weight: float = _opt(
+        "λ_reg of DMD's regression term on cached teacher pairs (0: off, the paper's)", 0.0, check=_NON_NEGATIVE
+    )
+    regression_pairs: int = _opt("teacher pairs: (training prompt, seed) → teacher DDIM x_0, made once", 512, check=_AT_LEAST_1)
+    regression_steps: int = _opt("DDIM steps of the teacher pairs", 25, check=_AT_LEAST_1)
+    regression_guidance: float = _opt("guidance of the teacher pairs", 4.5, check=_NON_NEGATIVE)
+    regression_cache: str | None = _opt(
+        "folder of the teacher-pair cache, shared by runs (default: $LOOPFREE_CACHE/pairs or ~/.cache/loopfree/pairs)", None
+    )
     kl_weight: float | None = _opt(
         "λ_KL (default: 0.1 for tiue — paper, with kl_reduction=sum — and 0 for one-step, which has no KL term; "
         "with mean, 3.2 gives the paper's weight at K=4 and 8 prompts per process; 0: the w/o-KL ablation)",
@@ -97,6 +116,11 @@ class DistillConfig:
     # -- optimisation
     lr_student: float = _opt("student learning rate (paper: 1e-6)", 1e-6, check=_POSITIVE)
     lr_fake: float = _opt("fake-score learning rate (paper: 1e-3)", 1e-3, check=_POSITIVE)
+    lr_schedule: Literal["constant", "linear", "cosine"] = _opt(
+        "student learning-rate decay to 0 at --max-steps, after the warm-up (paper: constant)", "constant"
+    )
+    lr_fake_schedule: Literal["constant", "linear", "cosine"] = _opt("fake-score learning-rate decay (paper: constant)", "constant")
+    lr_warmup_steps: int = _opt("linear learning-rate warm-up of both networks from 0 (paper: none)", 0, check=_NON_NEGATIVE)
     fake_updates: int = _opt(
         "fake-score updates per student update, each on a fresh noising of the same sg(x_0) (paper: 1; DMD2: 5)",
         1,
@@ -144,6 +168,8 @@ class DistillConfig:
                         raise LoopfreeError(f"config key `{f.name}` must be {requirement}, got {item!r}")
         if self.kl_weight is None:
             self.kl_weight = 0.0 if self.student == "one-step" else 0.1
+        if self.guidance_fake is None:
+            self.guidance_fake = self.guidance
         self._check_combinations()
 
     @property
@@ -164,8 +190,8 @@ class DistillConfig:
                 raise LoopfreeError(f"timesteps has {len(t)} entries but steps is {self.steps}")
             if any(a <= b for a, b in zip(t, t[1:])):
                 raise LoopfreeError(f"timesteps must be strictly decreasing, got {t}")
-        if self.vsd_t_min > self.vsd_t_max:
-            raise LoopfreeError(f"vsd_t_min ({self.vsd_t_min}) is larger than vsd_t_max ({self.vsd_t_max})")
+        if self.t_min > self.t_max:
+            raise LoopfreeError(f"t_min ({self.t_min}) is larger than t_max ({self.t_max})")
         if not self.lora_targets:
             raise LoopfreeError("lora_targets is empty")
 
@@ -188,8 +214,6 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     hint = _without_none(hint)
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
-            return "no"
         if value in args and isinstance(value, str):
             return value
         raise LoopfreeError(f"config key `{name}` must be one of {', '.join(args)}, got {value!r}")
@@ -210,24 +234,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     raise LoopfreeError(f"config key `{name}` must be {_TYPE_NAMES[hint]}, got {value!r}")
 
 
-#: Keys renamed for one vocabulary across commands: old key -> (new key, value map). Accepted for one release.
-DEPRECATED_KEYS: dict[str, tuple[str, dict[Any, Any]]] = {
-    "decoder_steps": ("steps", {}),
-    "decoder_timesteps": ("timesteps", {}),
-    "mixed_precision": ("dtype", {"no": "fp32", False: "fp32"}),
-}
-
-
 def _known_keys(mapping: Mapping[Any, Any], source: str) -> dict[str, Any]:
-    """`mapping` with hyphens in keys turned into underscores and deprecated keys renamed; unknown keys are errors."""
+    """`mapping` with hyphens in keys turned into underscores; unknown keys are errors."""
     names = [f.name for f in dataclasses.fields(DistillConfig)]
     result: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key).replace("-", "_")
-        if name in DEPRECATED_KEYS:
-            name, values = DEPRECATED_KEYS[name]
-            logger.warning("config key `%s` in %s is deprecated and goes in the next release; use `%s`", key, source, name)
-            value = values.get(value, value) if not isinstance(value, list) else value
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""

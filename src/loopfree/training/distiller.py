@@ -4,13 +4,16 @@ The losses are the objective's (:mod:`loopfree.method.objective`); the teacher a
 :class:`~loopfree.method.scores.TeacherAndFakeScore`. The loop around it is :mod:`loopfree.training.trainer`::
 
     distiller = Distiller(cfg, pipe.unet, pipe.scheduler, accelerator, latent_size=64)
-    logs = distiller.step(cond, uncond)
+    logs = distiller.step(cond, uncond)                      # + pairs=(cond, x_T, x_0 teacher) for λ_reg > 0
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +23,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from loopfree.training.config import DistillConfig
-from loopfree.method.objective import FakeScoreLoss, StudentLoss
+from loopfree.method.objective import SiD, VSD, FakeScoreLoss, StudentLoss, regression_loss
 from loopfree.method.sampler import Conditioning, Generator
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.method.scores import TeacherAndFakeScore
@@ -42,9 +45,38 @@ def fake_lora(cfg: DistillConfig) -> LoraConfig:
 
 
 def losses(cfg: DistillConfig, schedule: NoiseSchedule) -> tuple[StudentLoss, FakeScoreLoss]:
-    """The student's loss (VSD + λ·KL) and the fake score's, with ``cfg``'s settings."""
-    return (StudentLoss(schedule, cfg.guidance, cfg.vsd_t_min, cfg.vsd_t_max, cfg.kl_weight, cfg.kl_reduction),
+    """The student's loss (VSD or SiD + λ·KL) and the fake score's, with ``cfg``'s settings."""
+    score_loss = SiD(cfg.sid_alpha) if cfg.objective == "sid" else VSD()
+    return (StudentLoss(schedule, score_loss, cfg.guidance, cfg.guidance_fake, cfg.t_min, cfg.t_max, cfg.kl_weight,
+                        cfg.kl_reduction),
             FakeScoreLoss(schedule, cfg.fake_cfg_dropout))
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at ``step`` (0-based): linear warm-up from 0 over ``warmup`` steps, then constant
+    or a linear / half-cosine decay to 0 at ``total`` (diffusers' ``get_scheduler`` schedules, stateless)."""
+    if step < warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(1, total - warmup), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+@contextmanager
+def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside, ``params`` take no gradient (the fake score inside the student's SiD loss)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class Distiller:
@@ -84,14 +116,20 @@ class Distiller:
             adam(self.lora_params, cfg.lr_fake),
         )
         self.student_loss, self.fake_loss = losses(cfg, schedule)
+        self.iteration = 0  # steps taken: the learning-rate schedules' position (set on resume)
         # checkpoints hold the student, the LoRA and the EMA (save_weights), never a copy of the frozen teacher
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
-    def step(self, cond: Conditioning, uncond: Conditioning, sections: Sections | None = None) -> dict[str, float]:
-        """One distillation iteration on a batch of prompts; returns the logged scalars."""
-        acc = self.acc
+    def step(self, cond: Conditioning, uncond: Conditioning, sections: Sections | None = None,
+             pairs: tuple[Conditioning, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """One distillation iteration on a batch of prompts; ``pairs`` (conditioning, x_T, teacher x_0) feed the
+        regression term. Returns the logged scalars."""
+        acc, cfg = self.acc, self.cfg
         sections = sections or Sections(acc.device)
+        for opt, schedule, lr in ((self.opt_student, cfg.lr_schedule, cfg.lr_student), (self.opt_fake, cfg.lr_fake_schedule, cfg.lr_fake)):
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(schedule, self.iteration, cfg.lr_warmup_steps, cfg.max_steps)
         x_T = torch.randn(cond.text.shape[0], self.latent_channels, *self.latent_size, device=acc.device)
 
         # -- student forward (SPEC §2): x_0 and its K·B noise predictions, with gradient
@@ -99,14 +137,21 @@ class Distiller:
             x0, eps = self.generator(x_T, cond.text, cond.added)
 
         def scores(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with sections("teacher+fake guided passes"), acc.autocast():
+            with sections("teacher+fake guided passes"), acc.autocast(), frozen(self.lora_params):
                 return self.scores.pair(x_t, t, cond, uncond)
 
-        # -- student update on L_vsd + λ_KL · L_KL
+        # -- student update on L_score + λ_KL · L_KL (+ λ_reg · L_reg on teacher pairs)
         student = self.student_loss(x0.float(), eps, scores)
+        loss = student["loss"]
+        if pairs is not None:
+            pair_cond, pair_x_T, pair_x0 = pairs
+            with sections("student forward+backward"), acc.autocast():
+                x0_pairs, _ = self.generator(pair_x_T, pair_cond.text, pair_cond.added)
+            student["regression"] = regression_loss(x0_pairs, pair_x0)
+            loss = loss + cfg.regression_weight * student["regression"]
         with sections("student forward+backward"):
-            acc.backward(student["loss"])
-            grad_student = acc.clip_grad_norm_(self.student_params, self.cfg.max_grad_norm)
+            acc.backward(loss)
+            grad_student = acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm)
             self.opt_student.step()
             self.opt_student.zero_grad(set_to_none=True)
             self.ema.step(self.student_params)
@@ -117,18 +162,20 @@ class Distiller:
                 return self.scores.fake(x_t, t, cond.where(keep, uncond))
 
         with sections("fake-score update"):
-            for _ in range(self.cfg.fake_updates):
+            for _ in range(cfg.fake_updates):
                 loss_fake = self.fake_loss(x0.detach(), fake)
                 acc.backward(loss_fake)
-                grad_fake = acc.clip_grad_norm_(self.lora_params, self.cfg.max_grad_norm)
+                grad_fake = acc.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
                 self.opt_fake.step()
                 self.opt_fake.zero_grad(set_to_none=True)
+        self.iteration += 1
 
-        return {
-            "loss/vsd": student["vsd"].item(), "loss/kl": student["kl"].item(), "loss/fake_mse": loss_fake.item(),
-            "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
-            "lr/student": self.opt_student.param_groups[0]["lr"], "lr/fake": self.opt_fake.param_groups[0]["lr"],
-        }
+        logs = {f"loss/{cfg.objective}": student["score"].item(), "loss/kl": student["kl"].item(),
+                "loss/fake_mse": loss_fake.item(), "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
+                "lr/student": self.opt_student.param_groups[0]["lr"], "lr/fake": self.opt_fake.param_groups[0]["lr"]}
+        if "regression" in student:
+            logs["loss/regression"] = student["regression"].item()
+        return logs
 
     # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA
     def save_weights(self, directory: Path, max_shard_size: str | int = "10GB") -> None:

@@ -34,26 +34,24 @@ from loopfree.training.checkpoint import STATE, find_checkpoint, save_checkpoint
 from loopfree.training.config import DistillConfig, save_config
 from loopfree.training.data import PromptStream, load_prompts
 from loopfree.training.distiller import Distiller
+from loopfree.training.pairs import pair_prompts, teacher_pairs
 from loopfree.utils.errors import Interrupted, LoopfreeError
 from loopfree.utils.images import image_grid
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
-from loopfree.utils.outputs import OutputFolder, changed_keys, save_image
+from loopfree.utils.outputs import OutputFolder, changed_keys, save_image, write_json
 from loopfree.method.sampler import Conditioning
 
 #: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
 HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every", "eval_every",
             "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
-            "gradient_checkpointing")
-
-
-def identity_defaults() -> dict:
-    """Each setting's default: a run saved before a setting existed ran with it (for comparing identities)."""
-    return {f.name: f.default for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
+            "gradient_checkpointing", "regression_cache")
 
 
 def run_identity(cfg: DistillConfig) -> dict:
-    """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere)."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in HARMLESS and k != "out"}
+    """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere); the run
+    length too when a learning rate decays to 0 at it."""
+    decays = cfg.lr_schedule != "constant" or cfg.lr_fake_schedule != "constant"
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if (k not in HARMLESS or (k == "max_steps" and decays)) and k != "out"}
     return {**values, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
 
 
@@ -105,7 +103,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise LoopfreeError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True, defaults=identity_defaults())
+    folder = OutputFolder(out, "distill", run_identity(cfg), overwrite=cfg.overwrite, resumable=True)
     if folder.resuming and cfg.resume is None:
         raise LoopfreeError(f"--out {cfg.out} holds a distillation with these settings: pass --resume latest to continue it "
                             "or --overwrite to start again")
@@ -113,7 +111,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     checkpoint = find_checkpoint(out, cfg.resume, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE).read_text())
-        changed = changed_keys(state["identity"], run_identity(cfg), identity_defaults())
+        changed = changed_keys(state["identity"], run_identity(cfg))
         if changed:
             raise LoopfreeError(f"checkpoint {checkpoint} was made with other settings ({', '.join(changed)}): they would alter the run")
     return resolution, prompts, folder, checkpoint
@@ -194,20 +192,35 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     for name in ("text_encoder", "text_encoder_2", "vae"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).to(acc.device)
+    encode = PromptEncoder(pipe, acc.device, resolution, cfg.cache_prompt_embeds)
+    latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    pair_x_T = pair_x0 = None
+    if cfg.regression_weight > 0:  # the teacher's pairs, before the fake score's LoRA joins its UNet
+        cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device, fill=main)
+        acc.wait_for_everyone()
+        pair_x_T, pair_x0 = (x.to(acc.device) for x in cache.load())
     distiller = Distiller(cfg, pipe.unet, pipe.scheduler, acc, resolution // pipe.vae_scale_factor)
     set_seed(cfg.seed, device_specific=True)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-    encode = PromptEncoder(pipe, acc.device, resolution, cfg.cache_prompt_embeds)
+
+    def pair_batch() -> tuple[Conditioning, torch.Tensor, torch.Tensor] | None:
+        """B teacher pairs drawn at random (the global, checkpointed RNG)."""
+        if pair_x_T is None:
+            return None
+        index = torch.randint(len(pair_x_T), (cfg.batch_size,))
+        return encode(pair_prompts(prompts, index.tolist()))[0], pair_x_T[index], pair_x0[index]
+
     validation_prompts = cfg.validation_prompts or prompts[:4]
 
     # -- resume: weights, optimisers, RNG states (accelerate), EMA, data position, step
-    step = 0
+    step, seconds = 0, 0.0  # seconds: time in training steps, summed over the run's sessions (timing.json)
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE).read_text())
         acc.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         distiller.load_weights(checkpoint, state["ema_step"])
         stream.load_state_dict(state["stream"])
-        step = state["step"]
+        step = distiller.iteration = state["step"]
+        seconds = state["train_seconds"]
         if main:
             record_changes(out, state["config"], cfg, step)
     if main:
@@ -216,7 +229,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         acc.init_trackers("loopfree", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
     def checkpoint_now() -> None:
-        state = {"stream": stream.state_dict(), "ema_step": distiller.ema.optimization_step,
+        state = {"stream": stream.state_dict(), "ema_step": distiller.ema.optimization_step, "train_seconds": seconds,
                  "identity": run_identity(cfg), "config": dataclasses.asdict(cfg)}
         save_checkpoint(acc, distiller, out, step, state, cfg.checkpoints_total_limit)
 
@@ -236,16 +249,19 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     with stop_on_signals() as stop:
         while step < cfg.max_steps:
             cond, uncond = encode(stream.next_batch())
-            logs = distiller.step(cond, uncond)
+            logs = distiller.step(cond, uncond, pairs=pair_batch())
             step += 1
             now = time.perf_counter()
             logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
+            seconds += 1.0 / logs["it_per_s"]
             acc.log(logs, step=step)
             bar.update()
-            bar.set_postfix(vsd=f"{logs['loss/vsd']:.3g}", kl=f"{logs['loss/kl']:.3g}", fake=f"{logs['loss/fake_mse']:.3g}")
+            bar.set_postfix({cfg.objective: f"{logs[f'loss/{cfg.objective}']:.3g}", "kl": f"{logs['loss/kl']:.3g}",
+                             "fake": f"{logs['loss/fake_mse']:.3g}"})
             if cfg.validate_every and step % cfg.validate_every == 0 and main:
                 validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", step, resolution, acc)
             score_now()
+            t_last = time.perf_counter()  # validation and scoring are not training time
             signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
             if signum or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 checkpoint_now()
@@ -260,6 +276,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
 
     # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
     if main:
+        write_json(out / "timing.json", {"steps": step, "train_seconds": seconds})
         publish_pipeline(student_pipeline(pipe, distiller, ema=cfg.save_ema), out)
     acc.wait_for_everyone()
     acc.end_training()

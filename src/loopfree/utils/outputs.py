@@ -81,16 +81,14 @@ def read_marker(path: Path) -> dict | None:
         raise LoopfreeError(f"{marker} is unreadable ({e.__class__.__name__}); choose another --out or pass --overwrite") from None
 
 
-def changed_keys(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
-    """Keys whose values differ; a key one side lacks counts as its default there (a setting added since)."""
-    defaults = defaults or {}
-    return [k for k in dict.fromkeys([*old, *new]) if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ (a key one side lacks differs)."""
+    return [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
 
 
-def _differences(old: dict, new: dict, defaults: dict) -> str:
-    keys = changed_keys(old, new, defaults)
-    return ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} → {new.get(k, defaults.get(k))!r}" for k in keys[:3]) + (
-        " …" if len(keys) > 3 else "")
+def _differences(old: dict, new: dict) -> str:
+    keys = changed_keys(old, new)
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys[:3]) + (" …" if len(keys) > 3 else "")
 
 
 class OutputFolder:
@@ -101,7 +99,7 @@ class OutputFolder:
     """
 
     def __init__(self, path: str | Path, command: str, settings: dict | None = None, *, overwrite: bool = False,
-                 resumable: bool = False, defaults: dict | None = None):
+                 resumable: bool = False):
         self.final = Path(os.path.abspath(path))
         self.command, self.settings, self.overwrite, self.resumable = command, settings or {}, overwrite, resumable
         self.resuming = False
@@ -112,12 +110,11 @@ class OutputFolder:
             marker = read_marker(self.final)
             if marker is None:
                 raise LoopfreeError(f"--out {path} is not empty and holds no loopfree run; choose another folder or pass --overwrite")
-            defaults = defaults or {}
-            same = marker.get("command") == command and not changed_keys(marker.get("settings", {}), self.settings, defaults)
+            same = marker.get("command") == command and not changed_keys(marker.get("settings", {}), self.settings)
             if not (resumable and same):
                 what = f"a `loopfree {marker.get('command')}` run"
                 if resumable and marker.get("command") == command:
-                    what += f" with other settings ({_differences(marker.get('settings', {}), self.settings, defaults)})"
+                    what += f" with other settings ({_differences(marker.get('settings', {}), self.settings)})"
                 raise LoopfreeError(f"--out {path} already holds {what}; choose another folder or pass --overwrite")
             self.resuming = True
         if self.final.is_dir() and not os.access(self.final, os.W_OK | os.X_OK):

@@ -1,0 +1,189 @@
+"""``loopfree study``: a plan of toy-world distillations — variants × training seeds × one budget — that survives
+interruptions, scored against the toy world's ground truth.
+
+    loopfree study studies/probe.yaml --out .studies/probe
+
+The plan (YAML, :class:`StudyPlan`) names variants, each a set of ``loopfree distill`` settings over the toy recipe
+(``TOY_DISTILL``). Every run is an ordinary distillation folder, ``runs/<variant>/seed<N>``: finished runs are
+skipped, stopped ones resume from their checkpoint, and they train two at a time, one thread each
+(:func:`~loopfree.demo.demo.train_students`). A plan may grow between invocations (more variants, seeds or steps).
+Each finished run is scored once on the held-out prompts (``scores/``), as are the teacher's rows; then
+``study.json``, ``table.md`` (mean ± sd over seeds, training minutes) and ``curves.png`` are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from loopfree.demo.curves import plot_curves, seed_curves
+from loopfree.demo.demo import RowScorer, finished, sample, summarise, train_students
+from loopfree.evaluation.generation import Sampling
+from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+from loopfree.toy.assets import bundled
+from loopfree.toy.settings import EVAL_POOL, TOY_DISTILL
+from loopfree.toy.world import heldout_prompts, training_prompts
+from loopfree.training.config import DistillConfig
+from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.outputs import OutputFolder, write_atomic, write_json
+
+#: distill settings a variant may not set: the study owns them
+OWNED = ("teacher", "prompts", "out", "max_steps", "seed", "eval_every", "resume", "overwrite")
+SHOWN = ("alignment", "fd", "diversity", "precision", "recall", "density", "coverage")
+
+
+@dataclass
+class StudyPlan:
+    """What a study trains and how it is scored."""
+
+    variants: dict[str, dict]  # name -> distill settings over TOY_DISTILL (e.g. objective: sid, student: one-step)
+    max_steps: int = 1000  # distillation steps of every run (the curves flatten by 1,000: README toy study)
+    eval_every: int = 100  # learning-curve spacing (0: none)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of every variant
+    num_prompts: int = 64  # held-out evaluation prompts (distinct attribute combinations)
+    images_per_prompt: int = 4
+    curve_prompts: int = 16  # prompts of the learning curves (scored every eval_every steps: kept cheap)
+    base: dict = field(default_factory=dict)  # distill settings of every variant, over TOY_DISTILL
+    teacher_steps: list[int] = field(default_factory=lambda: [4, 50])  # the teacher rows: guided DDIM with these steps
+    guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5)
+    distill_prompts: int = 4000  # training prompt count
+    seed: int = 0  # evaluation prompts and x_T
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(DistillConfig)}
+        if not self.variants:
+            raise LoopfreeError("the plan names no variants")
+        for where, settings in [("base", self.base), *self.variants.items()]:
+            if not isinstance(settings, dict):
+                raise LoopfreeError(f"plan: {where} must be a mapping of distill settings")
+            bad = sorted(k for k in settings if k.replace("-", "_") not in names or k.replace("-", "_") in OWNED)
+            if bad:
+                raise LoopfreeError(f"plan: {where} sets {', '.join(bad)}, which a variant cannot set")
+        if not self.seeds or min(self.max_steps, self.images_per_prompt - 1, self.num_prompts, self.curve_prompts) < 1:
+            raise LoopfreeError("plan: seeds, max_steps, num_prompts and curve_prompts need ≥ 1, images_per_prompt ≥ 2")
+        if max(self.num_prompts, self.curve_prompts) > EVAL_POOL:
+            raise LoopfreeError(f"plan: num_prompts and curve_prompts must be at most {EVAL_POOL}")
+
+
+def load_plan(path: str | Path) -> StudyPlan:
+    """A :class:`StudyPlan` from YAML; unknown keys are errors."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LoopfreeError(f"cannot read plan {path}: {str(e).splitlines()[0]}") from None
+    known = {f.name for f in dataclasses.fields(StudyPlan)}
+    unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
+    if unknown:
+        raise LoopfreeError(f"plan {path}: unknown key(s) {', '.join(map(str, unknown))}")
+    if "variants" not in data:
+        raise LoopfreeError(f"plan {path}: no `variants:`")
+    return StudyPlan(**data)
+
+
+def run_configs(plan: StudyPlan, out: Path, teacher: str, prompts_file: Path) -> dict[str, list[DistillConfig]]:
+    """Every run's distill configuration, by variant."""
+    return {name: [DistillConfig(teacher=teacher, prompts=str(prompts_file), out=str(out / "runs" / name / f"seed{s}"),
+                                 max_steps=plan.max_steps, seed=s, eval_every=plan.eval_every,
+                                 **{"guidance": 4.5, "regression_cache": str(out / "pairs"), **TOY_DISTILL, **plan.base,
+                                    **variant})
+                   for s in plan.seeds]
+            for name, variant in plan.variants.items()}
+
+
+def _cached(path: Path, compute) -> dict:
+    """``compute()`` once; its JSON is kept at ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(path, result)
+    return result
+
+
+def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None) -> list[dict]:
+    """Train what is missing, score what is new; writes study.json, table.md and curves.png. The table's rows."""
+    teacher_path = os.path.abspath(teacher) if teacher else str(bundled("teacher"))
+    try:
+        size = inspect_pipeline(teacher_path).default_size
+    except LoopfreeError as e:
+        raise LoopfreeError(f"--teacher: {e}") from None
+    identity = dict(teacher=teacher_path, seed=plan.seed, distill_prompts=plan.distill_prompts, num_prompts=plan.num_prompts,
+                    images_per_prompt=plan.images_per_prompt, curve_prompts=plan.curve_prompts, guidance=plan.guidance)
+    folder = OutputFolder(out, "study", identity, resumable=True)
+    root = folder.final
+    prompts_file = root / "distill_prompts.txt"
+    configs = run_configs(plan, root, teacher_path, prompts_file)
+    todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]
+    with folder:
+        pool = heldout_prompts(EVAL_POOL, seed=plan.seed)
+        if not prompts_file.is_file():
+            write_atomic(prompts_file, "\n".join(training_prompts(plan.distill_prompts, pool, plan.seed)) + "\n")
+        curve = RowScorer(pool, plan.curve_prompts, plan.images_per_prompt, plan.seed, size) if plan.eval_every else None
+        train_students(todo, curve)
+        return _score(plan, root, teacher_path, size, pool, configs)
+
+
+def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list[str], configs: dict) -> list[dict]:
+    scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size)
+    (root / "scores").mkdir(exist_ok=True)
+    rows = []
+    for steps in plan.teacher_steps:
+        def teacher_scores(steps=steps) -> dict:
+            pipe = load_pipeline(teacher_path)
+            pipe.set_progress_bar_config(disable=True)
+            images, ms = sample(pipe, scorer.jobs, Sampling(size, size, "loop", steps, None, plan.guidance))
+            return {**scorer.scores(images), "unet_ms_per_image": ms}
+
+        scores = _cached(root / "scores" / f"teacher-{steps}step.json", teacher_scores)
+        rows.append({**summarise(f"teacher {steps}-step DDIM", [scores]), "train_minutes": None})
+    for name, group in configs.items():
+        runs = []
+        for config in group:
+            run = Path(config.out)
+            if not (run / "model_index.json").is_file():
+                continue
+
+            def student_scores(run=run) -> dict:
+                pipe = load_pipeline(run)
+                pipe.set_progress_bar_config(disable=True)
+                images, ms = sample(pipe, scorer.jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))
+                timing = json.loads((run / "timing.json").read_text())
+                return {**scorer.scores(images), "unet_ms_per_image": ms, "train_minutes": timing["train_seconds"] / 60}
+
+            runs.append(_cached(root / "scores" / f"{name}-seed{config.seed}-{config.max_steps}steps.json", student_scores))
+        if runs:
+            minutes = [r["train_minutes"] for r in runs]
+            rows.append({**summarise(name, runs), "seeds": [c.seed for c in group][: len(runs)],
+                         "train_minutes": sum(minutes) / len(minutes), "settings": plan.variants[name]})
+    curves = {}
+    for name, group in configs.items():
+        logs = [Path(c.out) / "eval.jsonl" for c in group if (Path(c.out) / "model_index.json").is_file()]
+        if plan.eval_every and logs:
+            curves[name] = seed_curves(logs)
+    if curves:
+        teachers = {r["name"]: {**r, "accuracy": sum(r["per_attribute_accuracy"].values()) / len(r["per_attribute_accuracy"])}
+                    for r in rows[: len(plan.teacher_steps)]}
+        plot_curves(curves, teachers, root / "curves.png")
+    write_json(root / "study.json", {"plan": dataclasses.asdict(plan), "rows": rows, "curves": curves})
+    write_atomic(root / "table.md", markdown_table(rows) + "\n")
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table: mean ± sd over seeds, training minutes per run."""
+    def cell(row: dict, key: str) -> str:
+        if row.get(key) is None:
+            return "–"
+        spread = row.get(f"{key}_std")
+        return f"{row[key]:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
+
+    head = ["", "seeds", *SHOWN, "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows:
+        minutes = "–" if row["train_minutes"] is None else f"{row['train_minutes']:.1f}"
+        lines.append("| " + " | ".join([row["name"], str(row["runs"]), *(cell(row, k) for k in SHOWN), minutes]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Teacher pairs for the regression term (DMD): (prompt, x_T) → the teacher's multi-step DDIM x_0, made once, cached.
+
+Pair i is training prompt ``i mod len(prompts)`` with the initial noise of seed ``i``
+(:func:`~loopfree.utils.seeding.initial_noise`). The cache is a folder named by what decides the pairs (teacher, prompts, steps, guidance, latent
+shape, count), so every run with those settings reuses it; it is filled in chunks, each written atomically, and an
+interrupted fill continues where it stopped::
+
+    cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, (4, 64, 64), device)  # fills what is missing
+    x_T, x0 = cache.load()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from loopfree.method.sampler import ddim_loop
+from loopfree.training.config import DistillConfig
+from loopfree.utils.outputs import write_atomic, write_json
+from loopfree.utils.seeding import initial_noise
+
+CHUNK = 32  # pairs per file: the fill's resumable unit
+
+
+def default_cache_root() -> Path:
+    """``$LOOPFREE_CACHE/pairs``, else ``~/.cache/loopfree/pairs`` (XDG)."""
+    base = os.environ.get("LOOPFREE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "loopfree")
+    return Path(base).expanduser() / "pairs"
+
+
+class PairCache:
+    """``count`` teacher pairs under ``root/<hash of identity>``: ``x_T`` and ``x0``, each (count, C, H, W)."""
+
+    def __init__(self, root: str | Path, identity: dict, count: int):
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.path, self.identity, self.count = Path(root) / key, identity, count
+
+    def _chunk(self, start: int) -> Path:
+        return self.path / f"pairs-{start:08d}.safetensors"
+
+    def missing(self) -> list[int]:
+        """The first index of every chunk not yet written."""
+        return [s for s in range(0, self.count, CHUNK) if not self._chunk(s).is_file()]
+
+    def fill(self, make: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write the missing chunks; ``make(indices)`` returns their (x_T, x_0)."""
+        todo = self.missing()
+        if not todo:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "identity.json", self.identity)
+        for start in tqdm(todo, desc="teacher pairs", unit="chunk"):
+            x_T, x0 = make(list(range(start, min(start + CHUNK, self.count))))
+            tensors = {"x_T": x_T.detach().float().cpu().contiguous(), "x0": x0.detach().float().cpu().contiguous()}
+            write_atomic(self._chunk(start), lambda tmp: save_file(tensors, str(tmp)))
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All pairs, in index order; an error naming the cache if a chunk is missing."""
+        if self.missing():
+            raise FileNotFoundError(f"teacher pair cache {self.path} is incomplete: fill it first")
+        parts = [load_file(str(self._chunk(s))) for s in range(0, self.count, CHUNK)]
+        return torch.cat([p["x_T"] for p in parts]), torch.cat([p["x0"] for p in parts])
+
+
+def pair_prompts(prompts: list[str], indices: list[int]) -> list[str]:
+    """The training prompt of each pair index."""
+    return [prompts[i % len(prompts)] for i in indices]
+
+
+@torch.no_grad()
+def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encode: Callable[[list[str]], tuple],
+                  latent_shape: tuple[int, int, int], device: torch.device, fill: bool = True) -> PairCache:
+    """The run's pair cache, filled (by the one process given ``fill``) with ``cfg.regression_steps``-step guided DDIM
+    of the teacher ``unet``: ``encode(prompts) -> (cond, uncond)`` as the trainer encodes them."""
+    used = pair_prompts(prompts, list(range(min(cfg.regression_pairs, len(prompts)))))
+    identity = {"teacher": os.path.abspath(cfg.teacher), "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(),
+                "steps": cfg.regression_steps, "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape),
+                "count": cfg.regression_pairs}
+    cache = PairCache(cfg.regression_cache or default_cache_root(), identity, cfg.regression_pairs)
+
+    def make(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x_T = initial_noise(indices, latent_shape, device)
+        cond, uncond = encode(pair_prompts(prompts, indices))
+        return x_T, ddim_loop(unet, scheduler, x_T, cfg.regression_steps, cond, uncond, cfg.regression_guidance)
+
+    if fill:
+        cache.fill(make)
+    return cache

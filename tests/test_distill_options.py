@@ -1,0 +1,85 @@
+"""The options beyond the paper's VSD: SiD, guidance per network, the regression term on cached teacher pairs and
+learning-rate schedules — each against an independent reference, and resumable like the rest of a run."""
+
+import json
+
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
+
+from loopfree.training.distiller import lr_factor
+from loopfree.training.pairs import CHUNK, PairCache
+from loopfree.training.trainer import distill
+from loopfree.utils.errors import LoopfreeError
+from tiny import distill_config as config
+from tiny import make_teacher_folder
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher_folder(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.mark.parametrize("ours, theirs", [("constant", "constant_with_warmup"), ("linear", "linear"), ("cosine", "cosine")])
+def test_lr_schedules_equal_diffusers_get_scheduler(ours, theirs):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_scheduler(theirs, opt, num_warmup_steps=5, num_training_steps=40)
+    for step in range(40):
+        assert lr_factor(ours, step, 5, 40) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        ref.step()
+
+
+def test_pair_cache_fills_only_what_is_missing_and_loads_in_order(tmp_path):
+    calls = []
+
+    def make(indices):
+        calls.append(indices)
+        x = torch.tensor(indices, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        return x, -x
+
+    cache = PairCache(tmp_path, {"teacher": "t"}, count=CHUNK + 3)
+    cache.fill(make)
+    first = list(calls)
+    (cache.path / f"pairs-{CHUNK:08d}.safetensors").unlink()  # an interrupted fill
+    cache.fill(make)
+    assert first == [list(range(CHUNK)), list(range(CHUNK, CHUNK + 3))] and calls[2:] == [list(range(CHUNK, CHUNK + 3))]
+    x_T, x0 = cache.load()
+    assert x_T.flatten().tolist() == list(range(CHUNK + 3)) and torch.equal(x0, -x_T)
+    PairCache(tmp_path, {"teacher": "t"}, count=CHUNK + 3).fill(make)  # reused: nothing made
+    assert len(calls) == 3
+    assert PairCache(tmp_path, {"teacher": "u"}, count=CHUNK + 3).path != cache.path
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        PairCache(tmp_path, {"teacher": "u"}, count=1).load()
+
+
+def test_sid_with_regression_and_schedules_trains_resumes_exactly_and_logs(teacher, tmp_path):
+    options = dict(objective="sid", guidance=1.0, guidance_fake=0.0, regression_weight=0.5, regression_pairs=6,
+                   regression_steps=2, regression_cache=str(tmp_path / "pairs"), lr_schedule="cosine", lr_warmup_steps=1,
+                   log_with="tensorboard")
+    straight = distill(config(teacher, tmp_path / "a", **options))
+    pairs = list((tmp_path / "pairs").glob("*/pairs-*.safetensors"))
+    assert len(pairs) == 1 and load_file(pairs[0])["x0"].shape == (6, 4, 8, 8)
+    import shutil
+
+    shutil.copytree(straight, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-00000004")  # as if stopped at step 2
+    with pytest.raises(LoopfreeError, match="max_steps"):  # the cosine decays to 0 at max_steps: it decides the run
+        distill(config(teacher, tmp_path / "b", resume="latest", **{**options, "max_steps": 6}))
+    resumed = distill(config(teacher, tmp_path / "b", resume="latest", **options))
+    a, b = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((straight / "logs").rglob("events.out.*")).parent)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/sid", "loss/regression", "lr/student"} <= tags
+    lrs = [e.value for e in events.Scalars("lr/student")]
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-3) and lrs[-1] < lrs[1]  # warm-up, then cosine decay
+
+
+def test_resume_refuses_another_objective(teacher, tmp_path):
+    distill(config(teacher, tmp_path / "a", max_steps=2))
+    with pytest.raises(LoopfreeError, match="objective"):
+        distill(config(teacher, tmp_path / "a", resume="latest", objective="sid"))

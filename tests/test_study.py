@@ -1,0 +1,71 @@
+"""``loopfree study``: plans load or are refused by name; runs resume, finished ones are skipped, the table and
+curves are written, and a grown plan trains only what is new."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from loopfree.cli import main
+from loopfree.demo.study import StudyPlan, load_plan, markdown_table, run_study
+from loopfree.utils.errors import LoopfreeError
+
+PLAN = """
+max_steps: 2
+eval_every: 1
+seeds: [0]
+num_prompts: 3
+curve_prompts: 2
+images_per_prompt: 2
+teacher_steps: [2]
+variants:
+  vsd: {}
+  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}
+"""
+
+
+def test_a_study_trains_scores_and_reruns_only_what_is_new(tmp_path):
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    assert [r["name"] for r in rows] == ["teacher 2-step DDIM", "vsd", "sid-zero-cfg"]
+    assert all(0 <= r["alignment"] <= 1 and r["fd"] > 0 for r in rows)
+    assert rows[1]["train_minutes"] > 0 and rows[0]["train_minutes"] is None
+    for name in ("study.json", "table.md", "curves.png", "runs/vsd/seed0/model_index.json", "runs/vsd/seed0/eval.jsonl"):
+        assert (tmp_path / "s" / name).is_file(), name
+    table = (tmp_path / "s" / "table.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and "| sid-zero-cfg | 1 |" in table
+    scored = json.loads((tmp_path / "s" / "scores" / "vsd-seed0-2steps.json").read_text())
+    assert scored["alignment"] == rows[1]["alignment"]
+    # grown by a seed: the finished run is kept (its files untouched), only the new one trains
+    before = (tmp_path / "s" / "runs" / "vsd" / "seed0" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("seeds: [0]", "seeds: [0, 1]").replace("  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}\n", ""))
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    after = (tmp_path / "s" / "runs" / "vsd" / "seed0" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert before == after and rows[1]["runs"] == 2 and rows[1]["alignment_std"] is not None
+    assert (tmp_path / "s" / "runs" / "vsd" / "seed1" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("variants: {a: {seed: 3}}", "a sets seed, which a variant cannot set"),
+    ("variants: {a: {nonsense: 3}}", "a sets nonsense"),
+    ("variants: {}", "no variants"),
+    ("max_steps: 3", "no `variants:`"),
+    ("variants: {a: {}}\nbudget: 3", "unknown key(s) budget"),
+    ("variants: {a: {}}\nnum_prompts: 65", "at most 64"),
+])
+def test_bad_plans_are_refused_by_name(tmp_path, text, message):
+    (tmp_path / "plan.yaml").write_text(text)
+    with pytest.raises(LoopfreeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_plan(tmp_path / "plan.yaml")
+    r = CliRunner().invoke(main, ["study", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and message in r.output and not (tmp_path / "s").exists()
+
+
+def test_markdown_table_by_hand():
+    rows = [{"name": "t", "runs": 1, "train_minutes": None, **{k: 0.5 for k in ("alignment", "fd", "diversity", "precision",
+                                                                              "recall", "density", "coverage")}},
+            {"name": "s", "runs": 3, "train_minutes": 2.25, "alignment": 0.9, "alignment_std": 0.01, "fd": 10.0, "fd_std": 1.0,
+             "diversity": 1.5, "diversity_std": 0.1, "precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}]
+    lines = markdown_table(rows).splitlines()
+    assert lines[2] == "| t | 1 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | – |"
+    assert lines[3].startswith("| s | 3 | 0.900 ± 0.010 | 10.000 ± 1.000 | 1.500 ± 0.100 | 1.000 |") and lines[3].endswith("| 2.2 |")
