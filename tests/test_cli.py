@@ -39,13 +39,12 @@ def test_generate_writes_pngs_and_settings(model_dir, tmp_path):
     assert (again / "001.png").read_bytes() == (out / "001.png").read_bytes()
 
 
-def test_old_spellings_work_with_a_note(model_dir, tmp_path):
-    r = CliRunner().invoke(main, ["generate", "a red cat", "--model", str(model_dir), "--out", str(tmp_path / "a"),
-                                                  "--num-images", "2", "--height", "16", "--width", "8"])
-    assert r.exit_code == 0, r.output
-    assert "--num-images is deprecated" in r.stderr and "use --resolution" in r.stderr
-    settings = json.loads((tmp_path / "a" / "generate.json").read_text())
-    assert settings["images_per_prompt"] == 2 and (settings["height"], settings["width"]) == (16, 8)
+@pytest.mark.parametrize("command, flag", [("generate", "--num-images"), ("generate", "--height"),
+                                           ("distill", "--decoder-steps"), ("bench", "--decoders")])
+def test_pre_release_spellings_are_unknown_options(command, flag):
+    """0.1.0 was never released: no alias rewrites a flag (a prompt "--num-images" stays a prompt)."""
+    r = CliRunner().invoke(main, [command, flag, "2"])
+    assert r.exit_code == 2 and f"No such option '{flag}'" in r.output
 
 
 @pytest.mark.parametrize(

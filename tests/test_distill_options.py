@@ -1,7 +1,6 @@
 """The options beyond the paper's VSD: SiD, guidance per network, the regression term on cached teacher pairs and
 learning-rate schedules — each against an independent reference, and resumable like the rest of a run."""
 
-import json
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from loopfree.cli import main
-from loopfree.demo.study import StudyPlan, load_plan, markdown_table, run_study
+from loopfree.demo.study import load_plan, markdown_table, run_study
 from loopfree.utils.errors import LoopfreeError
 
 PLAN = """
@@ -18,6 +18,7 @@ num_prompts: 3
 curve_prompts: 2
 images_per_prompt: 2
 teacher_steps: [2]
+base: {regression_pairs: 8, regression_steps: 2}
 variants:
   vsd: {}
   sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}

@@ -66,10 +66,13 @@ def test_summarise_gives_mean_and_sample_spread():
     assert len(table) == 3 and "2.333 ± 1.528" in table[1] and "±" not in table[2]
 
 
+FEW_PAIRS = {"regression_pairs": 8, "regression_steps": 2}  # the recipe's regression term, cheaply
+
+
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "run"), max_steps=2, num_prompts=3, images_per_prompt=2, teacher_steps=3,
-                     distill_prompts=40, eval_every=1)
+                     distill_prompts=40, eval_every=1, distill=FEW_PAIRS)
     return cfg, run_demo(cfg)
 
 
@@ -197,7 +200,7 @@ def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     one_step = student_config(cfg, "one-step", 0, "t", tmp_path / "p.txt")
     assert one_step.kl_weight == 0.0 and one_step.student == "one-step"  # SwiftBrush: no KL term, whatever --kl-weight says
     recipe = student_config(DemoConfig(out=str(tmp_path)), "tiue", 0, "t", tmp_path / "p.txt")
-    assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance) == (1.0, "sum", 3e-3, 4.5)  # the study's recipe
+    assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance, recipe.regression_weight) == (1.0, "sum", 3e-3, 4.5, 0.25)  # the studies' recipe
     r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
     assert r.exit_code == 2 and "No such option" in r.output
 
@@ -215,7 +218,7 @@ def test_students_trained_in_worker_processes_equal_those_trained_one_after_anot
     scorer = RowScorer(heldout_prompts(64, seed=0), 3, 2, 0, 64)
     trained = {}
     for path, threads in (("sequential", 1), ("parallel", 2)):
-        cfg = DemoConfig(out=str(tmp_path / path), max_steps=2, eval_every=1)
+        cfg = DemoConfig(out=str(tmp_path / path), max_steps=2, eval_every=1, distill=FEW_PAIRS)
         todo = [student_config(cfg, kind, 0, str(bundled("teacher")), prompts) for kind in ("one-step", "tiue")]
         with cpu_threads(threads):
             train_students(todo, scorer)

@@ -18,7 +18,7 @@ from loopfree.utils.errors import LoopfreeError
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 
 
-@click.command(cls=options.Command, aliases={"--decoders": ("--steps", None)})
+@click.command()
 @click.option("--arch", type=click.Choice(ARCH_NAMES), default="sd21", show_default=True, help="UNet shape (random weights).")
 @options.resolution("Image size: N or WIDTHxHEIGHT (default: the architecture's native).")
 @options.device()

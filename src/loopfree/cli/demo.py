@@ -16,10 +16,9 @@ from loopfree.training.config import DistillConfig
 from loopfree.toy.settings import DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
 
 _DEMO = DemoConfig()
-ALIASES = {"--steps": ("--max-steps", None), "--prompts": ("--num-prompts", None), "--seeds": ("--images-per-prompt", None)}
 
 
-@click.command(cls=options.Command, aliases=ALIASES)
+@click.command()
 @click.option("--out", default=_DEMO.out, show_default=True, type=click.Path(), help="Output folder (rerun: finished students are kept).")
 @options.overwrite()
 @click.option("--max-steps", type=click.IntRange(1, None), default=_DEMO.max_steps, show_default=True, help="Distillation steps per student.")

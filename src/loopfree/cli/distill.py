@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import click
 
-from loopfree.cli import options
 from loopfree.cli.config_options import config_options
 from loopfree.training.config import DistillConfig
 
-ALIASES = {
-    "--decoder-steps": ("--steps", None),
-    "--decoder-timesteps": ("--timesteps", None),
-    "--mixed-precision": ("--dtype", {"no": "fp32"}),
-}
-
-
-@click.command(cls=options.Command, aliases=ALIASES)
+@click.command()
 @click.option("--config", "config", type=click.Path(), default=None, help="YAML file of options (keys as below, with underscores).")
 @config_options(DistillConfig)
 def distill(config, **overrides) -> None:

@@ -17,7 +17,7 @@ from loopfree.utils.errors import LoopfreeError
 METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: fid,kid,clip,pr,dc,latency; toy: alignment,fid,pr,dc,latency)."
 
 
-@click.command(cls=options.Command)
+@click.command()
 @click.argument("dirs", nargs=-1, type=click.Path())
 @click.option("--report", is_flag=True, help="Print the results of the evaluation folders DIRS as one table, and stop.")
 @options.model()

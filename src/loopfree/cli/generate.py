@@ -11,7 +11,7 @@ from loopfree.cli import options
 from loopfree.utils.errors import LoopfreeError
 
 
-@click.command(cls=options.Command, aliases={"--num-images": ("--images-per-prompt", None)})
+@click.command()
 @click.argument("prompt")
 @options.model()
 @options.out("images", "Output folder for the PNGs and generate.json.")
@@ -21,24 +21,17 @@ from loopfree.utils.errors import LoopfreeError
 @options.steps()
 @options.timesteps()
 @options.resolution()
-@click.option("--height", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
-@click.option("--width", type=int, default=None, hidden=True)  # deprecated: --resolution WxH
 @options.mode()
 @options.key_steps()
 @options.guidance()
 @options.device()
 @options.dtype()
 @options.compile_()
-def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, height, width, mode,
+def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
              key_steps, guidance, device, dtype, compile_) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
-    if height is not None or width is not None:
-        click.echo("note: --height/--width are deprecated and go in the next release; use --resolution WIDTHxHEIGHT", err=True)
-        if resolution is not None:
-            raise LoopfreeError("give --resolution or the deprecated --height/--width, not both")
-        resolution = (height, width)
 
     from loopfree.pipelines.generate import generate_images
 

@@ -1,8 +1,7 @@
-"""The command line's one vocabulary: shared options, value types and the deprecated spellings.
+"""The command line's one vocabulary: shared options and value types.
 
 Every command takes its common options from here, so a concept has one flag everywhere (README, "One
-vocabulary"). Old spellings keep working for one release: :class:`Command` rewrites them before parsing and
-prints a one-line note.
+vocabulary").
 """
 
 from __future__ import annotations
@@ -18,35 +17,6 @@ F = Callable[..., Any]
 DTYPES = ("fp32", "fp16", "bf16")
 MODES = ("loop_free", "loop", "propagate")
 MAX_SEED = 2**64 - 1
-
-
-class Command(click.Command):
-    """A click command that accepts deprecated spellings of its options, rewritten with a note on stderr.
-
-    ``aliases`` maps an old flag to (new flag, value map or None).
-    """
-
-    def __init__(self, *args: Any, aliases: dict[str, tuple[str, dict[str, str] | None]] | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.aliases = aliases or {}
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        rewritten: list[str] = []
-        values = iter(args)
-        for arg in values:
-            flag, eq, value = arg.partition("=")
-            if flag not in self.aliases or arg == "--":
-                rewritten.append(arg)
-                continue
-            new, value_map = self.aliases[flag]
-            click.echo(f"note: {flag} is deprecated and goes in the next release; use {new}", err=True)
-            if not eq:
-                value = next(values, None)
-                if value is None:
-                    rewritten.append(new)
-                    break
-            rewritten += [new, (value_map or {}).get(value, value)]
-        return super().parse_args(ctx, rewritten)
 
 
 class Resolution(click.ParamType):

@@ -14,7 +14,7 @@ from loopfree.utils.errors import LoopfreeError
 SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve] extra
 
 
-@click.command(cls=options.Command)
+@click.command()
 @options.model("The student to serve: a local diffusers Stable Diffusion (XL) pipeline folder "
                "(default: the bundled toy student).")
 @click.option("--teacher", type=click.Path(), default=None,

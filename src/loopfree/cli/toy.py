@@ -17,7 +17,7 @@ def toy() -> None:
     """The toy world: a small captioned-image domain with ground truth."""
 
 
-@toy.command("train-teacher", cls=options.Command, aliases={"--steps": ("--max-steps", None), "--batch": ("--batch-size", None)})
+@toy.command("train-teacher")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if it holds checkpoints).")
 @click.option("--vae-steps", type=click.IntRange(1, None), default=2000, show_default=True, help="Autoencoder steps (stage a).")
 @click.option("--max-steps", type=click.IntRange(1, None), default=6000, show_default=True, help="UNet + text encoder steps (stage b).")

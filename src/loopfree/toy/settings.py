@@ -91,6 +91,11 @@ TOY_DISTILL = dict(
     lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
     checkpoint_every=100,
     checkpoints_total_limit=1,
+    # DMD's regression term on 512 cached 25-step teacher pairs, at DMD's λ_reg = 0.25 (paper: none): the README
+    # toy study's probes — fd 24 against the recipe's 58 without it, diversity 1.82 against 1.62, at 300 steps
+    regression_weight=0.25,
+    regression_pairs=512,
+    regression_steps=25,
     cache_prompt_embeds=True,  # a few thousand short captions
     log_with="none",
 )
