@@ -7,7 +7,7 @@ For each ``--max-batch`` it starts ``python -m loopfree serve --port 0`` (the bu
 every request's image once alone (one request at a time: the reference), then sends the same requests from
 ``--clients`` concurrent clients and checks that every one was answered and that each image is its own
 request's: equal to the lone answer for that prompt and seed — byte for byte, or within 1/255 per pixel
-where batched float kernels round differently (README, "Serve"); the references differ from each other by
+where batched float kernels round differently (docs/serve.md); the references differ from each other by
 far more, so a mixed-up image cannot pass. Stops the server with SIGTERM (it must exit 0) and prints
 requests/s and p50/p99 latency as a table. Exit code 1 if any check fails.
 """

@@ -3,7 +3,7 @@ the student's images equal the API's for the same seed, the teacher's DDIM image
 same x_T, errors reach the page as one line; the browser types a prompt, clicks Generate and finds the images.
 
 Chromium and its driver: ``apt-get install -y chromium chromium-driver``. A screenshot of the page goes to
-the path in ``LOOPFREE_SCREENSHOT`` if set (docs/serve.png is made that way, see README "Serve").
+the path in ``LOOPFREE_SCREENSHOT`` if set (docs/serve.png is made that way, see docs/serve.md).
 """
 
 import base64

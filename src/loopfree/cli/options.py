@@ -1,6 +1,6 @@
 """The command line's one vocabulary: shared options and value types.
 
-Every command takes its common options from here, so a concept has one flag everywhere (README, "One
+Every command takes its common options from here, so a concept has one flag everywhere (docs/cli.md, "One
 vocabulary").
 """
 

@@ -11,7 +11,7 @@
 3. Score every row against the toy world's ground truth with ``loopfree eval``'s toy backend (the same
    seeds, PNG-exact images, extractor and metric functions: :mod:`loopfree.evaluation.toy`) and write
    ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
-   trained N times and the table gives mean ± spread over them (the README's long run).
+   trained N times and the table gives mean ± spread over them (docs/toy-world.md's studies).
 
 Finished students are reused and interrupted ones resume, so the same command can be run again. With two or more
 torch threads the students train side by side, one process and one thread each (:func:`train_students`).

@@ -42,7 +42,7 @@ class StudyPlan:
     """What a study trains and how it is scored."""
 
     variants: dict[str, dict]  # name -> distill settings over TOY_DISTILL (e.g. objective: sid, student: one-step)
-    max_steps: int = 1000  # distillation steps of every run (the curves flatten by 1,000: README toy study)
+    max_steps: int = 1000  # distillation steps of every run (the curves flatten by 1,000: docs/toy-world.md)
     eval_every: int = 100  # learning-curve spacing (0: none)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of every variant
     num_prompts: int = 64  # held-out evaluation prompts (distinct attribute combinations)

@@ -5,7 +5,7 @@
     pictures = engine.render(Settings("student", 64, 64, "loop_free", 4, 1.0), [Item("a red circle", 3)])
 
 An item's x_T is ``initial_noise([item.seed])``, so an image depends on its own prompt and seed, not on what
-else shares the call — up to the rounding of batched floating-point kernels (README, "Serve").
+else shares the call — up to the rounding of batched floating-point kernels (docs/serve.md).
 """
 
 from __future__ import annotations

@@ -80,9 +80,9 @@ DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "o
 #: Distillation settings for the toy teacher (5 M parameters, from scratch); the rest are the paper's.
 TOY_DISTILL = dict(
     batch_size=8,  # prompts per step (paper: 8 per GPU)
-    lr_student=3e-5,  # the paper's 1e-6 is for an 865 M-parameter UNet and 66 k steps; 1e-4 collapses diversity (README study)
-    lr_fake=3e-3,  # paper 1e-3: 3e-3 lets the small fake score follow the student (README study: better alignment and fd)
-    kl_weight=1.0,  # summed over K·B (paper 0.1): keeps diversity ≥ 1.5 at 300 steps (README study); one-step has none
+    lr_student=3e-5,  # the paper's 1e-6 is for an 865 M-parameter UNet and 66 k steps; 1e-4 collapses diversity (docs/toy-world.md study)
+    lr_fake=3e-3,  # paper 1e-3: 3e-3 lets the small fake score follow the student (docs/toy-world.md study: better alignment and fd)
+    kl_weight=1.0,  # summed over K·B (paper 0.1): keeps diversity ≥ 1.5 at 300 steps (docs/toy-world.md study); one-step has none
     lora_rank=16,  # the toy UNet is 48-96 channels wide (paper: 64 of 320-1280)
     lora_alpha=27.0,  # same alpha/rank as the paper's 108/64
     # the toy UNet has attention only at its coarse levels: a LoRA on to_q/to_v alone (paper) cannot
@@ -91,8 +91,8 @@ TOY_DISTILL = dict(
     lora_targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
     checkpoint_every=100,
     checkpoints_total_limit=1,
-    # DMD's regression term on 512 cached 25-step teacher pairs, at DMD's λ_reg = 0.25 (paper: none): the README
-    # toy study's probes — fd 24 against the recipe's 58 without it, diversity 1.82 against 1.62, at 300 steps
+    # DMD's regression term on 512 cached 25-step teacher pairs, at DMD's λ_reg = 0.25 (paper: none): in the toy
+    # study's probes (docs/toy-world.md) fd 24 against 58 without it, diversity 1.82 against 1.62, at 300 steps
     regression_weight=0.25,
     regression_pairs=512,
     regression_steps=25,
@@ -110,7 +110,7 @@ class DemoConfig:
     """Options of :func:`run_demo`."""
 
     out: str = "loopfree-demo"
-    max_steps: int = 300  # distillation steps per student (the README study's budget)
+    max_steps: int = 300  # distillation steps per student (the toy study's budget)
     students: tuple[str, ...] = ("one-step", "tiue")  # kinds from STUDENTS, in table order
     train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
     num_prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL

@@ -174,7 +174,7 @@ def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
         )
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise LoopfreeError(f"{acc.distributed_type.value} is not supported: every process holds the whole student, its EMA "
-                                "and optimiser state (data parallel); launch with --multi_gpu (README: what fits in memory)")
+                                "and optimiser state (data parallel); launch with --multi_gpu (docs/benchmark.md: what fits in memory)")
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != acc.num_processes:
             raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
