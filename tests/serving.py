@@ -13,13 +13,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from loopfree.serve.app import listen, url_of
-from loopfree.serve.engine import Engine, check_models, load_engine
+from loopfree.serve.engine import Engine, check_serve_models, load_engine
 
 
 @functools.cache
 def toy_engine() -> Engine:
     """The bundled toy student and teacher on the CPU (read-only after loading, so tests share it)."""
-    return load_engine(check_models(None, None, "cpu", "fp32"))
+    return load_engine(check_serve_models(None, None, "cpu", "fp32"))
 
 
 @contextmanager

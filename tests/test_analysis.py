@@ -1,4 +1,4 @@
-"""The analyses' building blocks against independent references: feature capture against split.encode/decode and
+"""The analyses' building blocks against independent references: feature capture against split.run_encoder/decode and
 diffusers' forward, cosine similarity by hand, moments against scipy, KL by hand, interpolation endpoints against
 the prompts' own images."""
 
@@ -9,12 +9,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from loopfree.analysis.capture import AdjacentSimilarity, StepFeatures, cosine_rows, unet_features
-from loopfree.analysis.common import initial_latents, per_image, quality_for
+from loopfree.analysis.common import analysis_latents, per_image, quality_for
 from loopfree.analysis.features import similarity_rows
 from loopfree.analysis.interpolate import interpolation_latents, lerp, slerp
 from loopfree.analysis.noise import moments, statistics
-from loopfree.analysis.settings import Sampling
-from loopfree.method.split import decode, encode
+from loopfree.analysis.settings import AnalysisSetup
+from loopfree.method.split import run_decoders, run_encoder
 from tiny import make_pipeline, make_unet, sdxl_added_cond
 
 
@@ -30,8 +30,8 @@ def test_captured_features_are_the_split_tensors_and_diffusers_own(kind):
     added = sdxl_added_cond(2) if kind == "sdxl" else None
     seen = []
     with torch.no_grad(), unet_features(unet, seen.append):
-        feats = encode(unet, x, 501, text, added)
-        out = decode(unet, feats, [501], hoist=False)[0]  # the hoisted path skips the up blocks' forward
+        feats = run_encoder(unet, x, 501, text, added)
+        out = run_decoders(unet, feats, [501], hoist=False)[0]  # the hoisted path skips the up blocks' forward
         reference = unet(x, 501, text, added_cond_kwargs=added).sample  # diffusers' forward, the same hooks
     assert _hooked(unet) == 0 and len(seen) == 2
     split, forward = seen
@@ -105,10 +105,10 @@ def pipe(request, tmp_path_factory):
 
 @pytest.mark.parametrize("method, mode, guidance", [("slerp", "loop_free", 1.0), ("lerp", "loop", 2.0)])
 def test_interpolation_endpoints_are_the_prompts_own_images(pipe, method, mode, guidance):
-    setup = Sampling(guidance=guidance)
+    setup = AnalysisSetup(guidance=guidance)
     plan = pipe.plan_steps(mode, 3 if mode == "loop" else None)
     grid = interpolation_latents(pipe, "a red cat", "a blue dog", [0.0, 0.5, 1.0], method, mode, plan, setup, rows=2)
-    x_T = initial_latents(pipe, 1, Sampling(images_per_prompt=2))
+    x_T = analysis_latents(pipe, 1, AnalysisSetup(images_per_prompt=2))
     for prompt, column in (("a red cat", 0), ("a blue dog", 2)):
         own = pipe([prompt] * 2, latents=x_T, mode=mode, num_inference_steps=plan.num_steps, guidance_scale=guidance,
                    output_type="latent").images
@@ -119,12 +119,12 @@ def test_interpolation_endpoints_are_the_prompts_own_images(pipe, method, mode, 
 def test_feature_similarity_equals_brute_force_over_the_ddim_loop(pipe):
     """Per N: the mean over tensors of the adjacent-step cosine similarity, recomputed from every step's features
     of diffusers' own DDIM loop, one trajectory per batch."""
-    setup = Sampling(num_prompts=2, images_per_prompt=1, guidance=2.0, batch_size=1)
+    setup = AnalysisSetup(num_prompts=2, images_per_prompt=1, guidance=2.0, batch_size=1)
     prompts = ["a red cat", "a blue dog"]
     (n1, n3) = similarity_rows(pipe, [1, 3], setup, prompts)
     assert n1["encoder_similarity"] is None and n1["decoder_similarity"] is None and n3["steps"] == 3
 
-    x_T = initial_latents(pipe, 2, setup)
+    x_T = analysis_latents(pipe, 2, setup)
     sims = {"encoder": [], "decoder": []}
     for p, prompt in enumerate(prompts):
         steps = []
@@ -147,7 +147,7 @@ def test_feature_similarity_equals_brute_force_over_the_ddim_loop(pipe):
 
 
 def test_quality_only_for_toy_world_models(pipe):
-    assert quality_for(pipe, per_image(["a red cat"], Sampling())) is None
+    assert quality_for(pipe, per_image(["a red cat"], AnalysisSetup())) is None
 
 
 def test_image_grid_labels_columns_and_enlarges():

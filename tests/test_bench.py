@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from loopfree.bench.archs import ARCHS
 from loopfree.bench.speed import END_TO_END, UNET, count_flops, format_table, inference_rows
-from loopfree.method.split import decode, encode
+from loopfree.method.split import run_decoders, run_encoder
 from tiny import make_unet
 
 
@@ -52,8 +52,8 @@ def test_flops_add_up_as_the_passes_compose(rows):
 def test_hoisting_saves_nothing_with_one_decoder():
     unet = make_unet("sd2")
     with torch.inference_mode():
-        feats = encode(unet, torch.randn(2, 4, 8, 8), 501, torch.randn(2, 5, 16))
-        assert count_flops(lambda: decode(unet, feats, [501])) == count_flops(lambda: decode(unet, feats, [501], hoist=False))
+        feats = run_encoder(unet, torch.randn(2, 4, 8, 8), 501, torch.randn(2, 5, 16))
+        assert count_flops(lambda: run_decoders(unet, feats, [501])) == count_flops(lambda: run_decoders(unet, feats, [501], hoist=False))
 
 
 def test_bench_runs_in_bf16_with_the_same_flops(rows):

@@ -111,3 +111,15 @@ def test_bench_train_sections_add_up():
     parts = ["student forward+backward", "teacher+fake guided passes", "fake-score update"]
     assert set(parts) < set(rows) and all(rows[p] > 0 for p in parts)
     assert sum(rows[p] for p in parts) <= rows["one iteration"] * 1.001
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--timesteps", ",".join(str(t) for t in range(1, 501))], "[1, 2, 3, 4, …, 500] (500 values)"),
+    (["--steps", "1000"], "use at most 999"),  # leading spacing + steps_offset 1 would plan timestep 1000
+    (["--steps", "1000", "--mode", "loop"], "use at most 999"),
+])
+def test_long_or_derived_plans_give_one_short_line(tmp_path, args, fragment):
+    r = CliRunner().invoke(main, ["generate", "a red circle", "--out", str(tmp_path / "o"), *args])
+    line = r.stderr.strip()
+    assert r.exit_code == 2 and fragment in line and len(line) <= 200 and "\n" not in line, line
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,8 @@
 learning-rate schedules — each against an independent reference, and resumable like the rest of a run."""
 
 
+import json
+
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
@@ -82,3 +84,19 @@ def test_resume_refuses_another_objective(teacher, tmp_path):
     distill(config(teacher, tmp_path / "a", max_steps=2))
     with pytest.raises(LoopfreeError, match="objective"):
         distill(config(teacher, tmp_path / "a", resume="latest", objective="sid"))
+
+
+def test_student_init_starts_from_a_student_keeps_its_plan_and_records_it(teacher, tmp_path):
+    first = distill(config(teacher, tmp_path / "first", timesteps=[900, 600, 300, 1]))
+    init = config(teacher, tmp_path / "again", student_init=str(first), max_steps=1, lr_student=1e-12, lr_fake=1e-12,
+                  checkpoint_every=0)
+    again = distill(init)
+    recorded = json.loads((again / "loopfree.json").read_text())
+    assert recorded["decoder_timesteps"] == [900, 600, 300, 1] and recorded["distilled_from"] == str(first)
+    a, b = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (first, again))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # started from the student, (almost) not moved
+    other_k = distill(config(teacher, tmp_path / "k2", student_init=str(first), steps=2, max_steps=1, checkpoint_every=0))
+    assert json.loads((other_k / "loopfree.json").read_text())["decoder_timesteps"] == [501, 1]  # fine-tuned to K = 2
+    with pytest.raises(LoopfreeError, match="--student-init"):
+        distill(config(teacher, tmp_path / "bad", student_init=str(tmp_path / "missing")))
+    assert not (tmp_path / "bad").exists()

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from loopfree.method.hoist import SHARED_TEXT, unsupported
 from loopfree.method.sampler import Conditioning, Generator, loop_free
 from loopfree.method.schedule import NoiseSchedule
-from loopfree.method.split import EncoderFeatures, decode, encode
+from loopfree.method.split import EncoderFeatures, run_decoders, run_encoder
 from tiny import make_scheduler, make_unet, sdxl_added_cond, unet_config
 
 TS = [751, 501, 251, 1]
@@ -58,7 +58,7 @@ def _grads(unet, feats: EncoderFeatures, hoist: bool, weights: torch.Tensor) -> 
     inputs = [feats.mid, *feats.skips, feats.context] + ([feats.added_emb] if feats.added_emb is not None else [])
     params = [p for p in unet.parameters()]
     torch.manual_seed(5)  # dropout masks: the same draws in the same order on both paths
-    out = decode(unet, feats, TS, hoist=hoist)
+    out = run_decoders(unet, feats, TS, hoist=hoist)
     return out, torch.autograd.grad((out * weights).sum(), inputs + params, allow_unused=True)
 
 
@@ -72,10 +72,10 @@ def test_hoisted_equals_plain_without_gradients(unet, batch, size):
     assert unsupported(unet) is None
     x, c, added = _inputs(unet, batch, size)
     with torch.no_grad():
-        feats = encode(unet, x, TS[0], c, added)
-        plain, hoisted = decode(unet, feats, TS, hoist=False), decode(unet, feats, TS)
+        feats = run_encoder(unet, x, TS[0], c, added)
+        plain, hoisted = run_decoders(unet, feats, TS, hoist=False), run_decoders(unet, feats, TS)
     with torch.inference_mode():
-        inference = decode(unet, encode(unet, x, TS[0], c, added), TS)
+        inference = run_decoders(unet, run_encoder(unet, x, TS[0], c, added), TS)
     assert hoisted.shape == plain.shape == (4, batch, 4, *size)
     assert _rel_err(hoisted, plain) <= 1e-5
     assert _rel_err(inference, plain) <= 1e-5
@@ -90,7 +90,7 @@ def test_hoisted_equals_plain_with_gradients(unet, checkpointing, batch, size):
         unet.enable_gradient_checkpointing()
     try:
         x, c, added = _inputs(unet, batch, size)
-        feats = _leaf_features(encode(unet, x, TS[0], c, added))
+        feats = _leaf_features(run_encoder(unet, x, TS[0], c, added))
         weights = torch.randn(4, batch, 4, *size, generator=torch.Generator().manual_seed(1))
         plain, g_plain = _grads(unet, feats, False, weights)
         hoisted, g_hoisted = _grads(unet, feats, True, weights)
@@ -111,7 +111,7 @@ def test_gradients_reach_the_encoder_equally():
     grads = []
     for hoist in (False, True):
         unet.zero_grad()
-        decode(unet, encode(unet, x, TS[0], c, added), TS, hoist=hoist).square().mean().backward()
+        run_decoders(unet, run_encoder(unet, x, TS[0], c, added), TS, hoist=hoist).square().mean().backward()
         grads.append([unet.conv_in.weight.grad.clone(), unet.add_embedding.linear_1.weight.grad.clone()])
     for a, b in zip(*grads):
         assert b.abs().sum() > 0 and _rel_err(a, b) <= 1e-5
@@ -146,13 +146,13 @@ def test_shared_work_runs_once_per_batch():
     others = {"up block": unet.up_blocks[0], "small conv1": unet.up_blocks[0].resnets[1].conv1,
               "large conv1": unet.up_blocks[1].resnets[0].conv1}
     with torch.no_grad():
-        feats = encode(unet, x, TS[0], c)
+        feats = run_encoder(unet, x, TS[0], c)
         with _record_rows({**shared, **others}) as rows:
-            decode(unet, feats, TS)
+            run_decoders(unet, feats, TS)
         assert all(rows[name] == [1] for name in shared), rows
         assert (rows["up block"], rows["small conv1"], rows["large conv1"]) == ([], [4], [])
         with _record_rows({**shared, **others}) as rows:
-            decode(unet, feats, TS, hoist=False)
+            run_decoders(unet, feats, TS, hoist=False)
         assert all(r == [4] for r in rows.values()), rows
     assert all(type(a.processor) is AttnProcessor2_0 for a in attn2)  # restored after the call
 
@@ -163,7 +163,7 @@ def test_text_states_are_tiled_when_checkpointing_will_recompute_attention():
     x, c, _ = _inputs(unet, 2)
     to_k = unet.up_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k
     with _record_rows({"to_k": to_k}) as rows:
-        decode(unet, encode(unet, x, TS[0], c), TS).sum().backward()
+        run_decoders(unet, run_encoder(unet, x, TS[0], c), TS).sum().backward()
     assert rows["to_k"] == [8, 8]  # forward and its recomputation in backward, both with the tiled text
 
 
@@ -208,7 +208,7 @@ def test_unsupported_unets_name_the_reason_and_decode_plainly(reason):
     assert reason in unsupported(unet)
     x, c, _ = _inputs(unet, 2)
     with torch.no_grad(), _record_rows({"up block": unet.up_blocks[-1]}) as rows:
-        out = decode(unet, encode(unet, x, TS[2], c), TS)  # decoder 2 runs at the encoder's timestep
+        out = run_decoders(unet, run_encoder(unet, x, TS[2], c), TS)  # decoder 2 runs at the encoder's timestep
         ref = unet(x, TS[2], c).sample
     assert rows["up block"] == [8, 2]  # the plain path ran (then the full UNet)
     assert _rel_err(out[2], ref) <= 1e-5
@@ -218,8 +218,8 @@ def test_only_cross_attention_keeps_text_tiled_and_stays_exact():
     unet = _unet_with(only_cross_attention=True)
     x, c, _ = _inputs(unet, 2)
     with torch.no_grad():
-        feats = encode(unet, x, TS[0], c)
-        assert _rel_err(decode(unet, feats, TS), decode(unet, feats, TS, hoist=False)) <= 1e-5
+        feats = run_encoder(unet, x, TS[0], c)
+        assert _rel_err(run_decoders(unet, feats, TS), run_decoders(unet, feats, TS, hoist=False)) <= 1e-5
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
@@ -255,7 +255,7 @@ def test_upsamplers_run_at_low_resolution_unless_the_size_is_explicit():
     for size, module_calls in (((16, 16), 1), ((15, 17), 2), ((8, 8), 2)):
         x, c, _ = _inputs(unet, 1, size)
         with torch.no_grad(), _record_rows({"upsampler": upsampler}) as rows:
-            feats = encode(unet, x, TS[0], c)
-            hoisted, plain = decode(unet, feats, TS), decode(unet, feats, TS, hoist=False)
+            feats = run_encoder(unet, x, TS[0], c)
+            hoisted, plain = run_decoders(unet, feats, TS), run_decoders(unet, feats, TS, hoist=False)
         assert len(rows["upsampler"]) == module_calls
         assert _rel_err(hoisted, plain) <= 1e-5

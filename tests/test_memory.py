@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from loopfree.bench.archs import ARCHS
 from loopfree.cli import main
 from loopfree.training.config import DistillConfig
-from loopfree.bench.memory import GIB, HELD, Activations, Float32Norms, LiveTensors, SavedTensors, measure, memory_rows, parameter_counts
+from loopfree.bench.memory import GIB, HELD, Activations, Float32Norms, LiveTensors, SavedTensors, measure_activations, memory_rows, parameter_counts
 
 TINY = ARCHS["tiny"]
 
@@ -83,7 +83,7 @@ def test_float32_norms_as_cuda_autocast_runs_them():
 @pytest.fixture(scope="module")
 def tiny_fp32():
     torch.set_num_threads(1)
-    return {ckpt: measure(TINY, config(gradient_checkpointing=ckpt), (8, 8)) for ckpt in (False, True)}
+    return {ckpt: measure_activations(TINY, config(gradient_checkpointing=ckpt), (8, 8)) for ckpt in (False, True)}
 
 
 def test_checkpointing_reduces_the_measured_activations(tiny_fp32):
@@ -93,7 +93,7 @@ def test_checkpointing_reduces_the_measured_activations(tiny_fp32):
 
 
 def test_bf16_saves_weight_casts_not_per_prompt(tiny_fp32):
-    bf16 = measure(TINY, config(dtype="bf16"), (8, 8))
+    bf16 = measure_activations(TINY, config(dtype="bf16"), (8, 8))
     bf16_weights = 2 * parameter_counts(TINY, config())["unet"]
     assert tiny_fp32[False].student_fixed < 0.02 * bf16_weights  # fp32: nothing is cast
     assert 0.5 * bf16_weights < bf16.student_fixed < 1.2 * bf16_weights  # autocast's bf16 copies of the weights

@@ -13,7 +13,7 @@ from PIL import Image
 from loopfree.cli import main
 from loopfree.method.sampler import FASTER_DIFFUSION_KEY_STEPS, Conditioning, check_key_steps, default_key_steps, loop_free, propagate
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
-from loopfree.method.split import decode, encode
+from loopfree.method.split import run_decoders, run_encoder
 from tiny import make_pipeline, make_scheduler, make_unet, sdxl_added_cond
 
 PROMPTS = ["a red cat", "a photo of the blue dog"]
@@ -57,9 +57,9 @@ def _reference(unet, scheduler, x_T, n, keys, text, added=None):
     for i, t in enumerate(sched.timesteps):
         if i in keys:
             out = unet(x, t, text, added_cond_kwargs=added).sample
-            feats = encode(unet, x, t, text, added)
+            feats = run_encoder(unet, x, t, text, added)
         else:
-            out = decode(unet, feats, [int(t)])[0]
+            out = run_decoders(unet, feats, [int(t)])[0]
         x = sched.step(out, t, x).prev_sample
     return x
 

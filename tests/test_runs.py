@@ -172,8 +172,8 @@ def test_learning_curve_scores_the_ema_student_on_schedule_without_touching_trai
     assert [json.loads(line)["step"] for line in (scored / "eval.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
 
 
-def test_a_setting_added_since_a_run_was_saved_counts_as_its_default(teacher, two_steps, tmp_path):
-    """A run saved before ``fake_updates`` existed resumes when it is left at its default (1), not otherwise."""
+def test_a_run_record_lacking_a_setting_is_refused_by_name(teacher, two_steps, tmp_path):
+    """No fallbacks for records of older versions (0.1.0 was never released): a missing setting is a change."""
     out = _copy(two_steps, tmp_path / "run")
     for path in (out / "loopfree-run.json", out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"):
         saved = json.loads(path.read_text())
@@ -186,6 +186,5 @@ def test_a_setting_added_since_a_run_was_saved_counts_as_its_default(teacher, tw
     state = out / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"
     manifest["trainer_state.json"] = {"size": state.stat().st_size, "blake2b": file_digest(state)}
     (out / "checkpoints" / "checkpoint-00000002" / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(LoopfreeError, match=r"fake_updates: 1 → 2"):
-        distill(config(teacher, out, max_steps=3, resume="latest", fake_updates=2))
-    distill(config(teacher, out, max_steps=3, resume="latest"))
+    with pytest.raises(LoopfreeError, match=r"fake_updates: None → 1"):
+        distill(config(teacher, out, max_steps=3, resume="latest"))

@@ -5,7 +5,7 @@ import torch
 
 from loopfree.method.sampler import Conditioning, ddim_combine, loop_free
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
-from loopfree.method.split import decode, encode
+from loopfree.method.split import run_decoders, run_encoder
 from tiny import make_scheduler, make_unet
 
 
@@ -78,8 +78,8 @@ def test_loop_free_is_encoder_once_then_decoders(guidance):
     cond, uncond = Conditioning(torch.randn(2, 5, 16, generator=g)), Conditioning(torch.randn(2, 5, 16, generator=g))
     with torch.no_grad():
         x0, eps = loop_free(unet, s, x_T, ts, cond, uncond, guidance)
-        e_c = decode(unet, encode(unet, x_T, 751, cond.text), ts)
-        e_u = decode(unet, encode(unet, x_T, 751, uncond.text), ts)
+        e_c = run_decoders(unet, run_encoder(unet, x_T, 751, cond.text), ts)
+        e_u = run_decoders(unet, run_encoder(unet, x_T, 751, uncond.text), ts)
     ref_eps = e_u + guidance * (e_c - e_u)
     assert torch.allclose(eps, ref_eps, atol=1e-5)
     assert torch.allclose(x0, ddim_combine(s, x_T, ref_eps, ts)[0], atol=1e-5)

@@ -76,6 +76,13 @@ def test_seeds_reproduce_and_a_drawn_seed_is_returned(client):
     assert isinstance(drawn.seed, int) and pngs(drawn)[0] == image(seed=drawn.seed)
 
 
+def test_the_official_clients_optional_fields_are_accepted_and_change_nothing(client):
+    """Issue 22: client code that sets quality, style or user keeps working (it was answered 422)."""
+    plain = pngs(client.images.generate(prompt=PROMPT, extra_body={"seed": 4}))
+    dressed = pngs(client.images.generate(prompt=PROMPT, quality="hd", style="vivid", user="u-1", extra_body={"seed": 4}))
+    assert dressed == plain
+
+
 def test_models_lists_the_student_then_the_teacher(client):
     assert [m.id for m in client.models.list()] == ["student", "teacher"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loopfree.method.split import decode, encode
+from loopfree.method.split import run_decoders, run_encoder
 from tiny import make_unet, sdxl_added_cond
 
 
@@ -23,7 +23,7 @@ def test_decode_of_encode_equals_unet(kind, batch, size):
     t = torch.tensor(501)
     with torch.no_grad():
         ref = unet(x, t, c, added_cond_kwargs=cond).sample
-        out = decode(unet, encode(unet, x, t, c, cond), torch.tensor([501]))
+        out = run_decoders(unet, run_encoder(unet, x, t, c, cond), torch.tensor([501]))
     assert out.shape == (1, *ref.shape)
     assert _rel_err(out[0], ref) <= 1e-5
 
@@ -33,7 +33,7 @@ def test_odd_latent_size_uses_upsample_size_path():
     x, c = torch.randn(2, 4, 7, 9), torch.randn(2, 5, 16)
     with torch.no_grad():
         ref = unet(x, 10, c).sample
-        out = decode(unet, encode(unet, x, 10, c), [10])[0]
+        out = run_decoders(unet, run_encoder(unet, x, 10, c), [10])[0]
     assert out.shape == ref.shape == (2, 4, 7, 9)
     assert _rel_err(out, ref) <= 1e-5
 
@@ -45,9 +45,9 @@ def test_batched_decoders_equal_separate_calls(kind):
     cond = sdxl_added_cond(2) if kind == "sdxl" else None
     ts = [751, 501, 251, 1]
     with torch.no_grad():
-        feats = encode(unet, x, ts[0], c, cond)
-        batched = decode(unet, feats, ts)
-        separate = torch.stack([decode(unet, feats, [t])[0] for t in ts])
+        feats = run_encoder(unet, x, ts[0], c, cond)
+        batched = run_decoders(unet, feats, ts)
+        separate = torch.stack([run_decoders(unet, feats, [t])[0] for t in ts])
     assert batched.shape == (4, 2, 4, 8, 8)
     assert _rel_err(batched, separate) <= 1e-5
     # different timesteps really give different decoder outputs
@@ -59,10 +59,10 @@ def test_sdxl_added_conditioning_reaches_every_decoder():
     x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16)
     cond_a, cond_b = sdxl_added_cond(1, seed=1), sdxl_added_cond(1, seed=2)
     with torch.no_grad():
-        feats = encode(unet, x, 751, c, cond_a)
-        out_a = decode(unet, feats, [751, 251])
-        feats.added_emb = encode(unet, x, 751, c, cond_b).added_emb  # same skips, other added conditioning
-        out_b = decode(unet, feats, [751, 251])
+        feats = run_encoder(unet, x, 751, c, cond_a)
+        out_a = run_decoders(unet, feats, [751, 251])
+        feats.added_emb = run_encoder(unet, x, 751, c, cond_b).added_emb  # same skips, other added conditioning
+        out_b = run_decoders(unet, feats, [751, 251])
     assert _rel_err(out_a[1], out_b[1]) > 1e-4
 
 
@@ -72,8 +72,8 @@ def test_every_decoder_has_gradient_wrt_encoder(checkpointing):
     if checkpointing:
         unet.enable_gradient_checkpointing()
     x, c = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 5, 16)
-    feats = encode(unet, x, 751, c)
-    eps = decode(unet, feats, [751, 501, 251, 1])
+    feats = run_encoder(unet, x, 751, c)
+    eps = run_decoders(unet, feats, [751, 501, 251, 1])
     for k in range(4):
         (g,) = torch.autograd.grad(eps[k].sum(), feats.mid, retain_graph=True)
         assert g.abs().sum() > 0
@@ -88,6 +88,6 @@ def test_gradient_checkpointing_gives_same_gradients():
         if checkpointing:
             unet.enable_gradient_checkpointing()
         x, c = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.ones(2, 5, 16)
-        decode(unet, encode(unet, x, 751, c), [751, 1]).square().mean().backward()
+        run_decoders(unet, run_encoder(unet, x, 751, c), [751, 1]).square().mean().backward()
         grads.append(unet.conv_in.weight.grad.clone())
     assert _rel_err(grads[1], grads[0]) <= 1e-5

@@ -127,3 +127,30 @@ def test_readme_is_short_and_its_links_resolve():
         body = (root / page).read_text()
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", body):
             assert (root / page).parent.joinpath(target).exists(), f"{page} links to {target}, which does not exist"
+
+
+def test_every_error_message_is_one_short_line():
+    """Every message a raise spells out is ≤ 200 characters, counting each interpolated value as 12 (the values
+    themselves are quoted short: ``loopfree.utils.errors.short``)."""
+    src = Path(loopfree.__file__).parent
+    long = []
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
+                continue
+            name = getattr(node.exc.func, "id", getattr(node.exc.func, "attr", ""))
+            message = node.exc.args[-1] if name == "RequestError" else node.exc.args[0]
+            parts = message.values if isinstance(message, ast.JoinedStr) else [message]
+            if all(isinstance(p, (ast.Constant, ast.FormattedValue)) for p in parts):
+                size = sum(len(str(p.value)) if isinstance(p, ast.Constant) else 12 for p in parts)
+                if size > 200 or any(isinstance(p, ast.Constant) and "\n" in str(p.value) for p in parts):
+                    long.append(f"{path.relative_to(src)}:{node.lineno} ({size})")
+    assert not long, long
+
+
+def test_short_quotes_long_values_in_one_line():
+    from loopfree.utils.errors import short
+
+    assert short([751, 501, 251, 1]) == "[751, 501, 251, 1]"
+    assert short(list(range(500, 0, -1))) == "[500, 499, 498, 497, …, 1] (500 values)"
+    assert short("x" * 500) == "'" + "x" * 58 + "…" and short(3) == "3"

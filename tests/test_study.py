@@ -37,6 +37,11 @@ def test_a_study_trains_scores_and_reruns_only_what_is_new(tmp_path):
     assert table.count("\n") == 2 + len(rows) and "| sid-zero-cfg | 1 |" in table
     scored = json.loads((tmp_path / "s" / "scores" / "vsd-seed0-2steps.json").read_text())
     assert scored["alignment"] == rows[1]["alignment"]
+    # --score-only on a grown plan trains nothing and tabulates what is finished
+    grown = PLAN.replace("seeds: [0]", "seeds: [0, 1]")
+    (tmp_path / "grown.yaml").write_text(grown)
+    partial = run_study(load_plan(tmp_path / "grown.yaml"), tmp_path / "s", train=False)
+    assert [r["runs"] for r in partial[1:]] == [1, 1] and not (tmp_path / "s" / "runs" / "vsd" / "seed1").exists()
     # grown by a seed: the finished run is kept (its files untouched), only the new one trains
     before = (tmp_path / "s" / "runs" / "vsd" / "seed0" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     (tmp_path / "plan.yaml").write_text(PLAN.replace("seeds: [0]", "seeds: [0, 1]").replace("  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}\n", ""))

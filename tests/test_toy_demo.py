@@ -228,3 +228,15 @@ def test_students_trained_in_worker_processes_equal_those_trained_one_after_anot
     for (weights_a, curve_a), (weights_b, curve_b) in zip(trained["sequential"], trained["parallel"]):
         assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
         assert curve_a == curve_b and [r["step"] for r in curve_a] == [0, 1, 2]
+
+
+def test_the_table_shows_knn_scores_only_where_they_discriminate():
+    """Issue 20: at 16 × 4 images precision/recall/density/coverage read 1.000 in every row; the table then shows
+    the per-attribute accuracies that do differ, and the k-NN scores from 256 images on."""
+    from loopfree.demo.demo import format_table
+
+    row = {"name": "TiUE", "runs": 1, "unet_ms_per_image": 9.0, "per_attribute_accuracy": {"colour": 0.875, "shape": 0.75},
+           **{k: 1.0 for k in ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")}}
+    small, large = format_table([row], 64).splitlines(), format_table([row], 256).splitlines()
+    assert "precision" not in small[0] and "colour" in small[0] and "0.875" in small[1] and "0.750" in small[1]
+    assert "precision" in large[0] and "coverage" in large[0] and "colour" not in large[0]

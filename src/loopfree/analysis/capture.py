@@ -3,7 +3,7 @@ similarity between adjacent steps (paper Fig. 1c).
 
 Encoder features are what the decoder receives from E (``split.EncoderFeatures``): the mid-block output and the
 skip tensors (``conv_in``'s output, then every down block's residuals); decoder features are each up block's
-output. The hooks see diffusers' own forward and ``split.encode``/``decode(..., hoist=False)`` alike (the hoisted
+output. The hooks see diffusers' own forward and ``split.run_encoder``/``run_decoders(..., hoist=False)`` alike (the hoisted
 decoders call no up block as a module), and are removed on exit::
 
     tracker = AdjacentSimilarity()

@@ -1,11 +1,11 @@
-"""What the analyses share: how they sample (prompts, x_T, guidance, batches), the model checks made before any
+"""What the analyses share: how they denoise_all (prompts, x_T, guidance, batches), the model checks made before any
 loading, the quality figure (a pluggable function: the toy world's for a toy-world model, ``loopfree eval``'s CLIP
 score with ``--clip``) and progress bars.
 
-    setup = Sampling(num_prompts=16, images_per_prompt=4, guidance=4.5)   # loopfree.analysis.settings
+    setup = AnalysisSetup(num_prompts=16, images_per_prompt=4, guidance=4.5)   # loopfree.analysis.settings
     pipe, prompts = load(model, setup), prompt_list(setup)
-    x_T = initial_latents(pipe, len(prompts), setup)                      # image i of prompt p: derive_seed(seed, p, i)
-    latents = sample(pipe, "loop", pipe.plan_steps("loop", 25), setup, per_image(prompts, setup), x_T)
+    x_T = analysis_latents(pipe, len(prompts), setup)                    # image i of prompt p: image_seed(seed, p, i)
+    latents = denoise_all(pipe, "loop", pipe.plan_steps("loop", 25), setup, per_image(prompts, setup), x_T)
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loopfree.analysis.settings import Sampling
+from loopfree.analysis.settings import AnalysisSetup
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder
-from loopfree.utils.seeding import derive_seed, initial_noise
+from loopfree.utils.seeding import image_seed, initial_latents
 
 #: images (N, 3, H, W) in [-1, 1], the prompt of each image → named scores (toy world: alignment, fd)
 Quality = Callable[[torch.Tensor, list[str]], dict[str, float]]
@@ -31,7 +31,7 @@ Quality = Callable[[torch.Tensor, list[str]], dict[str, float]]
 TOY_SCORES = ("alignment", "fd")  # the toy world's figures the analyses report (loopfree.evaluation.toy)
 
 
-def check_models(*models: str) -> list[str]:
+def check_model_folders(*models: str) -> list[str]:
     """Absolute paths of pipeline folders that pass the loading gate's cheap checks (nothing is loaded)."""
     from loopfree.pipelines.loading import inspect_pipeline
 
@@ -68,7 +68,7 @@ class Run:
     clip: dict | None = None  # the CLIP model of the clip_score figure: path and sha256 of its weights
 
 
-def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: Sampling, out: str,
+def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: AnalysisSetup, out: str,
           overwrite: bool, clip: str | None = None) -> Run:
     """Check the model folder (default: the bundled ``bundled_default``), steps, prompts, ``--out`` and the
     ``clip`` folder (``--clip``, optional) before loading the model; then load it and its quality figure."""
@@ -92,7 +92,7 @@ def start(command: str, model: str | None, bundled_default: str, steps: list[int
                scorer and dict(path=scorer.path, sha256=scorer.sha256))
 
 
-def prompt_list(setup: Sampling) -> list[str]:
+def prompt_list(setup: AnalysisSetup) -> list[str]:
     """The first ``num_prompts`` prompts of the prompt file, or the toy world's held-out evaluation prompts."""
     from loopfree.training.data import load_prompts
     from loopfree.toy.world import heldout_prompts
@@ -121,7 +121,7 @@ def quiet_loading() -> Iterator[None]:
                 lib.enable_progress_bar()
 
 
-def load(model: str, setup: Sampling):
+def load(model: str, setup: AnalysisSetup):
     """The pipeline on ``setup``'s device and dtype, its own progress bar off (the analyses show theirs)."""
     from loopfree.utils.devices import resolve_device, resolve_dtype
     from loopfree.pipelines.loading import load_pipeline
@@ -134,19 +134,20 @@ def load(model: str, setup: Sampling):
     return pipe
 
 
-def per_image(prompts: list[str], setup: Sampling) -> list[str]:
+def per_image(prompts: list[str], setup: AnalysisSetup) -> list[str]:
     """The prompt of every image, prompt-major (image i of prompt p is at p·images_per_prompt + i)."""
     return [p for p in prompts for _ in range(setup.images_per_prompt)]
 
 
-def initial_latents(pipe, num_prompts: int, setup: Sampling) -> torch.Tensor:
-    """x_T of image i of prompt p from ``derive_seed(seed, p, i)``: the same noise in every analysis and row."""
-    seeds = [derive_seed(setup.seed, p, i) for p in range(num_prompts) for i in range(setup.images_per_prompt)]
-    latent = pipe.unet.config.sample_size
-    return initial_noise(seeds, (pipe.unet.config.in_channels, latent, latent), pipe.device, pipe.unet.dtype)
+def analysis_latents(pipe, num_prompts: int, setup: AnalysisSetup) -> torch.Tensor:
+    """x_T of image i of prompt p from ``image_seed(seed, p, i)`` at the native size: the same noise in every
+    analysis and row."""
+    seeds = [image_seed(setup.seed, p, i) for p in range(num_prompts) for i in range(setup.images_per_prompt)]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return initial_latents(pipe, seeds, size, size)
 
 
-def batches(prompts: list[str], x_T: torch.Tensor, setup: Sampling, bar: tqdm | None = None, weight: int = 1):
+def batches(prompts: list[str], x_T: torch.Tensor, setup: AnalysisSetup, bar: tqdm | None = None, weight: int = 1):
     """(prompts, x_T) chunks of at most ``batch_size`` images; ``bar`` advances by ``weight`` × their images (the
     steps they take, so its ETA holds across step counts)."""
     for start in range(0, len(prompts), setup.batch_size):
@@ -162,15 +163,15 @@ def conditioning(pipe, prompts: list[str], guidance: float):
 
 
 @torch.no_grad()
-def sample_batch(pipe, mode: str, plan, prompts: list[str], x_T: torch.Tensor, guidance: float) -> torch.Tensor:
+def denoise_batch(pipe, mode: str, plan, prompts: list[str], x_T: torch.Tensor, guidance: float) -> torch.Tensor:
     """x_0 latents of one image per entry of ``prompts`` from ``x_T``, in one sampler call."""
     return pipe.denoise(mode, plan, x_T, *conditioning(pipe, prompts, guidance), guidance)
 
 
-def sample(pipe, mode: str, plan, setup: Sampling, prompts: list[str], x_T: torch.Tensor, bar: tqdm | None = None) -> torch.Tensor:
+def denoise_all(pipe, mode: str, plan, setup: AnalysisSetup, prompts: list[str], x_T: torch.Tensor, bar: tqdm | None = None) -> torch.Tensor:
     """x_0 latents of one image per entry of ``prompts`` from ``x_T``, sampled in ``mode`` as ``plan`` says, in batches."""
     chunks = batches(prompts, x_T, setup, bar, plan.num_steps)
-    return torch.cat([sample_batch(pipe, mode, plan, chunk, x, setup.guidance) for chunk, x in chunks])
+    return torch.cat([denoise_batch(pipe, mode, plan, chunk, x, setup.guidance) for chunk, x in chunks])
 
 
 def to_images(pipe, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -18,19 +18,19 @@ import torch
 
 from loopfree.analysis.capture import AdjacentSimilarity, unet_features
 from loopfree.analysis.common import (
-    Quality, batches, initial_latents, per_image, progress, sample_batch, start, to_images,
+    Quality, batches, analysis_latents, per_image, progress, denoise_batch, start, to_images,
 )
 from loopfree.utils.figures import figure, save_figure
-from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, Sampling
+from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, AnalysisSetup
 from loopfree.utils.outputs import write_json
 
 
-def similarity_rows(pipe, steps: list[int], setup: Sampling, prompts: list[str], quality: Quality | None = None,
+def similarity_rows(pipe, steps: list[int], setup: AnalysisSetup, prompts: list[str], quality: Quality | None = None,
                     bar=None) -> list[dict]:
     """Per N: mean adjacent-step cosine similarity of the encoder and decoder features (and per tensor), and
     ``quality`` of the N-step images if given."""
     image_prompts = per_image(prompts, setup)
-    x_T = initial_latents(pipe, len(prompts), setup)
+    x_T = analysis_latents(pipe, len(prompts), setup)
     rows = []
     for n in steps:
         plan = pipe.plan_steps("loop", n)
@@ -39,7 +39,7 @@ def similarity_rows(pipe, steps: list[int], setup: Sampling, prompts: list[str],
         with unet_features(pipe.unet, tracker.update):
             for chunk, x in batches(image_prompts, x_T, setup, bar, n):
                 tracker.reset()  # a batch is trajectories of its own
-                latents.append(sample_batch(pipe, "loop", plan, chunk, x, setup.guidance))
+                latents.append(denoise_batch(pipe, "loop", plan, chunk, x, setup.guidance))
         row = dict(steps=n, encoder_similarity=tracker.mean("encoder"), decoder_similarity=tracker.mean("decoder"),
                    encoder_per_tensor=tracker.per_tensor("encoder"), decoder_per_tensor=tracker.per_tensor("decoder"))
         if quality is not None:
@@ -75,7 +75,7 @@ def plot(rows: list[dict], title: str):
     return fig
 
 
-def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: Sampling = FEATURES,
+def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: AnalysisSetup = FEATURES,
                  out: str = "analysis/features", overwrite: bool = False, clip: str | None = None) -> Path:
     """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder.
     ``clip``: a local CLIP folder, for the ``clip_score`` of every N."""

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from loopfree.analysis.common import check_models, initial_latents, load, output_folder, progress, to_images, to_pil
-from loopfree.analysis.settings import COLUMNS, FROM, INTERPOLATE, METHODS, ROWS, TO, Sampling
+from loopfree.analysis.common import check_model_folders, analysis_latents, load, output_folder, progress, to_images, to_pil
+from loopfree.analysis.settings import COLUMNS, FROM, INTERPOLATE, METHODS, ROWS, TO, AnalysisSetup
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.images import image_grid
 from loopfree.utils.outputs import save_image, write_json
@@ -53,14 +53,14 @@ def interpolated(cond: Conditioning, weights: list[float], method: str) -> Condi
 
 @torch.no_grad()
 def interpolation_latents(pipe, source: str, target: str, weights: list[float], method: str, mode: str, plan,
-                          setup: Sampling, rows: int, bar=None) -> torch.Tensor:
+                          setup: AnalysisSetup, rows: int, bar=None) -> torch.Tensor:
     """x_0 latents (rows, columns, C, h, w): row r from the x_T of image r of one prompt (as ``loopfree generate``
     draws it for the same seed), column j at weights[j]."""
     guide = setup.guidance != 1.0
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     cond, uncond = pipe.encode_conditioning([source, target], None, 1, guide, pipe.device, (size, size))
     mixed = interpolated(cond, weights, method)
-    x_T = initial_latents(pipe, 1, replace(setup, images_per_prompt=rows))
+    x_T = analysis_latents(pipe, 1, replace(setup, images_per_prompt=rows))
     out = []
     for r in range(rows):
         x = x_T[r : r + 1].expand(len(weights), *x_T.shape[1:])
@@ -72,7 +72,7 @@ def interpolation_latents(pipe, source: str, target: str, weights: list[float], 
 
 
 def run_interpolate(model: str | None = None, source: str = FROM, target: str = TO, method: str = "slerp", columns: int = COLUMNS,
-                    rows: int = ROWS, mode: str = "loop_free", steps: int | None = None, setup: Sampling = INTERPOLATE,
+                    rows: int = ROWS, mode: str = "loop_free", steps: int | None = None, setup: AnalysisSetup = INTERPOLATE,
                     out: str = "analysis/interpolate", overwrite: bool = False) -> Path:
     """Interpolate between ``source`` and ``target`` with ``model`` (default: the bundled student); the folder."""
     from loopfree.toy.assets import bundled
@@ -83,7 +83,7 @@ def run_interpolate(model: str | None = None, source: str = FROM, target: str = 
         raise LoopfreeError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if columns < 2 or rows < 1:
         raise LoopfreeError(f"need at least 2 columns and 1 row, got {columns} and {rows}")
-    (model,) = check_models(str(model) if model else str(bundled("student")))
+    (model,) = check_model_folders(str(model) if model else str(bundled("student")))
     weights = [j / (columns - 1) for j in range(columns)]
     settings = dict(model=model, source=source, target=target, method=method, weights=weights, mode=mode, steps=steps,
                     **setup.settings())

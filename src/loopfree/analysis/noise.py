@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from loopfree.analysis.common import (
-    batches, check_models, conditioning, initial_latents, load, output_folder, per_image, progress, prompt_list,
+    batches, check_model_folders, conditioning, analysis_latents, load, output_folder, per_image, progress, prompt_list,
 )
 from loopfree.utils.figures import figure, save_figure
-from loopfree.analysis.settings import NOISE, Sampling
+from loopfree.analysis.settings import NOISE, AnalysisSetup
 from loopfree.method.objective import kl_loss
 from loopfree.utils.outputs import write_json
 from loopfree.method.sampler import loop_free, propagate
@@ -49,7 +49,7 @@ def statistics(eps: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def student_eps(pipe, setup: Sampling, prompts: list[str], x_T: torch.Tensor, bar=None) -> tuple[torch.Tensor, list[int]]:
+def student_eps(pipe, setup: AnalysisSetup, prompts: list[str], x_T: torch.Tensor, bar=None) -> tuple[torch.Tensor, list[int]]:
     """The student's K·B decoder noise predictions (K, B, C, H, W) in one pass each, and its decoder timesteps."""
     plan = pipe.plan_steps("loop_free")
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler, plan.final_alpha_cumprod)
@@ -59,7 +59,7 @@ def student_eps(pipe, setup: Sampling, prompts: list[str], x_T: torch.Tensor, ba
 
 
 @torch.no_grad()
-def teacher_eps(pipe, timesteps: list[int], setup: Sampling, prompts: list[str], x_T: torch.Tensor, bar=None) -> torch.Tensor:
+def teacher_eps(pipe, timesteps: list[int], setup: AnalysisSetup, prompts: list[str], x_T: torch.Tensor, bar=None) -> torch.Tensor:
     """The teacher's ε (K, B, C, H, W) at ``timesteps`` along its own DDIM loop through them (guided by ``setup``)."""
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     out = []
@@ -100,14 +100,14 @@ def _row(name: str, role: str, path: str, timesteps: list[int], eps: torch.Tenso
     return dict(name=name, role=role, model=path, timesteps=timesteps, **statistics(eps), outside_plot=outside), density
 
 
-def run_noise(models: list[str] | None = None, teacher: str | None = None, setup: Sampling = NOISE,
+def run_noise(models: list[str] | None = None, teacher: str | None = None, setup: AnalysisSetup = NOISE,
               out: str = "analysis/noise", overwrite: bool = False) -> Path:
     """Compare the noise predictions of ``models`` (default: the bundled student) with ``teacher``'s (default: the
     bundled teacher) and N(0, 1); writes noise.png/json to ``out``; the folder."""
     from loopfree.toy.assets import bundled
 
-    models = check_models(*(models or [str(bundled("student"))]))
-    (teacher,) = check_models(str(teacher) if teacher else str(bundled("teacher")))
+    models = check_model_folders(*(models or [str(bundled("student"))]))
+    (teacher,) = check_model_folders(str(teacher) if teacher else str(bundled("teacher")))
     prompts = prompt_list(setup)
     image_prompts = per_image(prompts, setup)
     folder = output_folder(out, "noise", dict(models=models, teacher=teacher, **setup.settings()), overwrite)
@@ -115,7 +115,7 @@ def run_noise(models: list[str] | None = None, teacher: str | None = None, setup
     rows, histograms, teacher_rows = [], [], {}
     with folder, progress(2 * len(models) * len(image_prompts), "noise", "img") as bar:
         teacher_pipe = load(teacher, setup)
-        x_T = initial_latents(teacher_pipe, len(prompts), setup)
+        x_T = analysis_latents(teacher_pipe, len(prompts), setup)
         for name, model in zip(names, models):
             eps, timesteps = student_eps(load(model, setup), setup, image_prompts, x_T, bar)
             row, density = _row(name, "student", model, timesteps, eps)

@@ -7,7 +7,7 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class Sampling:
+class AnalysisSetup:
     """How an analysis samples: which prompts, how many images of each, seeds, guidance, batches, device."""
 
     prompts: str | None = None  # a prompt file (loopfree.training.data.load_prompts); default: the toy world's held-out prompts
@@ -24,10 +24,10 @@ class Sampling:
 
 
 #: Each analysis' default sampling: teachers are sampled with the paper's guidance 4.5, students without.
-FEATURES = Sampling(guidance=4.5)
-NOISE = Sampling(images_per_prompt=2, guidance=4.5)  # guidance of the teacher's ε; students are sampled unguided
-INTERPOLATE = Sampling()
-STEPS = Sampling(batch_size=16)  # a shared-encoder row decodes N × batch rows at once
+FEATURES = AnalysisSetup(guidance=4.5)
+NOISE = AnalysisSetup(images_per_prompt=2, guidance=4.5)  # guidance of the teacher's ε; students are sampled unguided
+INTERPOLATE = AnalysisSetup()
+STEPS = AnalysisSetup(batch_size=16)  # a shared-encoder row decodes N × batch rows at once
 
 FEATURE_STEPS = (1, 2, 4, 8, 15, 25, 50)  # DDIM steps N of the features analysis (paper Fig. 1)
 STUDENT_STEPS = (2, 8, 16, 32, 50)  # DDIM steps N of the steps analysis (paper Fig. 10)

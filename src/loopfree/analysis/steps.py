@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loopfree.analysis.common import initial_latents, per_image, progress, sample, start, to_images, to_pil
-from loopfree.analysis.settings import STEPS, STUDENT_STEPS, Sampling
+from loopfree.analysis.common import analysis_latents, per_image, progress, denoise_all, start, to_images, to_pil
+from loopfree.analysis.settings import STEPS, STUDENT_STEPS, AnalysisSetup
 from loopfree.utils.images import image_grid
 from loopfree.utils.outputs import save_image, write_json
 from loopfree.method.sampler import default_key_steps
@@ -47,20 +47,20 @@ def label(name: str, scores: dict[str, float]) -> str:
     return "   ".join([name, *(f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3g}" for k, v in scores.items())])
 
 
-def run_steps(model: str | None = None, steps: list[int] = STUDENT_STEPS, setup: Sampling = STEPS,
+def run_steps(model: str | None = None, steps: list[int] = STUDENT_STEPS, setup: AnalysisSetup = STEPS,
               out: str = "analysis/steps", overwrite: bool = False, clip: str | None = None) -> Path:
     """Sample ``model`` (default: the bundled student) every way and write steps.png/json to ``out``; the folder.
     ``clip``: a local CLIP folder, for every row's ``clip_score``."""
     run = start("steps", model, "student", steps, setup, out, overwrite, clip)
     pipe, image_prompts = run.pipe, per_image(run.prompts, setup)
-    x_T = initial_latents(pipe, len(run.prompts), setup)
+    x_T = analysis_latents(pipe, len(run.prompts), setup)
     shown = slice(0, GRID_COLUMNS * setup.images_per_prompt, setup.images_per_prompt)
     plans = settings_rows(pipe, run.steps)
     rows, grid, labels = [], [], []
     with run.folder, progress(sum(plan.num_steps for _, _, plan in plans) * len(image_prompts), "steps") as bar:
         for name, mode, plan in plans:
             started = time.perf_counter()
-            latents = sample(pipe, mode, plan, setup, image_prompts, x_T, bar)
+            latents = denoise_all(pipe, mode, plan, setup, image_prompts, x_T, bar)
             synchronize(pipe.device)
             ms = 1000 * (time.perf_counter() - started) / len(image_prompts)
             images = to_images(pipe, latents)

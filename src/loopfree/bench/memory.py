@@ -6,7 +6,7 @@ Two kinds of parts, added up the way a step holds them:
   student (fp32 master weights, AdamW's two moments, its gradients, the EMA copy), the frozen teacher (in the weight
   dtype: fp32, or bf16/fp16 under mixed precision, as :class:`~loopfree.method.scores.TeacherAndFakeScore` casts it), the
   fake score's LoRA (fp32 weights, gradients, AdamW), the frozen text encoder and VAE (fp32, as the trainer keeps them);
-* activations, measured (:func:`measure`): the bytes of the tensors autograd saves for backward (:class:`SavedTensors`,
+* activations, measured (:func:`measure_activations`): the bytes of the tensors autograd saves for backward (:class:`SavedTensors`,
   each storage once, parameters excluded) in the student's forward — the one pass, encoder once and K decoders — and
   in the fake-score update's forward; and the peak of what one no-grad guided teacher + fake-score pass holds at once
   (:class:`LiveTensors`), which runs while the student's graph is alive.
@@ -200,7 +200,7 @@ class Activations:
         return self.fake_fixed + self.fake_per
 
 
-def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int = 1) -> Activations:
+def measure_activations(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int = 1) -> Activations:
     """The measured parts at ``batch`` prompts (divided by it) of ``latent`` (height, width) latents, on random weights of ``arch`` on the CPU,
     built as the :class:`~loopfree.training.distiller.Distiller` builds them: the student's graph (its forward and loss; the
     guided scores its loss asks for are measured apart), then, the student let go, the teacher + fake score's guided
@@ -216,12 +216,12 @@ def measure(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int 
     inputs = [x, text, *(added or {}).values()]
     scheduler = sd21_scheduler()
     schedule = NoiseSchedule.from_scheduler(scheduler)
-    timesteps, final_alpha = student_timesteps(cfg, scheduler.config)
+    timesteps, final_alpha_cumprod = student_timesteps(cfg, scheduler.config)
 
     student = arch.build().train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    generator = Generator(student, NoiseSchedule.from_scheduler(scheduler, final_alpha), timesteps)
+    generator = Generator(student, NoiseSchedule.from_scheduler(scheduler, final_alpha_cumprod), timesteps)
     student_loss, fake_loss = losses(cfg, schedule)
     no_scores = lambda x_t, t: (torch.zeros(2, *x_t.shape), torch.zeros(2, *x_t.shape))  # noqa: E731
     with SavedTensors(student.parameters(), inputs) as graph:
@@ -263,10 +263,10 @@ class MemoryRow:
 def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: int = 1, decoders: int = 4,
                 gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
                 measure_size: tuple[int, int] | None = None,
-                measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure) -> list[MemoryRow]:
+                measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure_activations) -> list[MemoryRow]:
     """Estimated memory of one distillation step per device, ``batch`` prompts at ``size`` (height, width) pixels,
     paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak; the
-    total, held + the largest peak. ``measure_size``: measure activations there (pixels), extrapolate to ``size``."""
+    total, held + the largest peak. ``measure_size``: measure_activations activations there (pixels), extrapolate to ``size``."""
     from loopfree.bench.speed import train_config
     from loopfree.training.distiller import WEIGHT_DTYPES
 

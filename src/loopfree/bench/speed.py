@@ -28,7 +28,7 @@ from loopfree.training.config import DistillConfig
 from loopfree.method.runtime import compile_unet, passes
 from loopfree.method.sampler import Conditioning, ddim_loop, default_key_steps, loop_free, propagate
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
-from loopfree.utils.timing import Sections, measure, synchronize
+from loopfree.utils.timing import Sections, time_call, synchronize
 
 UNET, END_TO_END = "UNet", "end-to-end (text encoder + UNet + VAE decode)"
 # torch's counter has formulas for the GPU SDPA kernels only; the CPU one does the same work
@@ -82,7 +82,7 @@ def _cases(arch: Arch, unet, parts: tuple[list, object] | None, inputs: tuple, d
     ts = decoder_timesteps(scheduler.config, decoders)
     schedule = NoiseSchedule.from_scheduler(scheduler)
     with torch.inference_mode():
-        feats = passes(unet).encode(unet, x, ts[0], text, added)
+        feats = passes(unet).run_encoder(unet, x, ts[0], text, added)
     K = decoders
     ts50, keys50 = decoder_timesteps(scheduler.config, 50), default_key_steps(50)  # encoder propagation (Faster Diffusion)
     fifty = [(UNET, "full UNet, 50 steps", lambda: ddim_loop(unet, scheduler, x, 50, cond)),
@@ -93,10 +93,10 @@ def _cases(arch: Arch, unet, parts: tuple[list, object] | None, inputs: tuple, d
         *(fifty if with_50 else []),
         (UNET, f"one pass, K={K}", lambda: loop_free(unet, schedule, x, ts, cond)),
         (UNET, f"one pass, K={K}, plain decoders", lambda: loop_free(unet, schedule, x, ts, cond, hoist=False)),
-        (UNET, "encoder alone", lambda: passes(unet).encode(unet, x, ts[0], text, added)),
-        (UNET, "decoder alone (1 step)", lambda: passes(unet).decode(unet, feats, ts[:1])),
-        (UNET, f"{K} decoders batched", lambda: passes(unet).decode(unet, feats, ts)),
-        (UNET, f"{K} decoders batched, plain", lambda: passes(unet).decode(unet, feats, ts, False)),
+        (UNET, "encoder alone", lambda: passes(unet).run_encoder(unet, x, ts[0], text, added)),
+        (UNET, "decoder alone (1 step)", lambda: passes(unet).run_decoders(unet, feats, ts[:1])),
+        (UNET, f"{K} decoders batched", lambda: passes(unet).run_decoders(unet, feats, ts)),
+        (UNET, f"{K} decoders batched, plain", lambda: passes(unet).run_decoders(unet, feats, ts, False)),
     ]
     if parts is None:
         return cases
@@ -128,7 +128,7 @@ def inference_rows(
         if compile:
             compile_unet(unet)
         for (section, name, fn), flop in zip(tqdm(cases, desc="bench: time", unit="row"), flops):
-            median, peak = measure(fn, device, repeats, warmup=1 if compile else 0)
+            median, peak = time_call(fn, device, repeats, warmup=1 if compile else 0)
             base = next((r.median_s for r in rows if r.section == section), median)
             rows.append(Row(name, median, median / base, peak, flop / 1e9, section))
     return rows

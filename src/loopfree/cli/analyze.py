@@ -16,8 +16,8 @@ from loopfree.analysis import settings as defaults
 from loopfree.cli import options
 
 
-def _sampling(default: defaults.Sampling, prompts: bool = True):
-    """The options that make a :class:`~loopfree.analysis.settings.Sampling`, with ``default``'s values."""
+def _sampling(default: defaults.AnalysisSetup, prompts: bool = True):
+    """The options that make a :class:`~loopfree.analysis.settings.AnalysisSetup`, with ``default``'s values."""
     decorators = [
         click.option("--prompts", type=click.Path(), default=None,
                      help="Prompt file (.txt, .jsonl, .csv, .parquet; see loopfree distill). Default: the toy world's held-out prompts."),
@@ -35,9 +35,9 @@ def _sampling(default: defaults.Sampling, prompts: bool = True):
     return apply
 
 
-def _run(analysis, default: defaults.Sampling, args: tuple, out: str, kwargs: dict) -> None:
-    """``analysis(*args, sampling, out, overwrite, **rest)`` with the Sampling of the command's options (those it
-    lacks keep ``default``'s values) and the options that are not Sampling's as ``rest``; says where it wrote."""
+def _run(analysis, default: defaults.AnalysisSetup, args: tuple, out: str, kwargs: dict) -> None:
+    """``analysis(*args, sampling, out, overwrite, **rest)`` with the AnalysisSetup of the command's options (those it
+    lacks keep ``default``'s values) and the options that are not AnalysisSetup's as ``rest``; says where it wrote."""
     from dataclasses import fields, replace
 
     overwrite = kwargs.pop("overwrite")

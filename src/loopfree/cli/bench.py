@@ -39,7 +39,7 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
               help="With --train: estimate the step's memory per device instead (GiB per part: exact parameter counts, "
                    "activations measured at batch 1 on the CPU, whatever --device); not a GPU measurement.")
 @click.option("--measure-resolution", type=options.Resolution(), default=None,
-              help="With --memory: measure the activations at this image size and scale them by the pixel count "
+              help="With --memory: measure_activations the activations at this image size and scale them by the pixel count "
                    "(default: at --resolution).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
           gradient_checkpointing, batch_teacher_fake, memory, measure_resolution) -> None:

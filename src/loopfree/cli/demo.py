@@ -63,5 +63,5 @@ def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_p
             diffusers_logging.enable_progress_bar()
         if bars[1]:
             transformers_logging.enable_progress_bar()
-    click.echo(format_table(rows))
+    click.echo(format_table(rows, cfg.num_prompts * cfg.images_per_prompt))
     click.echo(f"wrote {Path(out) / 'grid.png'} and {Path(out) / 'metrics.json'} in {time.monotonic() - started:.0f} s")

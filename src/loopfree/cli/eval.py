@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from loopfree.cli import options
@@ -51,10 +53,12 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
 @click.option("--metrics", default=None, help=METRIC_HELP)
 @click.option("--metric-resolution", type=click.IntRange(1, 4096), default=256, show_default=True,
               help="Both sides are centre-cropped and resized (Lanczos) to this before the Inception network.")
+@click.option("--card", type=click.Path(), default=None,
+              help="A published student folder whose model card (README.md) gets this evaluation's row.")
 @click.option("--latency-repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed batch-1 calls (median).")
 def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts, images_per_prompt, seed, batch_size, resolution, steps,
          timesteps, mode, key_steps, guidance, dtype, device, reference_images, reference_model, reference_steps, reference_guidance, inception, clip,
-         features, metrics, metric_resolution, latency_repeats) -> None:
+         features, metrics, metric_resolution, card, latency_repeats) -> None:
     """Generate images for a prompt set and score them: FID, KID, CLIP, precision/recall/F1, density/coverage, latency."""
     if report:
         if not dirs:
@@ -67,6 +71,8 @@ def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts
         raise LoopfreeError(f"unexpected argument {dirs[0]!r}: folders are only taken with --report")
     if out is None:
         raise LoopfreeError("--out is required: the folder for the images and results")
+    if card is not None and not (Path(card) / "model_index.json").is_file():
+        raise LoopfreeError(f"--card {card} is not a published model folder (no model_index.json)")
     from loopfree.evaluation.settings import EvalConfig
 
     cfg = EvalConfig(
@@ -94,7 +100,9 @@ def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts
         if bars[1]:
             transformers_logging.enable_progress_bar()
     if results is not None:
-        from pathlib import Path
+        if card is not None:
+            from loopfree.pipelines.card import add_card_results
 
+            add_card_results(Path(card), Path(out).name, results)
         click.echo(table([(Path(out).name, results)]))
         click.echo(f"wrote {Path(out) / 'results.json'} and results.md")

@@ -12,11 +12,10 @@ from typing import Any, Callable
 
 import click
 
+from loopfree.utils.vocabulary import DTYPES, MAX_SEED, MODES
+
 F = Callable[..., Any]
 
-DTYPES = ("fp32", "fp16", "bf16")
-MODES = ("loop_free", "loop", "propagate")
-MAX_SEED = 2**64 - 1
 
 
 class Resolution(click.ParamType):

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, finished, sample, summarise, train_students
+from loopfree.demo.demo import RowScorer, finished, sample_images, summarise, train_students
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.toy.assets import bundled
@@ -104,8 +104,9 @@ def _cached(path: Path, compute) -> dict:
     return result
 
 
-def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None) -> list[dict]:
-    """Train what is missing, score what is new; writes study.json, table.md and curves.png. The table's rows."""
+def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None, train: bool = True) -> list[dict]:
+    """Train what is missing (unless not ``train``: a study in progress tabulated), score what is new; writes
+    study.json, table.md and curves.png. The table's rows."""
     teacher_path = os.path.abspath(teacher) if teacher else str(bundled("teacher"))
     try:
         size = inspect_pipeline(teacher_path).default_size
@@ -123,7 +124,8 @@ def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None) -> l
         if not prompts_file.is_file():
             write_atomic(prompts_file, "\n".join(training_prompts(plan.distill_prompts, pool, plan.seed)) + "\n")
         curve = RowScorer(pool, plan.curve_prompts, plan.images_per_prompt, plan.seed, size) if plan.eval_every else None
-        train_students(todo, curve)
+        if train:
+            train_students(todo, curve)
         return _score(plan, root, teacher_path, size, pool, configs)
 
 
@@ -135,7 +137,7 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
         def teacher_scores(steps=steps) -> dict:
             pipe = load_pipeline(teacher_path)
             pipe.set_progress_bar_config(disable=True)
-            images, ms = sample(pipe, scorer.jobs, Sampling(size, size, "loop", steps, None, plan.guidance))
+            images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop", steps, None, plan.guidance))
             return {**scorer.scores(images), "unet_ms_per_image": ms}
 
         scores = _cached(root / "scores" / f"teacher-{steps}step.json", teacher_scores)
@@ -150,7 +152,7 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
             def student_scores(run=run) -> dict:
                 pipe = load_pipeline(run)
                 pipe.set_progress_bar_config(disable=True)
-                images, ms = sample(pipe, scorer.jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))
+                images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))
                 timing = json.loads((run / "timing.json").read_text())
                 return {**scorer.scores(images), "unet_ms_per_image": ms, "train_minutes": timing["train_seconds"] / 60}
 

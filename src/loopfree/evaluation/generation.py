@@ -1,6 +1,6 @@
 """The *generate* stage of ``loopfree eval``: one PNG per (prompt, image), resumable and shared among processes.
 
-Image i of prompt p starts from x_T drawn from ``derive_seed(seed, p, i)`` (p: the prompt's index in the whole
+Image i of prompt p starts from x_T drawn from ``image_seed(seed, p, i)`` (p: the prompt's index in the whole
 source), so a subset, another order, batch size or process count gives the same image (bit for bit when the
 batches are the same; otherwise up to float rounding, which can move a pixel by one level). PNGs are written
 atomically under their final names, so a file that is there is complete; a rerun generates only the missing
@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from loopfree.utils.outputs import save_image, write_atomic
-from loopfree.utils.seeding import derive_seed, initial_noise
+from loopfree.utils.seeding import image_seed, initial_latents
 from loopfree.utils.timing import synchronize
 
 MANIFEST = "manifest.jsonl"
@@ -65,20 +65,14 @@ class Sampling:
 
 def plan_jobs(prompts: list[str], indices: list[int], images_per_prompt: int, seed: int) -> list[Job]:
     """Prompt-major jobs for the source prompts at ``indices``, each image seeded from (seed, p, i) alone."""
-    return [Job(p, i, prompts[p], derive_seed(seed, p, i)) for p in indices for i in range(images_per_prompt)]
-
-
-def initial_latents(pipe, jobs: list[Job], sampling: Sampling, device: torch.device) -> torch.Tensor:
-    """x_T of ``jobs``, one draw per job's seed."""
-    shape = (pipe.unet.config.in_channels, sampling.height // pipe.vae_scale_factor, sampling.width // pipe.vae_scale_factor)
-    return initial_noise([j.seed for j in jobs], shape, device, pipe.unet.dtype)
+    return [Job(p, i, prompts[p], image_seed(seed, p, i)) for p in indices for i in range(images_per_prompt)]
 
 
 @torch.no_grad()
-def sample(pipe, jobs: list[Job], sampling: Sampling, device: torch.device) -> tuple[list[Image.Image], float]:
+def generate_jobs(pipe, jobs: list[Job], sampling: Sampling, device: torch.device) -> tuple[list[Image.Image], float]:
     """The images of one batch of ``jobs`` and the seconds spent denoising them (text encoder, UNet, sampler;
     not the VAE decode)."""
-    latents = initial_latents(pipe, jobs, sampling, device)
+    latents = initial_latents(pipe, [j.seed for j in jobs], sampling.height, sampling.width, device)
     synchronize(device)
     start = time.perf_counter()
     x0 = pipe([j.prompt for j in jobs], latents=latents, output_type="latent", **sampling.call_kwargs()).images
@@ -111,7 +105,7 @@ def generate(pipe, root: Path, todo: list[Job], sampling: Sampling, batch_size: 
     mine = batches(todo, batch_size)[rank::world]
     with tqdm(total=sum(map(len, mine)), desc=desc, unit="img", disable=rank != 0) as bar:
         for batch in mine:
-            images, _ = sample(pipe, batch, sampling, device)
+            images, _ = generate_jobs(pipe, batch, sampling, device)
             for job, image in zip(batch, images):
                 save_image(root / job.file, image)
             bar.update(len(batch))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from loopfree.evaluation.generation import Job, Sampling, initial_latents
-from loopfree.utils.timing import measure
+from loopfree.evaluation.generation import Sampling
+from loopfree.utils.seeding import initial_latents
+from loopfree.utils.timing import time_call
 
 WARMUP = 2
 
@@ -14,7 +15,7 @@ WARMUP = 2
 @torch.no_grad()
 def measure_latency(pipe, prompt: str, seed: int, sampling: Sampling, device: torch.device, repeats: int) -> dict[str, float | None]:
     """``latency_ms`` (median of ``repeats`` calls) and ``memory_gb`` (peak allocated GiB on CUDA, else None)."""
-    latents = initial_latents(pipe, [Job(0, 0, prompt, seed)], sampling, device)
+    latents = initial_latents(pipe, [seed], sampling.height, sampling.width, device)
     call = sampling.call_kwargs()
-    seconds, peak = measure(lambda: pipe([prompt], latents=latents, output_type="pt", **call), device, repeats, WARMUP)
+    seconds, peak = time_call(lambda: pipe([prompt], latents=latents, output_type="pt", **call), device, repeats, WARMUP)
     return {"latency_ms": 1000.0 * seconds, "memory_gb": peak}

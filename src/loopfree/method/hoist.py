@@ -16,10 +16,10 @@ Shared B-row tensors broadcast against the K·B running ones; nothing shared is 
 exact too: each upsampler's nearest 2× + 3×3 convolution runs as four 2×2 convolutions at the low resolution
 (:func:`_upsample`, 4/9 of the multiply-adds). Written on the
 public sub-modules of diffusers' ``UpBlock2D`` / ``CrossAttnUpBlock2D`` / ``ResnetBlock2D``; anything else makes
-:func:`unsupported` name the reason and ``loopfree.method.split.decode`` take the plain path, which this equals to float
+:func:`unsupported` name the reason and ``loopfree.method.split.run_decoders`` take the plain path, which this equals to float
 rounding (tests/test_hoist.py)::
 
-    eps = decode(unet, encode(unet, x_T, 751, text), [751, 501, 251, 1])  # hoisted; hoist=False: plain
+    eps = run_decoders(unet, run_encoder(unet, x_T, 751, text), [751, 501, 251, 1])  # hoisted; hoist=False: plain
 """
 
 from __future__ import annotations

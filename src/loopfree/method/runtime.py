@@ -4,7 +4,7 @@
     pipe("a red circle")  # one pass: the compiled encoder once, the compiled (hoisted) decoders
 
 :func:`compile_unet` works in place, like ``nn.Module.compile``: every one-pass call on that UNet — pipelines,
-``loop_free``, ``bench`` — runs ``torch.compile``'d copies of ``split.encode`` and ``split.decode`` (two graphs,
+``loop_free``, ``bench`` — runs ``torch.compile``'d copies of ``split.run_encoder`` and ``split.run_decoders`` (two graphs,
 static shapes: a new batch size, K or resolution compiles again), and the UNet's own forward (the loop mode's
 full steps) is compiled too. The first call of each shape pays the compilation.
 """
@@ -24,13 +24,13 @@ PASSES_ATTR = "loopfree_passes"  # set on a UNet by compile_unet
 
 @dataclass(frozen=True)
 class Passes:
-    """The encoder and decoder functions a one-pass call runs (signatures of ``split.encode`` / ``split.decode``)."""
+    """The encoder and decoder functions a one-pass call runs (signatures of ``split.run_encoder`` / ``split.run_decoders``)."""
 
-    encode: Callable
-    decode: Callable
+    run_encoder: Callable
+    run_decoders: Callable
 
 
-EAGER = Passes(split.encode, split.decode)
+EAGER = Passes(split.run_encoder, split.run_decoders)
 
 
 def passes(unet: UNet2DConditionModel) -> Passes:
@@ -41,7 +41,7 @@ def passes(unet: UNet2DConditionModel) -> Passes:
 def compile_unet(unet: UNet2DConditionModel, backend: str = "inductor", mode: str | None = None) -> UNet2DConditionModel:
     """``torch.compile`` the encoder and the decoder separately (static shapes), and the full forward; in place."""
     options = dict(backend=backend, mode=mode, dynamic=False)
-    setattr(unet, PASSES_ATTR, Passes(torch.compile(split.encode, **options), torch.compile(split.decode, **options)))
+    setattr(unet, PASSES_ATTR, Passes(torch.compile(split.run_encoder, **options), torch.compile(split.run_decoders, **options)))
     unet.compile(**options)
     return unet
 

@@ -87,13 +87,13 @@ def loop_free(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass: encoder once at τ_K, the K decoders batched, DDIM combination. Returns (x_0, ε (K, B, ...)).
 
-    ``hoist``: the decoders' shared work done once (:func:`loopfree.method.split.decode`); False: the plain decoders."""
+    ``hoist``: the decoders' shared work done once (:func:`loopfree.method.split.run_decoders`); False: the plain decoders."""
     guide = uncond is not None and guidance_scale != 1.0
     c = Conditioning.cat([uncond, cond]) if guide else cond
     x_in = torch.cat([x_T, x_T]) if guide else x_T
     run = passes(unet)  # eager, or compiled by loopfree.method.runtime.compile_unet
-    feats = run.encode(unet, x_in, timesteps[0], c.text, c.added)
-    out = run.decode(unet, feats, timesteps, hoist)
+    feats = run.run_encoder(unet, x_in, timesteps[0], c.text, c.added)
+    out = run.run_decoders(unet, feats, timesteps, hoist)
     if guide:
         out = guided_halves(out, guidance_scale, dim=-4)
     return ddim_combine(schedule, x_T, out, timesteps)

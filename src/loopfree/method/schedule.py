@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError, short
 
 
 @dataclass
@@ -82,6 +82,15 @@ def decoder_timesteps(scheduler_config, num_steps: int) -> list[int]:
     num_train = int(scheduler_config["num_train_timesteps"])
     if not 1 <= num_steps <= num_train:
         raise LoopfreeError(f"the number of steps must be in 1..{num_train} (the scheduler's training timesteps), got {num_steps}")
+    ts = _ddim_timesteps(scheduler_config, num_steps)
+    if ts[0] >= num_train:  # "leading" spacing plus steps_offset: diffusers' plan passes the last timestep
+        fits = next(k for k in range(num_steps - 1, 0, -1) if _ddim_timesteps(scheduler_config, k)[0] < num_train)
+        raise LoopfreeError(f"{num_steps} steps on this scheduler's spacing and steps_offset would start at timestep {ts[0]}, "
+                            f"past its last ({num_train - 1}): use at most {fits}")
+    return ts
+
+
+def _ddim_timesteps(scheduler_config, num_steps: int) -> list[int]:
     ddim = DDIMScheduler.from_config(scheduler_config)
     ddim.set_timesteps(num_steps)
     return [int(t) for t in ddim.timesteps]
@@ -93,9 +102,9 @@ def check_timesteps(timesteps: list[int], num_train_timesteps: int) -> list[int]
     if not ts:
         raise LoopfreeError("timesteps is empty")
     if any(float(a) != b for a, b in zip(timesteps, ts)):
-        raise LoopfreeError(f"timesteps must be integers, got {list(timesteps)}")
+        raise LoopfreeError(f"timesteps must be integers, got {short(list(timesteps))}")
     if any(not 0 <= t < num_train_timesteps for t in ts):
-        raise LoopfreeError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {ts}")
+        raise LoopfreeError(f"timesteps must lie in [0, {num_train_timesteps - 1}], got {short(ts)}")
     if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise LoopfreeError(f"timesteps must be strictly decreasing, got {ts}")
+        raise LoopfreeError(f"timesteps must be strictly decreasing, got {short(ts)}")
     return ts

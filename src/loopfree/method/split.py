@@ -7,10 +7,10 @@ each of its own timesteps — with the added conditioning (SDXL's pooled text em
 rebuilt every time. ``decode`` takes K timesteps and runs all K decoders as one batch, by default with the work
 they share done once (:mod:`loopfree.method.hoist`); ``hoist=False`` calls diffusers' up blocks on inputs tiled K times.
 
-Both are written on the UNet's public sub-modules; ``decode(encode(x, t), [t])`` equals ``unet(x, t)``::
+Both are written on the UNet's public sub-modules; ``run_decoders(run_encoder(x, t), [t])`` equals ``unet(x, t)``::
 
-    feats = encode(unet, x_T, 751, text_embeds)
-    eps = decode(unet, feats, torch.tensor([751, 501, 251, 1]))  # (K, B, C, H, W)
+    feats = run_encoder(unet, x_T, 751, text_embeds)
+    eps = run_decoders(unet, feats, torch.tensor([751, 501, 251, 1]))  # (K, B, C, H, W)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from diffusers import UNet2DConditionModel
 from loopfree.method import hoist as hoisting
 from loopfree.method.hoist import tile
 
-Conditioning = dict[str, torch.Tensor] | None
+AddedCondKwargs = dict[str, torch.Tensor] | None
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _added_embedding(
     unet: UNet2DConditionModel,
     emb: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    added_cond_kwargs: Conditioning,
+    added_cond_kwargs: AddedCondKwargs,
     class_labels: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """Class and added-condition embeddings: independent of the timestep, so computed once."""
@@ -72,12 +72,12 @@ def _added_embedding(
     return sum(parts[1:], parts[0]) if parts else None
 
 
-def encode(
+def run_encoder(
     unet: UNet2DConditionModel,
     sample: torch.Tensor,
     timestep: torch.Tensor | int,
     encoder_hidden_states: torch.Tensor,
-    added_cond_kwargs: Conditioning = None,
+    added_cond_kwargs: AddedCondKwargs = None,
     class_labels: torch.Tensor | None = None,
 ) -> EncoderFeatures:
     """Encoder pass E(x, t, c): embedding, conv_in, down blocks, mid block."""
@@ -133,7 +133,7 @@ def _plain_up_blocks(unet, feats: EncoderFeatures, emb: torch.Tensor, k: int, up
     return h
 
 
-def decode(
+def run_decoders(
     unet: UNet2DConditionModel, feats: EncoderFeatures, timesteps: torch.Tensor | list[int], hoist: bool = True
 ) -> torch.Tensor:
     """Decoder passes D(f, τ_k, c) for K timesteps, run as one batch of K·B.

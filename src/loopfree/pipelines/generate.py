@@ -2,7 +2,7 @@
 
     generate_images("a red circle on a white background", out="images", images_per_prompt=4)
 
-Image i gets x_T from ``derive_seed(seed, 0, i)``, so the same seed gives the same images whatever the batch.
+Image i gets x_T from ``image_seed(seed, 0, i)``, so the same seed gives the same images whatever the batch.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from loopfree.utils.outputs import OutputFolder, save_image, write_json
-from loopfree.utils.seeding import derive_seed, initial_noise
+from loopfree.utils.seeding import image_seed, initial_latents
 
 BATCH = 8  # images per pipeline call
 
@@ -44,13 +44,12 @@ def generate_images(
 
     pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype), dev, compile)
     pipe.set_progress_bar_config(disable=True)
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    seeds = [derive_seed(seed, 0, i) for i in range(images_per_prompt)]
+    seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:
         files = []
         for start in range(0, images_per_prompt, BATCH):
             chunk = seeds[start : start + BATCH]
-            latents = initial_noise(chunk, shape, dev, pipe.unet.dtype)
+            latents = initial_latents(pipe, chunk, height, width, dev)
             images = pipe([prompt] * len(chunk), latents=latents, height=height, width=width, mode=mode, guidance_scale=guidance,
                           num_inference_steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps).images
             for i, image in enumerate(images, start):

@@ -25,15 +25,15 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError, short
 from loopfree.utils.outputs import write_json
+from loopfree.utils.vocabulary import MODES
 from loopfree.method.sampler import Conditioning, check_key_steps, ddim_loop, default_key_steps, loop_free, propagate
 from loopfree.method.schedule import NoiseSchedule, check_timesteps, decoder_timesteps
 
 logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
-MODES = ("loop_free", "loop", "propagate")
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
 
@@ -102,7 +102,9 @@ def plan_steps(mode: str, num_inference_steps: int | None, timesteps: list[int] 
     if mode == "loop":
         if timesteps is not None:
             raise LoopfreeError("timesteps are decoder timesteps of the loop_free mode (or DDIM timesteps of propagate), not of 'loop'")
-        return StepPlan(num_inference_steps or DEFAULT_LOOP_STEPS)
+        num_steps = num_inference_steps or DEFAULT_LOOP_STEPS
+        decoder_timesteps(scheduler_config, num_steps)  # the loop's own DDIM plan stays within the schedule
+        return StepPlan(num_steps)
     ts = _explicit_timesteps(timesteps, num_inference_steps, num_train)
     if mode == "propagate":
         ts = ts or decoder_timesteps(scheduler_config, num_inference_steps or DEFAULT_LOOP_STEPS)
@@ -115,7 +117,7 @@ def plan_steps(mode: str, num_inference_steps: int | None, timesteps: list[int] 
     if ts == recorded:
         return StepPlan(len(ts), ts, final_alpha_cumprod)
     if recorded:
-        logger.warning(f"this student was distilled for decoder timesteps {recorded}; sampling with {ts} instead "
+        logger.warning(f"this student was distilled for decoder timesteps {short(recorded)}; sampling with {short(ts)} instead "
                        "(and the scheduler's own final ā)")
     return StepPlan(len(ts), ts)
 
@@ -125,6 +127,7 @@ class _LoopFreeMixin:
 
     decoder_timesteps: list[int] | None = None  # recorded by distillation; default K and τ for generation
     final_alpha_cumprod: float | None = None  # recorded ā_final override (one-step students: 1.0)
+    distilled_from: str | None = None  # recorded: the student a fine-tuned student started from (distill --student-init)
 
     def encode_conditioning(
         self, prompt: list[str], negative_prompt: list[str] | None, n: int, guide: bool, device, size: tuple[int, int]
@@ -141,6 +144,7 @@ class _LoopFreeMixin:
                 recorded = json.load(f)
             pipe.decoder_timesteps = recorded["decoder_timesteps"]
             pipe.final_alpha_cumprod = recorded.get("final_alpha_cumprod")
+            pipe.distilled_from = recorded.get("distilled_from")
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -153,6 +157,8 @@ class _LoopFreeMixin:
         write_json(index, config)
         if self.decoder_timesteps is not None:
             recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
+            if self.distilled_from is not None:
+                recorded["distilled_from"] = self.distilled_from
             write_json(os.path.join(save_directory, SIDECAR), recorded)
 
     def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None,

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from loopfree.utils.devices import cpu_threads
 from loopfree.utils.errors import LoopfreeError
 from loopfree.serve.batcher import Batcher
-from loopfree.serve.engine import Engine, check_models, load_engine
+from loopfree.serve.engine import Engine, check_serve_models, load_engine
 from loopfree.serve.page import CSS, build_page
 from loopfree.serve.routes import api_router, install_error_handlers
 from loopfree.toy.world import heldout_prompts
@@ -85,7 +85,7 @@ def serve(model: str | Path | None = None, teacher: str | Path | None = None, ho
     """Check the model folders and the address, load the models, then serve until SIGTERM/SIGINT; ``on_ready``
     gets the URL once requests are answered. Without ``model``: the bundled toy student and teacher.
     ``threads``: torch's CPU threads while serving (None: torch's default)."""
-    spec = check_models(model, teacher, device, dtype)  # bad folders fail here, before anything starts
+    spec = check_serve_models(model, teacher, device, dtype)  # bad folders fail here, before anything starts
     if max_batch < 1 or max_queue < 1:
         raise LoopfreeError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
     sock = listen(host, port)

@@ -1,10 +1,10 @@
 """The served models and the one thing the server does with them: a batch of (prompt, seed) items → PNGs.
 
-    spec = check_models(model=None, teacher=None, device="cpu", dtype="fp32")   # cheap: configs only
+    spec = check_serve_models(model=None, teacher=None, device="cpu", dtype="fp32")   # cheap: configs only
     engine = load_engine(spec)                                                  # weights, warm-up
     pictures = engine.render(Settings("student", 64, 64, "loop_free", 4, 1.0), [Item("a red circle", 3)])
 
-An item's x_T is ``initial_noise([item.seed])``, so an image depends on its own prompt and seed, not on what
+An item's x_T is ``initial_latents(pipe, [item.seed], …)``, so an image depends on its own prompt and seed, not on what
 else shares the call — up to the rounding of batched floating-point kernels (docs/serve.md).
 """
 
@@ -21,7 +21,7 @@ import torch
 from loopfree.utils.devices import resolve_device, resolve_dtype
 from loopfree.utils.errors import LoopfreeError
 from loopfree.pipelines.loading import PipelineInfo, inspect_pipeline, load_pipeline
-from loopfree.utils.seeding import initial_noise
+from loopfree.utils.seeding import initial_latents
 from loopfree.toy.assets import bundled
 
 
@@ -74,7 +74,7 @@ class Model:
     created: int  # Unix time it was loaded (the OpenAI model object's ``created``)
 
 
-def check_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str) -> EngineSpec:
+def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str) -> EngineSpec:
     """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
@@ -104,15 +104,10 @@ class Engine:
         self.teacher = models[1] if len(models) > 1 else None
         self.device = device
 
-    def latent_shape(self, model: Model, height: int, width: int) -> tuple[int, int, int]:
-        scale = model.pipe.vae_scale_factor
-        return model.pipe.unet.config.in_channels, height // scale, width // scale
-
     def render(self, settings: Settings, items: list[Item]) -> list[Picture]:
         """One pipeline call for ``items`` (any prompts, one ``settings``); their images as PNGs, in order."""
         model = self.models[settings.model]
-        shape = self.latent_shape(model, settings.height, settings.width)
-        latents = initial_noise([item.seed for item in items], shape, self.device, model.pipe.unet.dtype)
+        latents = initial_latents(model.pipe, [item.seed for item in items], settings.height, settings.width, self.device)
         start = time.perf_counter()
         images = model.pipe([item.prompt for item in items], latents=latents, height=settings.height, width=settings.width,
                             mode=settings.mode, num_inference_steps=settings.steps, guidance_scale=settings.guidance).images

@@ -14,7 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from loopfree.utils.errors import LoopfreeError
-from loopfree.pipelines.pipeline import MODES
+from loopfree.utils.vocabulary import MODES
 from loopfree.serve.batcher import Batcher, Closed, QueueFull
 from loopfree.serve.engine import Engine, Picture
 from loopfree.serve.schemas import MAX_IMAGES, ImageRequest, Order, resolve, validation_message

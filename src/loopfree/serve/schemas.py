@@ -4,7 +4,7 @@
 
 Wrong types and unknown fields fail parsing (HTTP 422); values the model can't take fail :func:`resolve`
 (HTTP 400). Every message is one line naming the field. Image i of a request with seed s starts from
-x_T = ``initial_noise([derive_seed(s, 0, i)])``, as in ``loopfree generate``.
+x_T = ``initial_latents(pipe, [image_seed(s, 0, i)], …)``, as in ``loopfree generate``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from loopfree.utils.errors import LoopfreeError
-from loopfree.pipelines.pipeline import MODES
-from loopfree.utils.seeding import derive_seed
+from loopfree.utils.vocabulary import MAX_SEED, MODES
+from loopfree.utils.seeding import image_seed
 from loopfree.serve.engine import Engine, Item, Settings
 
 MAX_IMAGES = 10  # n per request, as in the OpenAI API
 MAX_PROMPT = 2000  # characters
-MAX_SEED = 2**64 - 1
 MAX_GUIDANCE = 100.0
 
 
@@ -45,7 +44,10 @@ class ImageRequest(BaseModel):
     n: StrictInt = 1
     size: StrictStr | None = None  # "WIDTHxHEIGHT" or "auto" (the model's size)
     response_format: StrictStr | None = None  # "b64_json" (the default)
-    user: StrictStr | None = None  # accepted, unused
+    # accepted so client code that sets them keeps working; they change nothing here (steps and mode decide quality)
+    user: StrictStr | None = None
+    quality: StrictStr | None = None
+    style: StrictStr | None = None
     seed: StrictInt | None = None  # drawn and returned when absent
     steps: StrictInt | None = None  # K decoders (loop_free) or DDIM steps (loop); default: the model's
     guidance: StrictFloat | None = None  # classifier-free guidance scale, 1 = off
@@ -113,4 +115,4 @@ def resolve(request: ImageRequest, engine: Engine) -> Order:
     except LoopfreeError as e:
         raise RequestError("steps", str(e)) from None
     settings = Settings(model.id, height, width, mode, steps, guidance)
-    return Order(settings, [Item(prompt, derive_seed(seed, 0, i)) for i in range(request.n)], seed)
+    return Order(settings, [Item(prompt, image_seed(seed, 0, i)) for i in range(request.n)], seed)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.errors import LoopfreeError, short
 
 
 NUM_TRAIN_TIMESTEPS = 1000  # training timesteps of the SD teachers: t ∈ {0, ..., 999}
@@ -67,6 +67,11 @@ class DistillConfig:
     overwrite: bool = _opt("replace a run already in --out (else it is refused unless resumed)", False)
     # -- student
     student: Literal["tiue", "one-step"] = _opt("tiue (loop-free, K decoders) or one-step (SwiftBrush)", "tiue")
+    student_init: str | None = _opt(
+        "a distilled student folder to start the student and its EMA from instead of the teacher (fine-tuning); its "
+        "recorded decoder timesteps are kept unless --steps/--timesteps ask for others",
+        None,
+    )
     steps: int = _opt("K, the TiUE student's decoder timesteps (its sampling steps; paper: 4)", 4, check=_AT_LEAST_1)
     timesteps: list[int] | None = _opt(
         "τ_K > … > τ_1, comma-separated (default: the teacher scheduler's DDIM timesteps for K steps, "
@@ -165,7 +170,7 @@ class DistillConfig:
                 ok, requirement = f.metadata["check"]
                 for item in value if isinstance(value, list) else [value]:
                     if not ok(item):
-                        raise LoopfreeError(f"config key `{f.name}` must be {requirement}, got {item!r}")
+                        raise LoopfreeError(f"config key `{f.name}` must be {requirement}, got {short(item)}")
         if self.kl_weight is None:
             self.kl_weight = 0.0 if self.student == "one-step" else 0.1
         if self.guidance_fake is None:
@@ -189,7 +194,7 @@ class DistillConfig:
             if self.student == "tiue" and len(t) != self.steps:
                 raise LoopfreeError(f"timesteps has {len(t)} entries but steps is {self.steps}")
             if any(a <= b for a, b in zip(t, t[1:])):
-                raise LoopfreeError(f"timesteps must be strictly decreasing, got {t}")
+                raise LoopfreeError(f"timesteps must be strictly decreasing, got {short(t)}")
         if self.t_min > self.t_max:
             raise LoopfreeError(f"t_min ({self.t_min}) is larger than t_max ({self.t_max})")
         if not self.lora_targets:
@@ -216,10 +221,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if origin is Literal:
         if value in args and isinstance(value, str):
             return value
-        raise LoopfreeError(f"config key `{name}` must be one of {', '.join(args)}, got {value!r}")
+        raise LoopfreeError(f"config key `{name}` must be one of {', '.join(args)}, got {short(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise LoopfreeError(f"config key `{name}` must be a list, got {value!r}")
+            raise LoopfreeError(f"config key `{name}` must be a list, got {short(value)}")
         return [_coerce(f"{name}[{i}]", args[0], item) for i, item in enumerate(value)]
     if hint is float and not isinstance(value, bool):
         if isinstance(value, int):
@@ -231,7 +236,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 pass
     if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
         return value
-    raise LoopfreeError(f"config key `{name}` must be {_TYPE_NAMES[hint]}, got {value!r}")
+    raise LoopfreeError(f"config key `{name}` must be {_TYPE_NAMES[hint]}, got {short(value)}")
 
 
 def _known_keys(mapping: Mapping[Any, Any], source: str) -> dict[str, Any]:

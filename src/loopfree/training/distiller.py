@@ -32,10 +32,13 @@ from loopfree.utils.timing import Sections
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def student_timesteps(cfg: DistillConfig, scheduler_config) -> tuple[list[int], float | None]:
-    """The student's decoder timesteps and its ā_final override (one-step: [T] and 1.0)."""
+def student_timesteps(cfg: DistillConfig, scheduler_config, recorded: list[int] | None = None) -> tuple[list[int], float | None]:
+    """The student's decoder timesteps and its ā_final override (one-step: [T] and 1.0); a ``recorded`` plan of the
+    initial student (``--student-init``) is kept when ``cfg`` asks for its K and no explicit timesteps."""
     if cfg.student == "one-step":
         return [cfg.one_step_timestep], 1.0
+    if cfg.timesteps is None and recorded and len(recorded) == cfg.steps:
+        return list(recorded), None
     return cfg.timesteps or decoder_timesteps(scheduler_config, cfg.steps), None
 
 
@@ -83,15 +86,19 @@ class Distiller:
     """Teacher ε_ψ, fake score ε_φ (teacher + LoRA), student ε_θ (+ EMA), their optimisers, and one step."""
 
     def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel, scheduler, accelerator: Accelerator,
-                 latent_size: int | tuple[int, int]):
+                 latent_size: int | tuple[int, int], init: tuple[UNet2DConditionModel, list[int] | None] | None = None):
+        """``init``: a distilled student's UNet and recorded decoder timesteps to start from (else the teacher)."""
         self.cfg, self.acc = cfg, accelerator
         self.latent_size = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
         self.latent_channels = unet.config.in_channels
         schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.timesteps, self.final_alpha = student_timesteps(cfg, scheduler.config)
+        self.timesteps, self.final_alpha_cumprod = student_timesteps(cfg, scheduler.config, init[1] if init else None)
 
         # -- student ε_θ: a full trainable copy of the teacher, with an EMA
-        student = copy.deepcopy(unet).to(accelerator.device).train().requires_grad_(True)
+        student = copy.deepcopy(unet)
+        if init is not None:
+            student.load_state_dict(init[0].state_dict())
+        student = student.to(accelerator.device).train().requires_grad_(True)
         self.student_params = list(student.parameters())
         self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)
         # -- teacher ε_ψ and fake score ε_φ on the same frozen weights
@@ -110,7 +117,7 @@ class Distiller:
                 fused=accelerator.device.type in ("cpu", "cuda"),
             )
 
-        student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha)
+        student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha_cumprod)
         self.generator, self.scores.trainable, self.opt_student, self.opt_fake = accelerator.prepare(
             Generator(student, student_schedule, self.timesteps), self.scores.base, adam(self.student_params, cfg.lr_student),
             adam(self.lora_params, cfg.lr_fake),

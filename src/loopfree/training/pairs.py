@@ -11,6 +11,7 @@ interrupted fill continues where it stopped::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -51,15 +52,16 @@ class PairCache:
 
     def fill(self, make: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write the missing chunks; ``make(indices)`` returns their (x_T, x_0)."""
-        todo = self.missing()
-        if not todo:
+        if not self.missing():
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "identity.json", self.identity)
-        for start in tqdm(todo, desc="teacher pairs", unit="chunk"):
-            x_T, x0 = make(list(range(start, min(start + CHUNK, self.count))))
-            tensors = {"x_T": x_T.detach().float().cpu().contiguous(), "x0": x0.detach().float().cpu().contiguous()}
-            write_atomic(self._chunk(start), lambda tmp: save_file(tensors, str(tmp)))
+        with open(self.path / ".lock", "w") as lock:  # runs started together fill it once: the others wait, then reuse
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            write_json(self.path / "identity.json", self.identity)
+            for start in tqdm(self.missing(), desc="teacher pairs", unit="chunk"):
+                x_T, x0 = make(list(range(start, min(start + CHUNK, self.count))))
+                tensors = {"x_T": x_T.detach().float().cpu().contiguous(), "x0": x0.detach().float().cpu().contiguous()}
+                write_atomic(self._chunk(start), lambda tmp: save_file(tensors, str(tmp)))
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All pairs, in index order; an error naming the cache if a chunk is missing."""

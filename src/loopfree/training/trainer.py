@@ -37,6 +37,7 @@ from loopfree.training.distiller import Distiller
 from loopfree.training.pairs import pair_prompts, teacher_pairs
 from loopfree.utils.errors import Interrupted, LoopfreeError
 from loopfree.utils.images import image_grid
+from loopfree.pipelines.card import write_card
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.utils.outputs import OutputFolder, changed_keys, save_image, write_json
 from loopfree.method.sampler import Conditioning
@@ -52,7 +53,8 @@ def run_identity(cfg: DistillConfig) -> dict:
     length too when a learning rate decays to 0 at it."""
     decays = cfg.lr_schedule != "constant" or cfg.lr_fake_schedule != "constant"
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if (k not in HARMLESS or (k == "max_steps" and decays)) and k != "out"}
-    return {**values, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
+    init = {"student_init": os.path.abspath(cfg.student_init)} if cfg.student_init else {}
+    return {**values, **init, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
 
 
 class PromptEncoder:
@@ -90,6 +92,16 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
         info = inspect_pipeline(cfg.teacher)
     except LoopfreeError as e:
         raise LoopfreeError(f"teacher: {e}") from None
+    if cfg.student_init:
+        try:
+            student = inspect_pipeline(cfg.student_init)
+        except LoopfreeError as e:
+            raise LoopfreeError(f"--student-init: {e}") from None
+        def unet_config(root: Path) -> dict:
+            return {k: v for k, v in json.loads((root / "unet" / "config.json").read_text()).items() if not k.startswith("_")}
+
+        if unet_config(student.path) != unet_config(info.path):
+            raise LoopfreeError(f"--student-init {cfg.student_init} is not a student of this teacher's UNet (its config differs)")
     prompts = load_prompts(cfg.prompts, cfg.prompt_field).prompts
     resolution = cfg.resolution or info.default_size
     try:
@@ -199,7 +211,11 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device, fill=main)
         acc.wait_for_everyone()
         pair_x_T, pair_x0 = (x.to(acc.device) for x in cache.load())
-    distiller = Distiller(cfg, pipe.unet, pipe.scheduler, acc, resolution // pipe.vae_scale_factor)
+    init = None
+    if cfg.student_init:
+        student = load_pipeline(cfg.student_init)
+        init = student.unet, student.decoder_timesteps
+    distiller = Distiller(cfg, pipe.unet, pipe.scheduler, acc, resolution // pipe.vae_scale_factor, init)
     set_seed(cfg.seed, device_specific=True)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
 
@@ -278,6 +294,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     if main:
         write_json(out / "timing.json", {"steps": step, "train_seconds": seconds})
         publish_pipeline(student_pipeline(pipe, distiller, ema=cfg.save_ema), out)
+        write_card(out)  # README.md: the Hub's model card, from the folder's own records
     acc.wait_for_everyone()
     acc.end_training()
     return out
@@ -309,7 +326,8 @@ def student_pipeline(pipe, distiller: Distiller, ema: bool):
         distiller.ema.copy_to(unet.parameters())
     student = type(pipe)(**{**pipe.components, "unet": unet})
     student.decoder_timesteps = distiller.timesteps
-    student.final_alpha_cumprod = distiller.final_alpha
+    student.final_alpha_cumprod = distiller.final_alpha_cumprod
+    student.distilled_from = os.path.abspath(distiller.cfg.student_init) if distiller.cfg.student_init else None
     return student
 
 

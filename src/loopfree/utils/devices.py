@@ -7,9 +7,11 @@ from typing import Iterator
 
 import torch
 
+from loopfree.utils.vocabulary import DTYPES
+
 from loopfree.utils.errors import LoopfreeError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -37,7 +39,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise LoopfreeError(f"unknown dtype {name!r} (use {', '.join(DTYPES)})")
     if name == "fp16" and device.type == "cpu":
         raise LoopfreeError("fp16 needs a GPU; use --dtype bf16 on a CPU")
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 @contextmanager

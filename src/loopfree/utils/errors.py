@@ -19,3 +19,15 @@ class Interrupted(Exception):
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (a third-party error can be a page long), or its type's name."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def short(value: object, head: int = 4, width: int = 60) -> str:
+    """``value`` quoted for a one-line message: a list as its first ``head`` items, its last and a count when
+    longer; anything else as its repr, cut at ``width`` characters."""
+    if isinstance(value, (list, tuple)):
+        items = [short(v, head, 20) for v in value]
+        if len(items) <= head + 1:
+            return "[" + ", ".join(items) + "]"
+        return f"[{', '.join(items[:head])}, …, {items[-1]}] ({len(items)} values)"
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

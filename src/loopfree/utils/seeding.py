@@ -1,5 +1,6 @@
 """Per-image seeds and initial noise that depend on (seed, prompt, image) alone, so batch size, order and
-process count never change an image."""
+process count never change an image: image i of prompt p starts from ``initial_latents(pipe, [image_seed(seed, p,
+i)], height, width)`` in every command (generate, serve, eval, analyze, the demo)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,17 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.d
     """x_T ~ N(0, I), one (C, h, w) draw per seed on the CPU (identical on every device), as (N, C, h, w)."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(device, dtype)
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image ``image_index`` of prompt ``prompt_index`` (its index in the whole prompt source; 0 for
+    commands that take one prompt) under the user's ``seed``."""
+    return derive_seed(seed, prompt_index, image_index)
+
+
+def initial_latents(pipe, seeds: list[int], height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """x_T for ``pipe`` at ``height`` × ``width`` pixels, one draw per seed, in the UNet's dtype on ``device``
+    (default: the pipeline's)."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, height // scale, width // scale)
+    return initial_noise(seeds, shape, pipe.device if device is None else device, pipe.unet.dtype)

@@ -16,7 +16,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float | None]:
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float | None]:
     """Median wall time of ``fn`` over ``repeats`` after ``warmup`` calls, and peak CUDA memory in GiB."""
     for _ in range(warmup):
         fn()
