@@ -34,7 +34,7 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
     d = Distiller(cfg, pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
     student_before = [p.detach().clone() for p in d.student_params]
     lora_before = [p.detach().clone() for p in d.lora_params]
-    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16)(["a red cat", "a blue dog"])
     logs = d.step(cond, uncond)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student_params))
@@ -47,7 +47,7 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
 def test_several_fake_score_updates_per_student_update(teacher, tmp_path):
     pipe = load_pipeline(teacher / "pipe")
     d = Distiller(config(teacher, tmp_path, fake_updates=3), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
-    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16)(["a red cat", "a blue dog"])
     d.step(cond, uncond)
     steps = {id(p): int(s["step"]) for opt in (d.opt_student, d.opt_fake) for p, s in opt.state.items()}
     assert {steps[id(p)] for p in d.student_params} == {1} and {steps[id(p)] for p in d.lora_params} == {3}
@@ -69,7 +69,7 @@ def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path,
     with torch.no_grad():
         for p in d.lora_params:  # a LoRA that really changes the fake score
             p.normal_(0, 0.2)
-    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(["a red cat", "a blue dog"])
+    cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16)(["a red cat", "a blue dog"])
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
     d.scores.batch_pair = False
     plain_teacher, plain_fake = d.scores.pair(x_t, t, cond, uncond)
@@ -81,14 +81,22 @@ def test_batched_teacher_and_fake_pass_equals_separate_passes(teacher, tmp_path,
     assert torch.allclose(fast_teacher, plain_teacher, atol=1e-5) and torch.allclose(fast_fake, plain_fake, atol=1e-5)
 
 
-def test_prompt_cache_gives_the_same_conditioning(teacher):
+def test_prompt_cache_gives_the_same_conditioning_and_stays_within_its_bound(teacher):
     pipe = load_pipeline(teacher / "pipe")
-    prompts = ["a red cat", "a blue dog", "a red cat"]
-    plain = PromptEncoder(pipe, torch.device("cpu"), 16, cache=False)(prompts)
-    cached = PromptEncoder(pipe, torch.device("cpu"), 16, cache=True)
+    prompts = ["a red cat", "a blue dog", "a red cat", "a green bird"]
+    plain = PromptEncoder(pipe, torch.device("cpu"), 16)(prompts)
+    cached = PromptEncoder(pipe, torch.device("cpu"), 16, cache_mb=1)
     cached(prompts[:1])
     for a, b in zip(plain, cached(prompts)):
-        assert torch.allclose(a.text, b.text, atol=1e-6)
+        assert torch.equal(a.text, b.text)  # bit for bit: a cached run is the run
+    one = cached.bytes / len(cached.cache)
+    small = PromptEncoder(pipe, torch.device("cpu"), 16, cache_mb=2.5 * one / 2**20)  # room for two prompts
+    small(prompts[:2])
+    small(prompts[2:])  # "a red cat" is a hit, "a green bird" new: "a blue dog" is the least recently used
+    assert list(small.cache) == ["a red cat", "a green bird"] and small.bytes <= small.limit  # "a blue dog" was least recent
+    assert all(t.device.type == "cpu" for t in (c.text for c in small.cache.values()))
+    for a, b in zip(plain, small(prompts)):
+        assert torch.equal(a.text, b.text)
 
 
 def _weights(directory):

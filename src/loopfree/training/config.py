@@ -142,7 +142,11 @@ class DistillConfig:
         "compute precision: fp16/bf16 autocast with fp32 master weights (paper: mixed precision on GPU)", "fp32"
     )
     gradient_checkpointing: bool = _opt("recompute activations to save memory (paper: on)", False)
-    cache_prompt_embeds: bool = _opt("encode every prompt once up front and keep the embeddings", False)
+    cache_prompt_embeds: bool = _opt(
+        "keep each prompt's embeddings after its first encoding, in host memory (bounded by --prompt-cache-mb)", False
+    )
+    prompt_cache_mb: float = _opt("host memory for cached prompt embeddings, MiB; least recently used evicted beyond it",
+                                  4096.0, check=_POSITIVE)
     batch_teacher_fake: bool = _opt(
         "run the guided teacher and fake-score passes as one UNet call (per-row LoRA) instead of two", True
     )

@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import time
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,7 +46,7 @@ from loopfree.method.sampler import Conditioning
 #: Options that may change when a run is resumed: they don't alter what it computes (recorded in resumes.jsonl).
 HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "overwrite", "validate_every", "eval_every",
             "validation_prompts", "log_with", "save_ema", "cache_prompt_embeds", "batch_teacher_fake",
-            "gradient_checkpointing", "regression_cache")
+            "gradient_checkpointing", "regression_cache", "prompt_cache_mb")
 
 
 def run_identity(cfg: DistillConfig) -> dict:
@@ -60,12 +61,15 @@ def run_identity(cfg: DistillConfig) -> dict:
 class PromptEncoder:
     """Prompts → (conditional, unconditional) conditioning through the teacher's frozen text encoder(s).
 
-    The unconditional side is the same for every prompt, so it is encoded once; with ``cache`` every prompt is too.
+    The unconditional side is the same for every prompt, so it is encoded once. With ``cache_mb`` each prompt's
+    conditioning is kept after its first encoding, in host memory and in the encoder's own dtype (so a cached
+    prompt gives bit for bit what encoding it again would), up to ``cache_mb`` MiB: the least recently used go first.
     """
 
-    def __init__(self, pipe, device: torch.device, resolution: int, cache: bool):
+    def __init__(self, pipe, device: torch.device, resolution: int, cache_mb: float = 0):
         self.pipe, self.device, self.size = pipe, device, (resolution, resolution)
-        self.cache: dict[str, Conditioning] | None = {} if cache else None
+        self.cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self.limit, self.bytes = int(cache_mb * 2**20), 0
         with torch.no_grad():
             self.uncond = pipe.encode_conditioning([""], None, 1, True, device, self.size)[1]
 
@@ -73,16 +77,39 @@ class PromptEncoder:
     def _encode(self, prompts: list[str]) -> Conditioning:
         return self.pipe.encode_conditioning(prompts, None, 1, False, self.device, self.size)[0]
 
+    def _keep(self, prompt: str, c: Conditioning) -> None:
+        host = Conditioning(c.text.cpu(), None if c.added is None else {k: v.cpu() for k, v in c.added.items()})
+        self.cache[prompt] = host
+        self.bytes += _nbytes(host)
+        while self.bytes > self.limit and self.cache:
+            self.bytes -= _nbytes(self.cache.popitem(last=False)[1])
+
     def __call__(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
-        if self.cache is None:
+        if not self.limit:
             cond = self._encode(prompts)
         else:
             missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+            fresh = {}
             if missing:
                 encoded = self._encode(missing)
-                self.cache.update((p, encoded.rows(i, i + 1)) for i, p in enumerate(missing))
-            cond = Conditioning.cat([self.cache[p] for p in prompts])
+                fresh = {p: encoded.rows(i, i + 1) for i, p in enumerate(missing)}
+            parts = []
+            for p in prompts:
+                if p in fresh:
+                    parts.append(fresh[p])
+                else:
+                    self.cache.move_to_end(p)
+                    host = self.cache[p]
+                    parts.append(Conditioning(host.text.to(self.device),
+                                              None if host.added is None else {k: v.to(self.device) for k, v in host.added.items()}))
+            for p, c in fresh.items():
+                self._keep(p, c)
+            cond = Conditioning.cat(parts)
         return cond, self.uncond.repeat(len(prompts))
+
+
+def _nbytes(c: Conditioning) -> int:
+    return c.text.nbytes + sum(v.nbytes for v in (c.added or {}).values())
 
 
 def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path | None]:
@@ -204,7 +231,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     for name in ("text_encoder", "text_encoder_2", "vae"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).to(acc.device)
-    encode = PromptEncoder(pipe, acc.device, resolution, cfg.cache_prompt_embeds)
+    encode = PromptEncoder(pipe, acc.device, resolution, cfg.prompt_cache_mb if cfg.cache_prompt_embeds else 0)
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     pair_x_T = pair_x0 = None
     if cfg.regression_weight > 0:  # the teacher's pairs, before the fake score's LoRA joins its UNet
