@@ -39,15 +39,6 @@ def _same_dimension(a: torch.Tensor, b: torch.Tensor) -> None:
         raise LoopfreeError(f"the two feature sets differ in dimension: {a.shape[1]} vs {b.shape[1]}")
 
 
-def feature_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D) of (N, D) features, N >= 2."""
-    x = _as_float64(feats, "feats")
-    if x.shape[0] < 2:
-        raise LoopfreeError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
-    centred = x - x.mean(0)
-    return x.mean(0).numpy(), (centred.T @ centred / (x.shape[0] - 1)).numpy()
-
-
 def _symmetric_sqrt(s: torch.Tensor) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(s)
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
