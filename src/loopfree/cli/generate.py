@@ -27,8 +27,10 @@ from loopfree.utils.errors import LoopfreeError
 @options.device()
 @options.dtype()
 @options.compile_()
+@click.option("--tiny-vae", type=click.Path(), default=None,
+              help="A local diffusers AutoencoderTiny (TAESD) folder that decodes instead of the model's VAE: fast, approximate.")
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
-             key_steps, guidance, device, dtype, compile_) -> None:
+             key_steps, guidance, device, dtype, compile_, tiny_vae) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -38,6 +40,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
         timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device,
-        dtype=dtype, compile=compile_,
+        dtype=dtype, compile=compile_, tiny_vae=tiny_vae,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

@@ -87,6 +87,10 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     info = _inspect("--model", model, *(cfg.resolution or (None, None)))
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
+    if cfg.tiny_vae is not None:
+        from loopfree.pipelines.loading import check_tiny_vae
+
+        check_tiny_vae(cfg.tiny_vae)
     source = prompt_source(cfg.prompts, cfg.prompt_field, cfg.seed)
     indices = source.select(cfg.num_prompts, cfg.seed)
     if cfg.features == "toy":
@@ -108,10 +112,10 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
                 resolve_dtype(cfg.dtype, device))
 
 
-def _load(path: str, plan: Plan):
+def _load(path: str, plan: Plan, tiny_vae: str | None = None):
     from loopfree.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(path, dtype=plan.dtype).to(plan.device)
+    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -121,7 +125,8 @@ def identity(plan: Plan, weights: dict[str, str]) -> dict:
     c, s = plan.cfg, plan.sampling
     return dict(model=plan.model, weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
                 images_per_prompt=c.images_per_prompt, seed=c.seed, height=s.height, width=s.width, steps=c.steps,
-                timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype)
+                timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype,
+                tiny_vae=c.tiny_vae and os.path.abspath(c.tiny_vae))
 
 
 def _reference(plan: Plan, extractor) -> dict | None:
@@ -172,7 +177,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
         clip = ClipScorer(cfg.clip, plan.device)
     reference = _reference(plan, extractor)
-    pipe = _load(plan.model, plan)
+    pipe = _load(plan.model, plan, plan.cfg.tiny_vae)
     steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)
     stack.enter_context(folder)  # the lock, the marker: from here on the folder is ours
     images = plan.out / IMAGES
@@ -273,7 +278,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
         held, (todo, reference_folder, reference_todo) = on_main(state, lambda: setup(plan, stack))
         rank, world = state.process_index, state.num_processes
         if todo:
-            pipe = held.pipe if held else _load(plan.model, plan)
+            pipe = held.pipe if held else _load(plan.model, plan, cfg.tiny_vae)
             generate(pipe, plan.out / IMAGES, [plan.jobs[k] for k in todo], plan.sampling, cfg.batch_size, device, rank, world)
         if reference_todo:
             generate(_load(os.path.abspath(cfg.reference_model), plan), Path(reference_folder), [plan.jobs[k] for k in reference_todo],

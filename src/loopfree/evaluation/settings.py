@@ -47,6 +47,7 @@ class EvalConfig:
     reference_guidance: float = 4.5
     inception: str | None = None
     clip: str | None = None
+    tiny_vae: str | None = None  # an AutoencoderTiny folder decodes the evaluated model's images (not the reference model's)
     features: str = "inception"
     metrics: tuple[str, ...] | None = None  # default: DEFAULT_METRICS[features]
     metric_resolution: int = METRIC_RESOLUTION  # inception features; the toy classifier reads 64×64

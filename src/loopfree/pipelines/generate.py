@@ -20,14 +20,14 @@ def generate_images(
     prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
-    key_steps: list[int] | None = None,
+    key_steps: list[int] | None = None, tiny_vae: str | None = None,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
 
-    ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``compile``: ``torch.compile`` the encoder and the decoder
+    ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``tiny_vae``: an AutoencoderTiny folder decodes; ``compile``: ``torch.compile`` the encoder and the decoder
     (:func:`loopfree.method.runtime.prepare_pipeline`)."""
     from loopfree.utils.devices import resolve_device, resolve_dtype
-    from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+    from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
     from loopfree.method.runtime import prepare_pipeline
     from loopfree.toy.assets import bundled
 
@@ -36,13 +36,15 @@ def generate_images(
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
     plan = info.plan_steps(mode, steps, timesteps, key_steps)
+    if tiny_vae is not None:
+        tiny_vae = os.path.abspath(check_tiny_vae(tiny_vae))
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     settings = dict(prompt=prompt, model=os.path.abspath(model), images_per_prompt=images_per_prompt, seed=seed,
-                    mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile)
+                    mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile, tiny_vae=tiny_vae)
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
 
-    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype), dev, compile)
+    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype, tiny_vae=tiny_vae), dev, compile)
     pipe.set_progress_bar_config(disable=True)
     seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:

@@ -154,9 +154,24 @@ def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
                         recorded.get("final_alpha_cumprod"))
 
 
-def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Load a local Stable Diffusion (XL) pipeline folder as the matching loop-free pipeline (safetensors only)."""
+def check_tiny_vae(path: str | os.PathLike) -> Path:
+    """``path`` if it is a local diffusers ``AutoencoderTiny`` folder (TAESD) with safetensors weights."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise LoopfreeError(f"tiny VAE {str(path)!r} is not a diffusers model folder (no config.json)")
+    config = read_json(root / "config.json")
+    if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderTiny":
+        raise LoopfreeError(f"tiny VAE {str(path)!r} is not an AutoencoderTiny (TAESD) folder")
+    for file in _weight_files(root, "diffusion_pytorch_model"):
+        check_safetensors(file)
+    return root
+
+
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None):
+    """Load a local Stable Diffusion (XL) pipeline folder as the matching loop-free pipeline (safetensors only);
+    ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE (fast, approximate)."""
     info = inspect_pipeline(path)
+    tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
     cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
     if dtype is not None:
@@ -164,7 +179,13 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if cls is LoopFreePipeline:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        return cls.from_pretrained(str(path), **kwargs)
+        pipe = cls.from_pretrained(str(path), **kwargs)
+        if tiny is not None:
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(str(tiny), use_safetensors=True, local_files_only=True,
+                                                       torch_dtype=dtype or torch.float32)
+        return pipe
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # whatever the gate could not foresee
         first = first_line(e)
         raise LoopfreeError(f"cannot load the model in {str(path)!r}: {first}") from None
