@@ -52,3 +52,18 @@ def test_eval_decodes_with_the_tiny_vae_and_records_it(tmp_path):
     assert len(images) == 2 and images[0].read_bytes() != (tmp_path / "plain" / "images" / images[0].name).read_bytes()
     bad = runner.invoke(main, [*args, "--out", str(tmp_path / "bad"), "--tiny-vae", str(tmp_path)])
     assert bad.exit_code == 2 and "tiny VAE" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_serve_engine_decodes_with_the_tiny_vae(tmp_path):
+    from loopfree.serve.engine import check_serve_models, load_engine
+    from loopfree.utils.errors import LoopfreeError
+
+    spec = check_serve_models(None, None, "cpu", "fp32", make_tiny_vae(tmp_path / "taesd"))
+    engine = load_engine(spec)
+    assert all(isinstance(m.pipe.vae, AutoencoderTiny) for m in engine.models.values())
+    try:
+        check_serve_models(None, None, "cpu", "fp32", tmp_path)
+    except LoopfreeError as e:
+        assert "tiny VAE" in str(e)
+    else:
+        raise AssertionError("a folder without config.json was taken as a tiny VAE")

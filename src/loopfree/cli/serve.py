@@ -28,7 +28,9 @@ SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve
 @click.option("--max-queue", type=click.IntRange(1, 1_000_000), default=64, show_default=True,
               help="Most requests waiting; more are answered 429.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
-def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads) -> None:
+@click.option("--tiny-vae", type=click.Path(), default=None,
+              help="A local AutoencoderTiny (TAESD) folder that decodes for every served model: fast, approximate.")
+def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads, tiny_vae) -> None:
     """Serve a web page at / and an OpenAI-compatible image API at /v1/images/generations.
 
     SIGTERM or Ctrl-C finishes the requests in flight, then exits with code 0."""
@@ -43,5 +45,5 @@ def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threa
         click.echo(f"loopfree serve: {url} (page at /, API at /v1/images/generations)")
 
     run(model=model, teacher=teacher, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch,
-        max_queue=max_queue, threads=threads, on_ready=ready)
+        max_queue=max_queue, threads=threads, on_ready=ready, tiny_vae=tiny_vae)
     click.echo("loopfree serve: stopped; every accepted request was answered")

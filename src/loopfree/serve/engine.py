@@ -20,7 +20,7 @@ import torch
 
 from loopfree.utils.devices import resolve_device, resolve_dtype
 from loopfree.utils.errors import LoopfreeError
-from loopfree.pipelines.loading import PipelineInfo, inspect_pipeline, load_pipeline
+from loopfree.pipelines.loading import PipelineInfo, check_tiny_vae, inspect_pipeline, load_pipeline
 from loopfree.utils.seeding import initial_latents
 from loopfree.toy.assets import bundled
 
@@ -61,6 +61,7 @@ class EngineSpec:
     models: list[tuple[str, PipelineInfo]]
     device: torch.device
     dtype: torch.dtype
+    tiny_vae: Path | None = None  # an AutoencoderTiny folder that decodes for every served model
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Model:
     created: int  # Unix time it was loaded (the OpenAI model object's ``created``)
 
 
-def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str) -> EngineSpec:
+def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str,
+                       tiny_vae: str | Path | None = None) -> EngineSpec:
     """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
@@ -92,7 +94,7 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
                                 f"{student.vae_scale_factor}: they cannot start from the same x_T")
         name = teacher_path.resolve().name
         models.append((name if name != models[0][0] else f"{name}-teacher", info))
-    return EngineSpec(models, dev, torch_dtype)
+    return EngineSpec(models, dev, torch_dtype, check_tiny_vae(tiny_vae) if tiny_vae is not None else None)
 
 
 class Engine:
@@ -131,7 +133,7 @@ def load_engine(spec: EngineSpec) -> Engine:
     process pays for kernel set-up; no request should)."""
     models = []
     for i, (name, info) in enumerate(spec.models):
-        pipe = load_pipeline(info.path, dtype=spec.dtype)
+        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae)
         pipe.to(spec.device)
         pipe.set_progress_bar_config(disable=True)
         models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
