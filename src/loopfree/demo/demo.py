@@ -43,7 +43,7 @@ from loopfree.demo.curves import plot_curves, seed_curves
 from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
-from loopfree.training.trainer import distill
+from loopfree.training.trainer import distill, prepare_teacher_pairs
 
 METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
 PRDC = ("precision", "recall", "density", "coverage")
@@ -192,6 +192,8 @@ def train_students(todo: list[DistillConfig], curve: RowScorer | None) -> None:
     as two processes than as two threads. Each run is seeded by its configuration alone, so the students equal
     those trained one after another with one thread (tested)."""
     workers = min(len(todo), torch.get_num_threads())
+    for config in todo:  # the teacher pairs of the regression term, once, with every thread
+        prepare_teacher_pairs(config)
     if workers < 2:
         for config in todo:
             distill(dataclasses.replace(config, resume="auto"), curve)

@@ -156,6 +156,19 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     return resolution, prompts, folder, checkpoint
 
 
+def prepare_teacher_pairs(cfg: DistillConfig) -> None:
+    """Fill the regression term's teacher-pair cache of ``cfg`` in this process (with all its threads), so runs
+    started side by side find it made (a run fills a missing cache itself too)."""
+    if cfg.regression_weight <= 0:
+        return
+    pipe = load_pipeline(cfg.teacher)
+    resolution = cfg.resolution or inspect_pipeline(cfg.teacher).default_size
+    encode = PromptEncoder(pipe, torch.device("cpu"), resolution)
+    scale = pipe.vae_scale_factor
+    teacher_pairs(cfg, pipe.unet, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
+                  (pipe.unet.config.in_channels, resolution // scale, resolution // scale), torch.device("cpu"))
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops."""
 
