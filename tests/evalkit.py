@@ -55,6 +55,17 @@ def make_clip(path) -> str:
     return str(path)
 
 
+def make_tiny_vae(path):
+    """A tiny diffusers AutoencoderTiny (TAESD's class), ×4 like the toy VAE, saved at ``path``."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1))  # ×4, as the toy VAE
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def make_sd(path) -> str:
     make_pipeline(os.path.join(path, "parts")).save_pretrained(path)
     return str(path)

@@ -10,14 +10,7 @@ from PIL import Image
 from loopfree.cli import main
 from loopfree.pipelines.loading import load_pipeline
 from loopfree.toy.assets import bundled
-
-
-def make_tiny_vae(path):
-    torch.manual_seed(0)
-    vae = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
-                          num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1))  # ×4, as the toy VAE
-    vae.save_pretrained(path, safe_serialization=True)
-    return path
+from evalkit import make_tiny_vae
 
 
 def test_tiny_vae_decodes_in_generate_and_the_pipeline(tmp_path):

@@ -15,7 +15,6 @@ METRICS = ("fid", "kid", "clip", "pr", "dc", "latency", "alignment")
 DEFAULT_METRICS = {"inception": ("fid", "kid", "clip", "pr", "dc", "latency"), "toy": ("alignment", "fid", "pr", "dc", "latency")}
 DISTRIBUTION_METRICS = ("fid", "kid", "pr", "dc")  # the ones that need a reference set
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-CLIP_REPOS = "openai/clip-vit-large-patch14, or laion/CLIP-ViT-g-14-laion2B-s12B-b42K for the GigaGAN protocol's ViT-g/14"
 METRIC_RESOLUTION = 256  # GigaGAN / clean-fid protocol: both sides centre-cropped and resized to 256 (PIL Lanczos)
 PRDC_K = 5  # Naeem et al. 2020
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' and clean-fid's defaults

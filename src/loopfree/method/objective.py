@@ -2,12 +2,13 @@
 
 Each iteration the student ε_θ makes x_0 in one pass, with its K·B noise predictions ε^k (SPEC §2). Then
 
-    L_θ = L_score + λ_KL · L_KL [+ λ_reg · L_reg]             (StudentLoss: paper Eqs. 5, 12-13)
+    L_θ = L_score + λ_KL · L_KL [+ λ_reg · L_reg] [+ L_clip]  (StudentLoss: paper Eqs. 5, 12-13)
     L_φ = mean((sqrt(ā_t) (ε_φ(x_t, t, c) - ε))²)             (FakeScoreLoss, on sg(x_0))
 
 L_score is ``VSD`` (the paper's) or ``SiD`` (Zhou et al. 2024), each with its own guidance of the teacher (w_ψ) and
 of the fake score (w_φ): the paper's w_ψ = w_φ = 4.5, SiD-LSG's equal lower scales, few-step SiD's Zero-CFG
-(w_ψ = 1, w_φ = 0) and Anti-CFG (w_ψ = 1, w_φ < 0). L_reg is DMD's regression on cached teacher pairs.
+(w_ψ = 1, w_φ = 0) and Anti-CFG (w_ψ = 1, w_φ < 0). L_reg is DMD's regression on cached teacher pairs;
+L_clip the CLIP hinge the authors fine-tune their released students with.
 
 ``ScorePair`` is what the objective needs of the two frozen-base networks: given (x_t, t), the teacher's and
 the fake score's noise predictions, each as [unconditional; conditional] along a leading axis of 2 — the
@@ -68,6 +69,13 @@ def regression_loss(x0: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
     """DMD's regression term on a teacher pair (x_T, x_0^teacher), as mean squared latent distance."""
     # DMD (Yin et al. 2024) Eq. 4, with latent MSE for LPIPS: L_reg = mean((G_θ(x_T) - x_0^teacher)²)
     return ((x0.float() - x0_teacher.float()) ** 2).mean()
+
+
+def clip_hinge_loss(text_embeds: torch.Tensor, image_embeds: torch.Tensor, tau: float) -> torch.Tensor:
+    """The CLIP alignment hinge of the authors' released students: zero once the batch's mean cosine reaches τ."""
+    # the authors' fine-tuning (--lambda_textcliploss τ = 0.35): relu(τ - mean_i cos(text_i, image_i))
+    cos = torch.nn.functional.cosine_similarity(text_embeds.float(), image_embeds.float(), dim=-1)
+    return torch.relu(tau - cos.mean())
 
 
 def kl_loss(eps: torch.Tensor, reduction: Literal["sum", "mean"] = "sum") -> torch.Tensor:

@@ -104,6 +104,12 @@ class DistillConfig:
     regression_cache: str | None = _opt(
         "folder of the teacher-pair cache, shared by runs (default: $LOOPFREE_CACHE/pairs or ~/.cache/loopfree/pairs)", None
     )
+    clip_loss_weight: float = _opt(
+        "τ of the CLIP hinge relu(τ - mean cos(text, image)) on the student's x_0 decoded by --tiny-vae (0: off, the "
+        "paper's; the authors' released students were fine-tuned with 0.35, their --lambda_textcliploss)", 0.0, check=_NON_NEGATIVE
+    )
+    clip: str | None = _opt("local transformers CLIP folder of the CLIP loss (as `loopfree eval --clip`)", None)
+    tiny_vae: str | None = _opt("local diffusers AutoencoderTiny (TAESD) folder that decodes x_0 for the CLIP loss", None)
     kl_weight: float | None = _opt(
         "λ_KL (default: 0.1 for tiue — paper, with kl_reduction=sum — and 0 for one-step, which has no KL term; "
         "with mean, 3.2 gives the paper's weight at K=4 and 8 prompts per process; 0: the w/o-KL ablation)",
@@ -201,6 +207,8 @@ class DistillConfig:
                 raise LoopfreeError(f"timesteps must be strictly decreasing, got {short(t)}")
         if self.t_min > self.t_max:
             raise LoopfreeError(f"t_min ({self.t_min}) is larger than t_max ({self.t_max})")
+        if self.clip_loss_weight > 0 and (self.clip is None or self.tiny_vae is None):
+            raise LoopfreeError("clip_loss_weight > 0 needs a CLIP folder (--clip DIR) and a tiny VAE (--tiny-vae DIR)")
         if not self.lora_targets:
             raise LoopfreeError("lora_targets is empty")
 

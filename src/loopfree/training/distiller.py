@@ -22,6 +22,7 @@ from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from loopfree.training.clip_loss import ClipAlignment
 from loopfree.training.config import DistillConfig
 from loopfree.method.objective import SiD, VSD, FakeScoreLoss, StudentLoss, regression_loss
 from loopfree.method.sampler import Conditioning, Generator
@@ -123,15 +124,19 @@ class Distiller:
             adam(self.lora_params, cfg.lr_fake),
         )
         self.student_loss, self.fake_loss = losses(cfg, schedule)
+        self.clip = None  # the CLIP hinge's frozen tiny decoder and CLIP model, in the compute dtype
+        if cfg.clip_loss_weight > 0:
+            self.clip = ClipAlignment(cfg.clip, cfg.tiny_vae, cfg.clip_loss_weight, accelerator.device, weight_dtype)
         self.iteration = 0  # steps taken: the learning-rate schedules' position (set on resume)
         # checkpoints hold the student, the LoRA and the EMA (save_weights), never a copy of the frozen teacher
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
     def step(self, cond: Conditioning, uncond: Conditioning, sections: Sections | None = None,
-             pairs: tuple[Conditioning, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+             pairs: tuple[Conditioning, torch.Tensor, torch.Tensor] | None = None,
+             prompts: list[str] | None = None) -> dict[str, float]:
         """One distillation iteration on a batch of prompts; ``pairs`` (conditioning, x_T, teacher x_0) feed the
-        regression term. Returns the logged scalars."""
+        regression term, the batch's ``prompts`` the CLIP loss. Returns the logged scalars."""
         acc, cfg = self.acc, self.cfg
         sections = sections or Sections(acc.device)
         for opt, schedule, lr in ((self.opt_student, cfg.lr_schedule, cfg.lr_student), (self.opt_fake, cfg.lr_fake_schedule, cfg.lr_fake)):
@@ -156,6 +161,10 @@ class Distiller:
                 x0_pairs, _ = self.generator(pair_x_T, pair_cond.text, pair_cond.added)
             student["regression"] = regression_loss(x0_pairs, pair_x0)
             loss = loss + cfg.regression_weight * student["regression"]
+        if self.clip is not None:
+            with sections("CLIP loss"), acc.autocast():
+                student["clip"] = self.clip(x0, self.clip.text_embeds(prompts))
+            loss = loss + student["clip"]
         with sections("student forward+backward"):
             acc.backward(loss)
             grad_student = acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm)
@@ -180,8 +189,9 @@ class Distiller:
         logs = {f"loss/{cfg.objective}": student["score"].item(), "loss/kl": student["kl"].item(),
                 "loss/fake_mse": loss_fake.item(), "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
                 "lr/student": self.opt_student.param_groups[0]["lr"], "lr/fake": self.opt_fake.param_groups[0]["lr"]}
-        if "regression" in student:
-            logs["loss/regression"] = student["regression"].item()
+        for term in ("regression", "clip"):
+            if term in student:
+                logs[f"loss/{term}"] = student[term].item()
         return logs
 
     # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA

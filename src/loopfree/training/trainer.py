@@ -39,7 +39,8 @@ from loopfree.training.pairs import pair_prompts, teacher_pairs
 from loopfree.utils.errors import Interrupted, LoopfreeError
 from loopfree.utils.images import image_grid
 from loopfree.pipelines.card import write_card
-from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+from loopfree.pipelines.clip import check_clip
+from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
 from loopfree.utils.outputs import OutputFolder, changed_keys, save_image, write_json
 from loopfree.method.sampler import Conditioning
 
@@ -54,8 +55,8 @@ def run_identity(cfg: DistillConfig) -> dict:
     length too when a learning rate decays to 0 at it."""
     decays = cfg.lr_schedule != "constant" or cfg.lr_fake_schedule != "constant"
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if (k not in HARMLESS or (k == "max_steps" and decays)) and k != "out"}
-    init = {"student_init": os.path.abspath(cfg.student_init)} if cfg.student_init else {}
-    return {**values, **init, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
+    paths = {k: os.path.abspath(values[k]) for k in ("student_init", "clip", "tiny_vae") if values[k]}
+    return {**values, **paths, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
 
 
 class PromptEncoder:
@@ -129,6 +130,12 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
 
         if unet_config(student.path) != unet_config(info.path):
             raise LoopfreeError(f"--student-init {cfg.student_init} is not a student of this teacher's UNet (its config differs)")
+    if cfg.clip_loss_weight > 0:
+        check_clip(cfg.clip, "--clip-loss-weight")
+        try:
+            check_tiny_vae(cfg.tiny_vae)
+        except LoopfreeError as e:
+            raise LoopfreeError(f"--tiny-vae: {e}") from None
     prompts = load_prompts(cfg.prompts, cfg.prompt_field).prompts
     resolution = cfg.resolution or info.default_size
     try:
@@ -304,8 +311,9 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     t_last = time.perf_counter()
     with stop_on_signals() as stop:
         while step < cfg.max_steps:
-            cond, uncond = encode(stream.next_batch())
-            logs = distiller.step(cond, uncond, pairs=pair_batch())
+            batch = stream.next_batch()
+            cond, uncond = encode(batch)
+            logs = distiller.step(cond, uncond, pairs=pair_batch(), prompts=batch)
             step += 1
             now = time.perf_counter()
             logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
