@@ -47,6 +47,8 @@ def test_flops_add_up_as_the_passes_compose(rows):
     for name in ("end-to-end, 1 step", "end-to-end, one pass, K=4"):
         unet_part = "full UNet, 1 step" if name.endswith("1 step") else "one pass, K=4"
         assert f[name] == pytest.approx(f["text encoder alone"] + f[unet_part] + f["VAE decode alone"], rel=1e-12)
+    tiny = "end-to-end, one pass, K=4, tiny VAE"
+    assert f[tiny] == pytest.approx(f["text encoder alone"] + f["one pass, K=4"] + f["tiny VAE (TAESD) decode alone"], rel=1e-12)
 
 
 def test_hoisting_saves_nothing_with_one_decoder():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 
@@ -67,6 +67,11 @@ class Arch:
     def build_vae(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderKL:
         torch.manual_seed(seed)
         return _placed(AutoencoderKL(**self.vae), device, dtype)
+
+    def build_tiny_vae(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> AutoencoderTiny:
+        """TAESD (diffusers' ``AutoencoderTiny`` defaults: madebyollin/taesd's shape, 8× like every arch here)."""
+        torch.manual_seed(seed)
+        return _placed(AutoencoderTiny(latent_channels=self.unet.get("in_channels", 4)), device, dtype)
 
     def token_ids(self, batch: int, device, seed: int = 0) -> torch.Tensor:
         """Random token ids (speed doesn't depend on which), ``text_len`` per prompt."""

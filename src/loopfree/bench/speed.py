@@ -5,7 +5,7 @@
 Random weights of the real architecture (speed doesn't depend on weight values). Each row runs once under
 ``torch.utils.flop_counter`` (its FLOPs; also the warm-up), then is timed: the median over repeats. Two sections,
 each a ratio to its first row: the UNet alone (one full UNet step) and end to end — text encoder(s), the UNet
-work, VAE decode — (one full end-to-end step). The one pass is timed with the hoisted decoders (the default) and
+work, VAE decode (or TAESD's, the tiny VAE) — (one full end-to-end step). The one pass is timed with the hoisted decoders (the default) and
 with the plain ones. ``--with-50`` adds the 50-step DDIM loop and, beside it, 50-step encoder propagation (Faster
 Diffusion: the full UNet at its 9 key steps, the decoders alone at the other 41, batched per segment as
 ``mode="propagate"`` runs them).
@@ -72,9 +72,10 @@ def text_conditioning(arch: Arch, encoders: list, ids: torch.Tensor, added: dict
     return Conditioning(text, dict(added, text_embeds=outs[-1].text_embeds))
 
 
-def _cases(arch: Arch, unet, parts: tuple[list, object] | None, inputs: tuple, decoders: int, with_50: bool,
+def _cases(arch: Arch, unet, parts: tuple[list, object, object] | None, inputs: tuple, decoders: int, with_50: bool,
            ) -> list[tuple[str, str, Callable[[], object]]]:
-    """(section, row name, call) for every row; ``parts``: the text encoders and the VAE for the end-to-end rows.
+    """(section, row name, call) for every row; ``parts``: the text encoders, the VAE and the tiny VAE (TAESD) for
+    the end-to-end rows.
     Encoder/decoder calls look up :func:`loopfree.method.runtime.passes` when they run (compiled or eager)."""
     x, text, added = inputs
     cond = Conditioning(text, added)
@@ -100,16 +101,18 @@ def _cases(arch: Arch, unet, parts: tuple[list, object] | None, inputs: tuple, d
     ]
     if parts is None:
         return cases
-    encoders, vae = parts
+    encoders, vae, tiny = parts
     ids = arch.token_ids(x.shape[0], x.device)
     conditioning = lambda: text_conditioning(arch, encoders, ids, added)  # noqa: E731
-    image = lambda latents: vae.decode(latents / vae.config.scaling_factor).sample  # noqa: E731
+    image = lambda latents, vae=vae: vae.decode(latents / vae.config.scaling_factor).sample  # noqa: E731
     return cases + [
         (END_TO_END, "end-to-end, 1 step", lambda: image(ddim_loop(unet, scheduler, x, 1, conditioning()))),
         (END_TO_END, f"end-to-end, {K} steps", lambda: image(ddim_loop(unet, scheduler, x, K, conditioning()))),
         (END_TO_END, f"end-to-end, one pass, K={K}", lambda: image(loop_free(unet, schedule, x, ts, conditioning())[0])),
+        (END_TO_END, f"end-to-end, one pass, K={K}, tiny VAE", lambda: image(loop_free(unet, schedule, x, ts, conditioning())[0], tiny)),
         (END_TO_END, f"text encoder{'s' if len(encoders) > 1 else ''} alone", conditioning),
         (END_TO_END, "VAE decode alone", lambda: image(x)),
+        (END_TO_END, "tiny VAE (TAESD) decode alone", lambda: image(x, tiny)),
     ]
 
 
@@ -120,7 +123,7 @@ def inference_rows(
     """Every row of :func:`_cases` on the same models: FLOPs from one eager call each (also the warm-up), then
     (``compile``: after ``torch.compile``, with a warm-up call that compiles) the median over ``repeats``."""
     unet = arch.build(device, dtype)
-    parts = (arch.build_text_encoders(device, dtype), arch.build_vae(device, dtype)) if end_to_end else None
+    parts = (arch.build_text_encoders(device, dtype), arch.build_vae(device, dtype), arch.build_tiny_vae(device, dtype)) if end_to_end else None
     cases = _cases(arch, unet, parts, arch.inputs(batch, size, device, dtype), decoders, with_50)
     rows: list[Row] = []
     with torch.inference_mode():
