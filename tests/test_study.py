@@ -75,3 +75,21 @@ def test_markdown_table_by_hand():
     lines = markdown_table(rows).splitlines()
     assert lines[2] == "| t | 1 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 | – |"
     assert lines[3].startswith("| s | 3 | 0.900 ± 0.010 | 10.000 ± 1.000 | 1.500 ± 0.100 | 1.000 |") and lines[3].endswith("| 2.2 |")
+
+
+def test_a_fine_tuning_plan_sets_its_own_budget_and_scores_an_untrained_student_as_sampled(tmp_path):
+    from loopfree.toy.assets import bundled
+
+    plan = PLAN.replace("variants:\n  vsd: {}\n  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}\n", "") + (
+        "sampled:\n  bundled-K2: {steps: 2}\n"
+        f"variants:\n  finetune-K2: {{student_init: {bundled('student')}, steps: 2, max_steps: 1}}\n")
+    (tmp_path / "plan.yaml").write_text(plan)
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    assert [r["name"] for r in rows] == ["teacher 2-step DDIM", "bundled-K2", "finetune-K2"]
+    run = tmp_path / "s" / "runs" / "finetune-K2" / "seed0"
+    assert json.loads((run / "timing.json").read_text())["steps"] == 1
+    assert json.loads((run / "loopfree.json").read_text())["decoder_timesteps"] == [501, 1]
+    assert (tmp_path / "s" / "scores" / "finetune-K2-seed0-1steps.json").is_file() and rows[1]["train_minutes"] is None
+    (tmp_path / "bad.yaml").write_text("variants: {a: {}}\nsampled: {b: {steps: 0}}")
+    with pytest.raises(LoopfreeError, match="sampled b must be"):
+        load_plan(tmp_path / "bad.yaml")

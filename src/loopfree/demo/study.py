@@ -33,7 +33,7 @@ from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, write_atomic, write_json
 
 #: distill settings a variant may not set: the study owns them
-OWNED = ("teacher", "prompts", "out", "max_steps", "seed", "eval_every", "resume", "overwrite")
+OWNED = ("teacher", "prompts", "out", "seed", "eval_every", "resume", "overwrite")
 SHOWN = ("alignment", "fd", "diversity", "precision", "recall", "density", "coverage")
 
 
@@ -42,7 +42,8 @@ class StudyPlan:
     """What a study trains and how it is scored."""
 
     variants: dict[str, dict]  # name -> distill settings over TOY_DISTILL (e.g. objective: sid, student: one-step)
-    max_steps: int = 1000  # distillation steps of every run (the curves flatten by 1,000: docs/toy-world.md)
+    max_steps: int = 1000  # distillation steps of every run unless its variant sets its own (the curves flatten by 1,000)
+    sampled: dict[str, dict] = field(default_factory=dict)  # name -> {model: folder (default: the bundled student), steps: K}: scored untrained
     eval_every: int = 100  # learning-curve spacing (0: none)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of every variant
     num_prompts: int = 64  # held-out evaluation prompts (distinct attribute combinations)
@@ -64,6 +65,9 @@ class StudyPlan:
             bad = sorted(k for k in settings if k.replace("-", "_") not in names or k.replace("-", "_") in OWNED)
             if bad:
                 raise LoopfreeError(f"plan: {where} sets {', '.join(bad)}, which a variant cannot set")
+        for name, row in self.sampled.items():
+            if not isinstance(row, dict) or set(row) - {"model", "steps"} or not isinstance(row.get("steps"), int) or row["steps"] < 1:
+                raise LoopfreeError(f"plan: sampled {name} must be {{steps: K ≥ 1}} and optionally model: FOLDER")
         if not self.seeds or min(self.max_steps, self.images_per_prompt - 1, self.num_prompts, self.curve_prompts) < 1:
             raise LoopfreeError("plan: seeds, max_steps, num_prompts and curve_prompts need ≥ 1, images_per_prompt ≥ 2")
         if max(self.num_prompts, self.curve_prompts) > EVAL_POOL:
@@ -88,9 +92,9 @@ def load_plan(path: str | Path) -> StudyPlan:
 def run_configs(plan: StudyPlan, out: Path, teacher: str, prompts_file: Path) -> dict[str, list[DistillConfig]]:
     """Every run's distill configuration, by variant."""
     return {name: [DistillConfig(teacher=teacher, prompts=str(prompts_file), out=str(out / "runs" / name / f"seed{s}"),
-                                 max_steps=plan.max_steps, seed=s, eval_every=plan.eval_every,
-                                 **{"guidance": 4.5, "regression_cache": str(out / "pairs"), **TOY_DISTILL, **plan.base,
-                                    **variant})
+                                 seed=s, eval_every=plan.eval_every,
+                                 **{"guidance": 4.5, "regression_cache": str(out / "pairs"), "max_steps": plan.max_steps,
+                                    **TOY_DISTILL, **plan.base, **variant})
                    for s in plan.seeds]
             for name, variant in plan.variants.items()}
 
@@ -142,6 +146,17 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
 
         scores = _cached(root / "scores" / f"teacher-{steps}step.json", teacher_scores)
         rows.append({**summarise(f"teacher {steps}-step DDIM", [scores]), "train_minutes": None})
+    for name, row in plan.sampled.items():
+        model = os.path.abspath(row.get("model") or bundled("student"))
+
+        def sampled_scores(model=model, steps=row["steps"]) -> dict:
+            pipe = load_pipeline(model)
+            pipe.set_progress_bar_config(disable=True)
+            images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop_free", steps, None, 1.0))
+            return {**scorer.scores(images), "unet_ms_per_image": ms}
+
+        scores = _cached(root / "scores" / f"sampled-{name}.json", sampled_scores)
+        rows.append({**summarise(name, [scores]), "train_minutes": None, "settings": row})
     for name, group in configs.items():
         runs = []
         for config in group:
