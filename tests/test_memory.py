@@ -138,6 +138,25 @@ def test_memory_rows_add_up():
     assert total.gib == pytest.approx(sum(held.values()) + 3 + 32 + 8)
 
 
+def test_sharding_divides_the_students_state_and_adds_the_gathered_blocks():
+    act = Activations(student_fixed=0, student_per=GIB, fake_fixed=0, fake_per=GIB, guided_per=GIB)
+    n = parameter_counts(TINY, config())
+    unet = TINY.build()
+    blocks = [sum(p.numel() for p in b.parameters()) for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]]
+    assert n["largest_block"] == max(blocks) and n["root"] == n["unet"] - sum(blocks) > 0  # by hand from the UNet
+    one = {r.name: r.gib for r in memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act)}
+    ddp = {r.name: r.gib for r in memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act, processes=8)}
+    fsdp = {r.name: r.gib for r in memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act, processes=8, shard=True)}
+    p = n["unet"] * 4 / GIB
+    assert ddp["DDP gradient buckets (fp32)"] == p and "DDP gradient buckets (fp32)" not in one | fsdp
+    assert fsdp["student weights (fp32, 1/8)"] == fsdp["student EMA (fp32, 1/8)"] == p / 8
+    assert fsdp["student AdamW moments (2 × fp32, 1/8)"] == 2 * p / 8
+    assert fsdp["gathered: root + 2 blocks (bf16, FSDP2)"] == (n["root"] + 2 * n["largest_block"]) * 2 / GIB
+    assert fsdp["teacher weights (frozen, bf16)"] == one["teacher weights (frozen, bf16)"]  # replicated
+    total = lambda rows: rows["total: held + the largest peak"]  # noqa: E731
+    assert total(fsdp) < total(one) < total(ddp)
+
+
 def run(*args):
     return CliRunner().invoke(main, ["bench", *map(str, args)])
 
@@ -145,6 +164,8 @@ def run(*args):
 def test_cli_memory_prints_a_table_with_a_total():
     r = run("--train", "--memory", "--arch", "tiny", "--batch-size", 2, "--dtype", "bf16", "--gradient-checkpointing")
     assert r.exit_code == 0, r.output
+    bad = run("--train", "--memory", "--arch", "tiny", "--shard")
+    assert bad.exit_code == 2 and "--processes 2 or more" in bad.output
     lines = r.output.splitlines()
     assert "tiny, 64x64, bf16, batch 2" in lines[0] and "estimate" in lines[0]
     assert any(line.startswith("total: held + the largest peak") for line in lines)

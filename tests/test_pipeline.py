@@ -129,3 +129,16 @@ def test_initial_noise_is_unit_gaussian_whatever_the_shipped_scheduler(saved):
     assert torch.allclose(euler("a red cat", generator=_gen(), output_type="latent").images, ddim_out)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe("a red cat", latents=torch.zeros(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_an_fp16_vae_decodes_in_fp32_when_its_config_forces_the_upcast(tmp_path, force_upcast):
+    pipe = make_pipeline(tmp_path, "sdxl")
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    pipe.vae.to(torch.float16)
+    seen = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    image = pipe.decode(torch.randn(1, 4, 8, 8, generator=_gen()), "pt")
+    hook.remove()
+    assert seen == [torch.float32 if force_upcast else torch.float16] and torch.isfinite(image).all()
+    assert pipe.vae.dtype == torch.float16  # handed back as it was

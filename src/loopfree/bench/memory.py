@@ -169,8 +169,10 @@ def parameter_counts(arch: Arch, cfg: DistillConfig) -> dict[str, int]:
         unet.add_adapter(fake_lora(cfg), FAKE)
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
         base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
+        blocks = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n)
+                  for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
     return {"unet": base, "lora": lora, "text_encoders": sum(parameter_count(arch, "text_encoders")),
-            "vae": parameter_count(arch, "vae")}
+            "vae": parameter_count(arch, "vae"), "largest_block": max(blocks), "root": base - sum(blocks)}
 
 
 # -- activations, measured ---------------------------------------------------------------------------------------
@@ -263,10 +265,15 @@ class MemoryRow:
 def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: int = 1, decoders: int = 4,
                 gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
                 measure_size: tuple[int, int] | None = None,
-                measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure_activations) -> list[MemoryRow]:
-    """Estimated memory of one distillation step per device, ``batch`` prompts at ``size`` (height, width) pixels,
-    paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak; the
-    total, held + the largest peak. ``measure_size``: measure_activations activations there (pixels), extrapolate to ``size``."""
+                measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure_activations,
+                processes: int = 1, shard: bool = False) -> list[MemoryRow]:
+    """Estimated memory of one distillation step per device, ``batch`` prompts per device at ``size`` (height, width)
+    pixels, paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak;
+    the total, held + the largest peak. ``measure_size``: measure_activations activations there (pixels), extrapolate
+    to ``size``. ``processes``: data parallel over that many devices — DDP's gradient buckets (a fp32 copy of the
+    gradients) on each, or with ``shard`` FSDP2's full sharding per UNet block: the student's weights, moments, EMA and
+    gradients 1/N each, plus the gathered blocks in use (the root's own parameters and two blocks, one prefetched);
+    the teacher, LoRA, text encoder and VAE replicated."""
     from loopfree.bench.speed import train_config
     from loopfree.training.distiller import WEIGHT_DTYPES
 
@@ -278,21 +285,29 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     on_cpu = replace(cfg, dtype="bf16") if dtype == "fp16" else cfg
     act = measured(arch, on_cpu, (at[0] // f, at[1] // f)).at(batch, (size[0] * size[1]) / (at[0] * at[1]))
     fp32, teacher = 4, torch.finfo(WEIGHT_DTYPES.get(dtype, torch.float32)).bits // 8
-    student, lora = n["unet"] * fp32, n["lora"] * fp32
+    shards = processes if shard else 1
+    student, lora = n["unet"] * fp32 / shards, n["lora"] * fp32
+    part = f", 1/{shards}" if shard else ""
     prompts = f"{batch} prompt{'s' * (batch != 1)}"
+    compute = 4 if dtype == "fp32" else 2
+    gathered = (n["root"] + 2 * n["largest_block"]) * compute if shard else 0
     rows = [
-        MemoryRow("student weights (fp32)", student, HELD, "counted"),
-        MemoryRow("student AdamW moments (2 × fp32)", 2 * student, HELD, "counted"),
-        MemoryRow("student EMA (fp32)", student, HELD, "counted"),
+        MemoryRow(f"student weights (fp32{part})", student, HELD, "counted"),
+        MemoryRow(f"student AdamW moments (2 × fp32{part})", 2 * student, HELD, "counted"),
+        MemoryRow(f"student EMA (fp32{part})", student, HELD, "counted"),
+        *([MemoryRow("DDP gradient buckets (fp32)", student, HELD, "counted")] if processes > 1 and not shard else []),
         MemoryRow(f"teacher weights (frozen, {'fp32' if teacher == 4 else dtype})", n["unet"] * teacher, HELD, "counted"),
         MemoryRow("fake-score LoRA: weights + AdamW (3 × fp32)", 3 * lora, HELD, "counted"),
         MemoryRow("text encoder + VAE (frozen, fp32)", (n["text_encoders"] + n["vae"]) * fp32, HELD, "counted"),
         MemoryRow(f"graph: activations, {prompts}", act.student_per, STUDENT, "measured"),
         MemoryRow("graph: computed from weights only, not per prompt", act.student_fixed, STUDENT, "measured"),
-        MemoryRow("gradients (fp32), during backward", student, STUDENT, "counted"),
+        MemoryRow(f"gradients (fp32{part}), during backward", student, STUDENT, "counted"),
+        *([MemoryRow(f"gathered: root + 2 blocks ({'fp32' if compute == 4 else dtype}, FSDP2)", gathered, STUDENT, "counted")]
+          if shard else []),
         MemoryRow("guided teacher + fake pass (no grad), its peak", act.guided_per, STUDENT, "measured"),
-        MemoryRow("peak: graph + max(gradients, guided pass)", act.student + max(student, act.guided_per), STUDENT, "peak"),
-        MemoryRow("a fp32 copy of the student (foreach update)", student, EMA, "counted"),
+        MemoryRow("peak: graph + max(gradients, guided pass)" + (" + gathered" if shard else ""),
+                  act.student + max(student, act.guided_per) + gathered, STUDENT, "peak"),
+        MemoryRow(f"a fp32 copy of the student (foreach update{part})", student, EMA, "counted"),
         MemoryRow("peak", student, EMA, "peak"),
         MemoryRow(f"graph: activations, {prompts}", act.fake, FAKE, "measured"),
         MemoryRow("LoRA gradients (fp32)", lora, FAKE, "counted"),

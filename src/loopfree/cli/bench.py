@@ -3,6 +3,7 @@
     loopfree bench --arch sd21 --resolution 512
     loopfree bench --train --arch small
     loopfree bench --train --memory --arch sd21 --batch-size 8 --dtype bf16 --gradient-checkpointing
+    loopfree bench --train --memory --arch sdxl --dtype bf16 --processes 8 --shard --measure-resolution 512
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @click.option("--measure-resolution", type=options.Resolution(), default=None,
               help="With --memory: measure_activations the activations at this image size and scale them by the pixel count "
                    "(default: at --resolution).")
+@click.option("--processes", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="With --memory: devices of the data-parallel launch (--batch-size prompts each).")
+@click.option("--shard", is_flag=True,
+              help="With --memory: FSDP2 full sharding of the student's weights, moments, EMA and gradients over --processes "
+                   "(an estimate of the plan; loopfree distill runs data parallel today).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
-          gradient_checkpointing, batch_teacher_fake, memory, measure_resolution) -> None:
+          gradient_checkpointing, batch_teacher_fake, memory, measure_resolution, processes, shard) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.bench.archs import ARCHS
     from loopfree.bench.speed import format_table, inference_rows, train_rows
@@ -54,15 +60,17 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
     check_size(height, width, spec.vae_scale_factor, spec.resolution)
     if (memory or measure_resolution) and not train:
         raise LoopfreeError("--memory estimates a distillation step's memory: add --train")
-    if measure_resolution and not memory:
-        raise LoopfreeError("--measure-resolution goes with --memory")
+    if (measure_resolution or processes > 1 or shard) and not memory:
+        raise LoopfreeError("--measure-resolution, --processes and --shard go with --memory")
+    if shard and processes < 2:
+        raise LoopfreeError("--shard divides the student over --processes: give --processes 2 or more")
     if memory:
         if compile_:
             raise LoopfreeError("--compile times the sampler; it does not apply to --memory")
         if measure_resolution:
             check_size(*measure_resolution, spec.vae_scale_factor, spec.resolution)
         _memory(arch, spec, (height, width), dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake,
-                measure_resolution, as_json)
+                measure_resolution, as_json, processes, shard)
         return
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -86,19 +94,22 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
         click.echo(format_table(rows, f"loopfree bench: {arch}, {size}, {dev}, {dtype}{compiled}, batch {batch_size}, median of {repeats}"))
 
 
-def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json) -> None:
+def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json,
+            processes, shard) -> None:
     """``--train --memory``: the estimate's table (or JSON). The measurement runs on the CPU whatever --device says."""
     from loopfree.bench.memory import format_memory_table, memory_rows
 
-    rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size)
+    rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size,
+                       processes=processes, shard=shard)
     height, width = size
     if as_json:
         click.echo(json.dumps(dict(arch=arch, resolution=f"{width}x{height}", dtype=dtype, batch_size=batch_size, steps=steps,
-                                   gradient_checkpointing=gradient_checkpointing, estimate=True,
+                                   gradient_checkpointing=gradient_checkpointing, processes=processes, shard=shard, estimate=True,
                                    measured_at=None if measure_size is None else f"{measure_size[1]}x{measure_size[0]}",
                                    rows=[asdict(r) for r in rows]), indent=2))
         return
     at = f", activations measured at {measure_size[1]}x{measure_size[0]}" if measure_size else ""
     title = (f"loopfree bench --train --memory: {arch}, {width}x{height}, {dtype}, batch {batch_size}, K={steps}, "
-             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at} — an estimate")
+             f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at}, per device of {processes}"
+             f"{' (FSDP2 sharded)' if shard else ''} — an estimate")
     click.echo(format_memory_table(rows, title))

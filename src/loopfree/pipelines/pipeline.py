@@ -186,14 +186,22 @@ class _LoopFreeMixin:
         if output_type == "latent":
             return latents
         vae = self.vae
-        latents = latents.to(vae.dtype)
-        if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
-            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        # SDXL's VAE overflows in fp16: its config asks for the decode in fp32 (force_upcast), as diffusers' SDXL pipeline does
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            latents = latents.to(vae.dtype)
+            if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+                mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return self.image_processor.postprocess(image, output_type=output_type)
 
     @torch.no_grad()
