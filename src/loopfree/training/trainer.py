@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import socket
 import random
 import shutil
 import signal
@@ -245,6 +246,11 @@ def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
 def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, prompts: list[str], checkpoint: Path | None,
            evaluate: Evaluation | None) -> Path:
     main = acc.is_main_process
+    if acc.is_local_main_process:  # one line per node: which processes run where, and where the run's files go
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        ranks = f"{acc.process_index}–{acc.process_index + local - 1}" if local > 1 else f"{acc.process_index}"
+        print(f"{socket.gethostname()}: process {ranks} of {acc.num_processes} on {acc.device.type}; checkpoints and "
+              f"logs in {out} (process 0 writes them)", flush=True)
     # -- models: same initial weights on every process, then a different random stream per process
     set_seed(cfg.seed)
     pipe = load_pipeline(cfg.teacher)
