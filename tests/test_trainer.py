@@ -165,7 +165,6 @@ def test_two_process_cpu_run_keeps_replicas_identical(teacher, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 processes hold identical student weights" in p.stdout
-    assert p.stdout.count(" of 2 on cpu; checkpoints and logs in ") == 1 and "process 0–1 of 2" in p.stdout  # one line per node
     ckpt = out / "checkpoints" / "checkpoint-00000002"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert load_pipeline(out).decoder_timesteps == [751, 501, 251, 1]
