@@ -289,8 +289,7 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     student, lora = n["unet"] * fp32 / shards, n["lora"] * fp32
     part = f", 1/{shards}" if shard else ""
     prompts = f"{batch} prompt{'s' * (batch != 1)}"
-    compute = 4 if dtype == "fp32" else 2
-    gathered = (n["root"] + 2 * n["largest_block"]) * compute if shard else 0
+    gathered = (n["root"] + 2 * n["largest_block"]) * teacher if shard else 0  # gathered in the compute dtype, as the teacher
     rows = [
         MemoryRow(f"student weights (fp32{part})", student, HELD, "counted"),
         MemoryRow(f"student AdamW moments (2 × fp32{part})", 2 * student, HELD, "counted"),
@@ -302,7 +301,7 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
         MemoryRow(f"graph: activations, {prompts}", act.student_per, STUDENT, "measured"),
         MemoryRow("graph: computed from weights only, not per prompt", act.student_fixed, STUDENT, "measured"),
         MemoryRow(f"gradients (fp32{part}), during backward", student, STUDENT, "counted"),
-        *([MemoryRow(f"gathered: root + 2 blocks ({'fp32' if compute == 4 else dtype}, FSDP2)", gathered, STUDENT, "counted")]
+        *([MemoryRow(f"gathered: root + 2 blocks ({'fp32' if teacher == 4 else dtype}, FSDP2)", gathered, STUDENT, "counted")]
           if shard else []),
         MemoryRow("guided teacher + fake pass (no grad), its peak", act.guided_per, STUDENT, "measured"),
         MemoryRow("peak: graph + max(gradients, guided pass)" + (" + gathered" if shard else ""),

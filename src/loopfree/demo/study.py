@@ -137,25 +137,21 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
     scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size)
     (root / "scores").mkdir(exist_ok=True)
     rows = []
-    for steps in plan.teacher_steps:
-        def teacher_scores(steps=steps) -> dict:
-            pipe = load_pipeline(teacher_path)
-            pipe.set_progress_bar_config(disable=True)
-            images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop", steps, None, plan.guidance))
-            return {**scorer.scores(images), "unet_ms_per_image": ms}
 
-        scores = _cached(root / "scores" / f"teacher-{steps}step.json", teacher_scores)
+    def scored(path: str | Path, mode: str, steps: int | None, guidance: float) -> dict:
+        """The scores of the pipeline at ``path`` sampled in ``mode`` with ``steps`` (None: its own decoders)."""
+        pipe = load_pipeline(path)
+        pipe.set_progress_bar_config(disable=True)
+        sampling = Sampling(size, size, mode, steps or len(pipe.decoder_timesteps), None, guidance)
+        images, ms = sample_images(pipe, scorer.jobs, sampling)
+        return {**scorer.scores(images), "unet_ms_per_image": ms}
+
+    for steps in plan.teacher_steps:
+        scores = _cached(root / "scores" / f"teacher-{steps}step.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))
         rows.append({**summarise(f"teacher {steps}-step DDIM", [scores]), "train_minutes": None})
     for name, row in plan.sampled.items():
         model = os.path.abspath(row.get("model") or bundled("student"))
-
-        def sampled_scores(model=model, steps=row["steps"]) -> dict:
-            pipe = load_pipeline(model)
-            pipe.set_progress_bar_config(disable=True)
-            images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop_free", steps, None, 1.0))
-            return {**scorer.scores(images), "unet_ms_per_image": ms}
-
-        scores = _cached(root / "scores" / f"sampled-{name}.json", sampled_scores)
+        scores = _cached(root / "scores" / f"sampled-{name}.json", lambda: scored(model, "loop_free", row["steps"], 1.0))
         rows.append({**summarise(name, [scores]), "train_minutes": None, "settings": row})
     for name, group in configs.items():
         runs = []
@@ -164,12 +160,9 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
             if not (run / "model_index.json").is_file():
                 continue
 
-            def student_scores(run=run) -> dict:
-                pipe = load_pipeline(run)
-                pipe.set_progress_bar_config(disable=True)
-                images, ms = sample_images(pipe, scorer.jobs, Sampling(size, size, "loop_free", len(pipe.decoder_timesteps), None, 1.0))
+            def student_scores() -> dict:
                 timing = json.loads((run / "timing.json").read_text())
-                return {**scorer.scores(images), "unet_ms_per_image": ms, "train_minutes": timing["train_seconds"] / 60}
+                return {**scored(run, "loop_free", None, 1.0), "train_minutes": timing["train_seconds"] / 60}
 
             runs.append(_cached(root / "scores" / f"{name}-seed{config.seed}-{config.max_steps}steps.json", student_scores))
         if runs:

@@ -167,6 +167,17 @@ def check_tiny_vae(path: str | os.PathLike) -> Path:
     return root
 
 
+def load_tiny_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The checked ``AutoencoderTiny`` folder ``path`` loaded in ``dtype`` (safetensors only, no download)."""
+    root = check_tiny_vae(path)
+    from diffusers import AutoencoderTiny
+
+    try:
+        return AutoencoderTiny.from_pretrained(str(root), use_safetensors=True, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # whatever the gate could not foresee
+        raise LoopfreeError(f"cannot load the tiny VAE in {str(path)!r}: {first_line(e)}") from None
+
+
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None):
     """Load a local Stable Diffusion (XL) pipeline folder as the matching loop-free pipeline (safetensors only);
     ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE (fast, approximate)."""
@@ -180,12 +191,9 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         pipe = cls.from_pretrained(str(path), **kwargs)
-        if tiny is not None:
-            from diffusers import AutoencoderTiny
-
-            pipe.vae = AutoencoderTiny.from_pretrained(str(tiny), use_safetensors=True, local_files_only=True,
-                                                       torch_dtype=dtype or torch.float32)
-        return pipe
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # whatever the gate could not foresee
         first = first_line(e)
         raise LoopfreeError(f"cannot load the model in {str(path)!r}: {first}") from None
+    if tiny is not None:
+        pipe.vae = load_tiny_vae(tiny, dtype or torch.float32)
+    return pipe

@@ -14,19 +14,17 @@ import torch.nn.functional as F
 
 from loopfree.method.objective import clip_hinge_loss
 from loopfree.pipelines.clip import load_clip
+from loopfree.pipelines.loading import load_tiny_vae
 
 
 class ClipAlignment:
     """``relu(τ - mean cos(CLIP text, CLIP image(tiny decode(x_0))))`` for a batch of latents and prompts."""
 
     def __init__(self, clip: str, tiny_vae: str, tau: float, device: torch.device, dtype: torch.dtype = torch.float32):
-        from diffusers import AutoencoderTiny
-
         self.tau = tau
         self.model, processor = load_clip(clip, device, dtype)
         self.tokenizer, image = processor.tokenizer, processor.image_processor
-        self.vae = AutoencoderTiny.from_pretrained(tiny_vae, use_safetensors=True, local_files_only=True,
-                                                   torch_dtype=dtype).eval().requires_grad_(False).to(device)
+        self.vae = load_tiny_vae(tiny_vae, dtype).eval().requires_grad_(False).to(device)
         self.shortest_edge = image.size["shortest_edge"]
         self.crop = (image.crop_size["height"], image.crop_size["width"])
         self.mean = torch.tensor(image.image_mean, device=device).view(1, 3, 1, 1)
