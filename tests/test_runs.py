@@ -19,7 +19,7 @@ from loopfree.cli import main
 from loopfree.training.distiller import Distiller
 from loopfree.utils.errors import LoopfreeError
 from loopfree.pipelines.loading import load_pipeline
-from loopfree.training.trainer import distill, validate
+from loopfree.training.trainer import distill, student_pipeline, validate
 from tiny import distill_config as config
 from tiny import make_teacher_folder
 
@@ -82,7 +82,7 @@ def test_validation_samples_at_the_training_resolution_and_logs_the_given_step(t
     acc.init_trackers("t")
     pipe = load_pipeline(teacher / "pipe")
     d = Distiller(config(teacher, tmp_path), pipe.unet, pipe.scheduler, acc, latent_size=12)
-    validate(pipe, d, ["a red cat"], tmp_path / "grid.png", 7, 24, acc)  # a name that holds no step
+    validate(student_pipeline(pipe, d, d.full_student(ema=False)), ["a red cat"], tmp_path / "grid.png", 7, 24, acc)  # a name that holds no step
     acc.end_training()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -106,9 +106,9 @@ def save_checkpoint(acc, distiller, out: Path, step: int, state: dict[str, Any],
         shutil.rmtree(partial, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(partial))
+    distiller.save_weights(partial)  # every process: a sharded student's shards are written by their holders
     acc.wait_for_everyone()
     if acc.is_main_process:
-        distiller.save_weights(partial)
         write_json(partial / STATE, {**state, "step": step, "num_processes": acc.num_processes})
         write_manifest(partial)
         shutil.rmtree(final, ignore_errors=True)

@@ -148,6 +148,10 @@ class DistillConfig:
         "compute precision: fp16/bf16 autocast with fp32 master weights (paper: mixed precision on GPU)", "fp32"
     )
     gradient_checkpointing: bool = _opt("recompute activations to save memory (paper: on)", False)
+    shard: bool = _opt(
+        "FSDP2: split the student's weights, gradients, Adam moments and EMA across the launch's processes, per UNet "
+        "block (else every process holds them all: data parallel); fp32 or bf16", False
+    )
     cache_prompt_embeds: bool = _opt(
         "keep each prompt's embeddings after its first encoding, in host memory (bounded by --prompt-cache-mb)", False
     )
@@ -209,6 +213,8 @@ class DistillConfig:
             raise LoopfreeError(f"t_min ({self.t_min}) is larger than t_max ({self.t_max})")
         if self.clip_loss_weight > 0 and (self.clip is None or self.tiny_vae is None):
             raise LoopfreeError("clip_loss_weight > 0 needs a CLIP folder (--clip DIR) and a tiny VAE (--tiny-vae DIR)")
+        if self.shard and self.dtype == "fp16":
+            raise LoopfreeError("shard trains in fp32 or bf16 (fp16 would need a sharded gradient scaler): use --dtype bf16")
         if not self.lora_targets:
             raise LoopfreeError("lora_targets is empty")
 

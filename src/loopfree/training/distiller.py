@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from loopfree.training.clip_loss import ClipAlignment
 from loopfree.training.config import DistillConfig
+from loopfree.training.sharding import clip_grad_norm, full_weights, load_sharded, save_sharded, shard_student
 from loopfree.method.objective import SiD, VSD, FakeScoreLoss, StudentLoss, regression_loss
 from loopfree.method.sampler import Conditioning, Generator
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
@@ -95,13 +96,11 @@ class Distiller:
         schedule = NoiseSchedule.from_scheduler(scheduler)
         self.timesteps, self.final_alpha_cumprod = student_timesteps(cfg, scheduler.config, init[1] if init else None)
 
-        # -- student ε_θ: a full trainable copy of the teacher, with an EMA
+        # -- student ε_θ: a full trainable copy of the teacher (sharded with cfg.shard), with an EMA
         student = copy.deepcopy(unet)
         if init is not None:
             student.load_state_dict(init[0].state_dict())
         student = student.to(accelerator.device).train().requires_grad_(True)
-        self.student_params = list(student.parameters())
-        self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)
         # -- teacher ε_ψ and fake score ε_φ on the same frozen weights
         lora = fake_lora(cfg)
         weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
@@ -119,10 +118,19 @@ class Distiller:
             )
 
         student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha_cumprod)
-        self.generator, self.scores.trainable, self.opt_student, self.opt_fake = accelerator.prepare(
-            Generator(student, student_schedule, self.timesteps), self.scores.base, adam(self.student_params, cfg.lr_student),
-            adam(self.lora_params, cfg.lr_fake),
-        )
+        if cfg.shard:  # FSDP2 units fire on each block's own forward: the plain decoder path calls them
+            self.generator = Generator(student, student_schedule, self.timesteps, hoist=False)
+            shard_student(self.generator, weight_dtype)
+            self.student_params = list(student.parameters())
+            self.opt_student = adam(self.student_params, cfg.lr_student)
+            self.scores.trainable, self.opt_fake = accelerator.prepare(self.scores.base, adam(self.lora_params, cfg.lr_fake))
+        else:  # data parallel: accelerate wraps the student
+            self.student_params = list(student.parameters())
+            self.generator, self.scores.trainable, self.opt_student, self.opt_fake = accelerator.prepare(
+                Generator(student, student_schedule, self.timesteps), self.scores.base, adam(self.student_params, cfg.lr_student),
+                adam(self.lora_params, cfg.lr_fake),
+            )
+        self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)  # sharded as they are
         self.student_loss, self.fake_loss = losses(cfg, schedule)
         self.clip = None  # the CLIP hinge's frozen tiny decoder and CLIP model, in the compute dtype
         if cfg.clip_loss_weight > 0:
@@ -167,7 +175,8 @@ class Distiller:
             loss = loss + student["clip"]
         with sections("student forward+backward"):
             acc.backward(loss)
-            grad_student = acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm)
+            grad_student = (clip_grad_norm(self.student_params, cfg.max_grad_norm) if cfg.shard
+                            else acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm))
             self.opt_student.step()
             self.opt_student.zero_grad(set_to_none=True)
             self.ema.step(self.student_params)
@@ -196,19 +205,48 @@ class Distiller:
 
     # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA
     def save_weights(self, directory: Path, max_shard_size: str | int = "10GB") -> None:
-        """The student as a diffusers model folder (sharded above ``max_shard_size``), the LoRA and the EMA."""
-        self.student.save_pretrained(directory / "student", safe_serialization=True, max_shard_size=max_shard_size)
+        """The student as a diffusers model folder (sharded above ``max_shard_size``), the LoRA and the EMA; with
+        ``shard``, the student's, its optimiser's and the EMA's shards (torch.distributed.checkpoint). Every process
+        calls it; only the main one writes the replicated parts."""
+        if self.cfg.shard:
+            save_sharded(directory, self.generator, self.opt_student, self.ema.shadow_params)
+        if not self.acc.is_main_process:
+            return
         save_file(self.scores.lora_state_dict(), directory / "fake_lora.safetensors")
-        named = dict(zip((n for n, _ in self.student.named_parameters()), self.ema.shadow_params))
-        save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
+        if not self.cfg.shard:
+            self.student.save_pretrained(directory / "student", safe_serialization=True, max_shard_size=max_shard_size)
+            named = dict(zip((n for n, _ in self.student.named_parameters()), self.ema.shadow_params))
+            save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
 
     def load_weights(self, directory: Path, ema_step: int) -> None:
-        """Inverse of :meth:`save_weights`; the student through diffusers' own loading (any sharding)."""
+        """Inverse of :meth:`save_weights`; the student through diffusers' own loading (any sharding). Every process
+        calls it."""
+        self.scores.load_lora_state_dict(load_file(directory / "fake_lora.safetensors"))
+        self.ema.optimization_step = ema_step
+        if self.cfg.shard:
+            load_sharded(directory, self.generator, self.opt_student, self.ema.shadow_params)
+            return
         saved = UNet2DConditionModel.from_pretrained(directory / "student", use_safetensors=True)
         self.student.load_state_dict(saved.state_dict())
         del saved
-        self.scores.load_lora_state_dict(load_file(directory / "fake_lora.safetensors"))
         ema = load_file(directory / "ema.safetensors")
         for (name, _), shadow in zip(self.student.named_parameters(), self.ema.shadow_params):
             shadow.data.copy_(ema[name])
-        self.ema.optimization_step = ema_step
+
+    def full_student(self, ema: bool) -> UNet2DConditionModel | None:
+        """The student as a plain UNet on the main process (None elsewhere): a copy with the EMA weights if ``ema``,
+        else the live one (sharded: a gathered copy). Every process calls it (sharded: a collective gather)."""
+        main = self.acc.is_main_process
+        if not self.cfg.shard:
+            if not main or not ema:
+                return self.student if main else None
+            unet = copy.deepcopy(self.student)
+            self.ema.copy_to(unet.parameters())
+            return unet
+        names = [n.removeprefix("unet.") for n, _ in self.generator.named_parameters()]
+        weights = full_weights(self.generator, names, self.ema.shadow_params if ema else None, main)
+        if not main:
+            return None
+        unet = UNet2DConditionModel.from_config(self.student.config)
+        unet.load_state_dict(weights)
+        return unet.to(self.acc.device)

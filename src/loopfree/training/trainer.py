@@ -11,12 +11,12 @@ that decide it; a changed one is refused by name, harmless ones (run length, log
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import json
 import os
 import socket
+import sys
 import random
 import shutil
 import signal
@@ -233,8 +233,11 @@ def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
             project_config=ProjectConfiguration(project_dir=str(folder.final), logging_dir=str(folder.final / "logs")),
         )
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise LoopfreeError(f"{acc.distributed_type.value} is not supported: every process holds the whole student, its EMA "
-                                "and optimiser state (data parallel); launch with --multi_gpu (docs/benchmark.md: what fits in memory)")
+            raise LoopfreeError(f"accelerate's {acc.distributed_type.value} plugin is not used: launch with --multi_gpu (or torchrun) "
+                                "and pass --shard for FSDP2 sharding of the student (docs/distill.md)")
+        if cfg.shard and acc.num_processes < 2:
+            raise LoopfreeError("--shard splits the student across processes: launch several (torchrun --nproc_per_node N, "
+                                "or accelerate launch --multi_gpu --num_processes N)")
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != acc.num_processes:
             raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
@@ -250,7 +253,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         ranks = f"{acc.process_index}–{acc.process_index + local - 1}" if local > 1 else f"{acc.process_index}"
         print(f"{socket.gethostname()}: process {ranks} of {acc.num_processes} on {acc.device.type}; checkpoints and "
-              f"logs in {out} (process 0 writes them)", flush=True)
+              f"logs in {out} (process 0 writes them)", file=sys.stderr, flush=True)
     # -- models: same initial weights on every process, then a different random stream per process
     set_seed(cfg.seed)
     pipe = load_pipeline(cfg.teacher)
@@ -303,10 +306,13 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         save_checkpoint(acc, distiller, out, step, state, cfg.checkpoints_total_limit)
 
     def score_now() -> None:
-        if not (evaluate and cfg.eval_every and step % cfg.eval_every == 0 and main):
+        if not (evaluate and cfg.eval_every and step % cfg.eval_every == 0):
+            return
+        unet = distiller.full_student(ema=True)  # every process: a sharded student is gathered
+        if not main:
             return
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):  # the evaluation's draws leave the training stream alone
-            scores = evaluate(student_pipeline(pipe, distiller, ema=True), step)
+            scores = evaluate(student_pipeline(pipe, distiller, unet), step)
         acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
@@ -328,8 +334,11 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
             bar.update()
             bar.set_postfix({cfg.objective: f"{logs[f'loss/{cfg.objective}']:.3g}", "kl": f"{logs['loss/kl']:.3g}",
                              "fake": f"{logs['loss/fake_mse']:.3g}"})
-            if cfg.validate_every and step % cfg.validate_every == 0 and main:
-                validate(pipe, distiller, validation_prompts, out / "validation" / f"step-{step:08d}.png", step, resolution, acc)
+            if cfg.validate_every and step % cfg.validate_every == 0:
+                unet = distiller.full_student(ema=False)  # every process: a sharded student is gathered
+                if main:
+                    validate(student_pipeline(pipe, distiller, unet), validation_prompts, out / "validation" / f"step-{step:08d}.png",
+                             step, resolution, acc)
             score_now()
             t_last = time.perf_counter()  # validation and scoring are not training time
             signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
@@ -345,9 +354,10 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     check_replicas_agree(distiller, acc)
 
     # -- the final pipeline: EMA (or raw) student weights, decoder timesteps recorded
+    unet = distiller.full_student(ema=cfg.save_ema)  # every process: a sharded student is gathered once, here
     if main:
         write_json(out / "timing.json", {"steps": step, "train_seconds": seconds})
-        publish_pipeline(student_pipeline(pipe, distiller, ema=cfg.save_ema), out)
+        publish_pipeline(student_pipeline(pipe, distiller, unet), out)
         write_card(out)  # README.md: the Hub's model card, from the folder's own records
     acc.wait_for_everyone()
     acc.end_training()
@@ -363,21 +373,19 @@ def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int) -> Non
 
 
 def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
-    """Data-parallel replicas must hold the same student: compare a checksum across processes."""
-    checksum = torch.stack([p.detach().double().sum() for p in distiller.student_params]).sum().reshape(1)
+    """Data-parallel replicas must hold the same weights: compare a checksum of the student (sharded: of the fake
+    score's LoRA, the replicated part) across processes."""
+    what, params = ("fake-score", distiller.lora_params) if distiller.cfg.shard else ("student", distiller.student_params)
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
     sums = acc.gather(checksum.to(acc.device)).cpu()
     if not torch.all(sums == sums[0]):
-        raise RuntimeError(f"student weights differ across processes: checksums {sums.tolist()}")
+        raise RuntimeError(f"{what} weights differ across processes: checksums {sums.tolist()}")
     if acc.num_processes > 1 and acc.is_main_process:
-        print(f"{acc.num_processes} processes hold identical student weights (checksum {sums[0].item():.10g})")
+        print(f"{acc.num_processes} processes hold identical {what} weights (checksum {sums[0].item():.10g})")
 
 
-def student_pipeline(pipe, distiller: Distiller, ema: bool):
-    """A pipeline of the teacher's components with the student UNet (a copy with EMA weights if ``ema``)."""
-    unet = distiller.student
-    if ema:
-        unet = copy.deepcopy(unet)
-        distiller.ema.copy_to(unet.parameters())
+def student_pipeline(pipe, distiller: Distiller, unet):
+    """A pipeline of the teacher's components with ``unet``, a student of :meth:`Distiller.full_student`."""
     student = type(pipe)(**{**pipe.components, "unet": unet})
     student.decoder_timesteps = distiller.timesteps
     student.final_alpha_cumprod = distiller.final_alpha_cumprod
@@ -401,10 +409,8 @@ def publish_pipeline(pipe, out: Path) -> None:
 
 
 @torch.no_grad()
-def validate(pipe, distiller: Distiller, prompts: list[str], path: Path, step: int, resolution: int, acc: Accelerator,
-             seeds: int = 4) -> None:
-    """A grid of the current student's samples at the training resolution: one row per prompt, one column per seed."""
-    student = student_pipeline(pipe, distiller, ema=False)
+def validate(student, prompts: list[str], path: Path, step: int, resolution: int, acc: Accelerator, seeds: int = 4) -> None:
+    """A grid of the ``student`` pipeline's samples at the training resolution: one row per prompt, one column per seed."""
     student.set_progress_bar_config(disable=True)
     rows = []
     for prompt in prompts:
