@@ -16,7 +16,6 @@ toy demo's wall time and its TiUE and one-step rows. The JSON holds every row an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from loopfree.cli import main
 from loopfree.pipelines.loading import load_pipeline
 from loopfree.training.distiller import Distiller
-from loopfree.training.trainer import PromptEncoder, distill
+from loopfree.training.prompt_encoder import PromptEncoder
+from loopfree.training.trainer import distill
 from tiny import distill_config as config
 from tiny import make_teacher_folder
 

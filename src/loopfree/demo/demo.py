@@ -43,7 +43,8 @@ from loopfree.demo.curves import plot_curves, seed_curves
 from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
-from loopfree.training.trainer import distill, prepare_teacher_pairs
+from loopfree.training.pairs import prepare_teacher_pairs
+from loopfree.training.trainer import distill
 
 METRICS = ("alignment", "fd", "precision", "recall", "density", "coverage", "diversity")
 PRDC = ("precision", "recall", "density", "coverage")

@@ -23,7 +23,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from loopfree.method.sampler import ddim_loop
+from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.training.config import DistillConfig
+from loopfree.training.data import load_prompts
+from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.utils.outputs import write_atomic, write_json
 from loopfree.utils.seeding import initial_noise
 
@@ -95,3 +98,16 @@ def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encod
     if fill:
         cache.fill(make)
     return cache
+
+
+def prepare_teacher_pairs(cfg: DistillConfig) -> None:
+    """Fill the regression term's teacher-pair cache of ``cfg`` in this process (with all its threads), so runs
+    started side by side find it made (a run fills a missing cache itself too)."""
+    if cfg.regression_weight <= 0:
+        return
+    pipe = load_pipeline(cfg.teacher)
+    resolution = cfg.resolution or inspect_pipeline(cfg.teacher).default_size
+    encode = PromptEncoder(pipe, torch.device("cpu"), resolution)
+    scale = pipe.vae_scale_factor
+    teacher_pairs(cfg, pipe.unet, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
+                  (pipe.unet.config.in_channels, resolution // scale, resolution // scale), torch.device("cpu"))

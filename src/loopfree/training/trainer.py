@@ -17,14 +17,11 @@ import json
 import os
 import socket
 import sys
-import random
 import shutil
-import signal
 import time
-from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +34,10 @@ from loopfree.training.config import DistillConfig, save_config
 from loopfree.training.data import PromptStream, load_prompts
 from loopfree.training.distiller import Distiller
 from loopfree.training.pairs import pair_prompts, teacher_pairs
+from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.utils.errors import Interrupted, LoopfreeError
+from loopfree.utils.seeding import preserved_rng
+from loopfree.utils.signals import stop_on_signals
 from loopfree.utils.images import image_grid
 from loopfree.pipelines.card import write_card
 from loopfree.pipelines.clip import check_clip
@@ -58,60 +58,6 @@ def run_identity(cfg: DistillConfig) -> dict:
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if (k not in HARMLESS or (k == "max_steps" and decays)) and k != "out"}
     paths = {k: os.path.abspath(values[k]) for k in ("student_init", "clip", "tiny_vae") if values[k]}
     return {**values, **paths, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
-
-
-class PromptEncoder:
-    """Prompts → (conditional, unconditional) conditioning through the teacher's frozen text encoder(s).
-
-    The unconditional side is the same for every prompt, so it is encoded once. With ``cache_mb`` each prompt's
-    conditioning is kept after its first encoding, in host memory and in the encoder's own dtype (so a cached
-    prompt gives bit for bit what encoding it again would), up to ``cache_mb`` MiB: the least recently used go first.
-    """
-
-    def __init__(self, pipe, device: torch.device, resolution: int, cache_mb: float = 0):
-        self.pipe, self.device, self.size = pipe, device, (resolution, resolution)
-        self.cache: OrderedDict[str, Conditioning] = OrderedDict()
-        self.limit, self.bytes = int(cache_mb * 2**20), 0
-        with torch.no_grad():
-            self.uncond = pipe.encode_conditioning([""], None, 1, True, device, self.size)[1]
-
-    @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        return self.pipe.encode_conditioning(prompts, None, 1, False, self.device, self.size)[0]
-
-    def _keep(self, prompt: str, c: Conditioning) -> None:
-        host = Conditioning(c.text.cpu(), None if c.added is None else {k: v.cpu() for k, v in c.added.items()})
-        self.cache[prompt] = host
-        self.bytes += _nbytes(host)
-        while self.bytes > self.limit and self.cache:
-            self.bytes -= _nbytes(self.cache.popitem(last=False)[1])
-
-    def __call__(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
-        if not self.limit:
-            cond = self._encode(prompts)
-        else:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-            fresh = {}
-            if missing:
-                encoded = self._encode(missing)
-                fresh = {p: encoded.rows(i, i + 1) for i, p in enumerate(missing)}
-            parts = []
-            for p in prompts:
-                if p in fresh:
-                    parts.append(fresh[p])
-                else:
-                    self.cache.move_to_end(p)
-                    host = self.cache[p]
-                    parts.append(Conditioning(host.text.to(self.device),
-                                              None if host.added is None else {k: v.to(self.device) for k, v in host.added.items()}))
-            for p, c in fresh.items():
-                self._keep(p, c)
-            cond = Conditioning.cat(parts)
-        return cond, self.uncond.repeat(len(prompts))
-
-
-def _nbytes(c: Conditioning) -> int:
-    return c.text.nbytes + sum(v.nbytes for v in (c.added or {}).values())
 
 
 def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path | None]:
@@ -162,59 +108,6 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
         if changed:
             raise LoopfreeError(f"checkpoint {checkpoint} was made with other settings ({', '.join(changed)}): they would alter the run")
     return resolution, prompts, folder, checkpoint
-
-
-def prepare_teacher_pairs(cfg: DistillConfig) -> None:
-    """Fill the regression term's teacher-pair cache of ``cfg`` in this process (with all its threads), so runs
-    started side by side find it made (a run fills a missing cache itself too)."""
-    if cfg.regression_weight <= 0:
-        return
-    pipe = load_pipeline(cfg.teacher)
-    resolution = cfg.resolution or inspect_pipeline(cfg.teacher).default_size
-    encode = PromptEncoder(pipe, torch.device("cpu"), resolution)
-    scale = pipe.vae_scale_factor
-    teacher_pairs(cfg, pipe.unet, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
-                  (pipe.unet.config.in_channels, resolution // scale, resolution // scale), torch.device("cpu"))
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT: the loop saves a checkpoint after the current step and stops."""
-
-    signum = 0
-
-    def handle(self, signum, frame) -> None:
-        self.signum = signum
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    """SIGTERM/SIGINT set the flag inside; the previous handlers are back afterwards (so Ctrl-C works again)."""
-    flag, previous = StopFlag(), {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, flag.handle)
-    except ValueError:  # not the main thread: signals stay with whoever owns them
-        pass
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def preserved_rng() -> Iterator[None]:
-    """The global random states (python, numpy, torch) seeded inside are restored afterwards."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 #: (student pipeline, step) -> scores; called on the main process every ``eval_every`` steps (learning curves)

@@ -4,6 +4,10 @@ i)], height, width)`` in every command (generate, serve, eval, analyze, the demo
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -33,3 +37,18 @@ def initial_latents(pipe, seeds: list[int], height: int, width: int, device: tor
     scale = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, height // scale, width // scale)
     return initial_noise(seeds, shape, pipe.device if device is None else device, pipe.unet.dtype)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """The global random states (python, numpy, torch) seeded inside are restored afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
