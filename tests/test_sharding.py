@@ -64,3 +64,12 @@ def test_shard_needs_several_processes_and_no_fp16(teacher, tmp_path):
     assert p.returncode == 2 and "--shard splits the student across processes" in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(LoopfreeError, match="use --dtype bf16"):
         load_config(None, dict(teacher="t", prompts="p", out="o", shard=True, dtype="fp16"))
+
+
+def test_sharded_bf16_with_checkpointing_publishes_a_finite_student(teacher, tmp_path):
+    """The documented large-model setting: blocks gathered in bf16, activations recomputed, fp32 master shards."""
+    p = launch(teacher, tmp_path / "bf16", 2, "--max-steps", "1", "--shard", "--dtype", "bf16", "--gradient-checkpointing")
+    assert p.returncode == 0, p.stderr[-3000:]
+    student = weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
+    assert student.keys() == weights(teacher / "pipe").keys()
