@@ -10,7 +10,9 @@ from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
 from loopfree.training.distiller import lr_factor
-from loopfree.training.pairs import CHUNK, PairCache
+from loopfree.pipelines.loading import load_pipeline
+from loopfree.training.pairs import CHUNK, PairCache, teacher_pairs
+from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.training.trainer import distill
 from loopfree.utils.errors import LoopfreeError
 from tiny import distill_config as config
@@ -53,6 +55,28 @@ def test_pair_cache_fills_only_what_is_missing_and_loads_in_order(tmp_path):
     assert PairCache(tmp_path, {"teacher": "u"}, count=CHUNK + 3).path != cache.path
     with pytest.raises(FileNotFoundError, match="incomplete"):
         PairCache(tmp_path, {"teacher": "u"}, count=1).load()
+
+
+def test_pairs_of_a_teacher_replaced_at_the_same_path_are_made_anew(tmp_path):
+    root = make_teacher_folder(tmp_path / "teacher")
+    cfg = config(root, tmp_path / "run", regression_weight=0.5, regression_pairs=2, regression_steps=1,
+                 regression_cache=str(tmp_path / "pairs"))
+
+    def pairs():
+        pipe = load_pipeline(root / "pipe")
+        cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, ["a red cat"], PromptEncoder(pipe, torch.device("cpu"), 16),
+                              (4, 8, 8), torch.device("cpu"))
+        return cache.path, cache.load()[1]
+
+    first_path, first = pairs()
+    assert pairs()[0] == first_path  # the same teacher: reused
+    unet = load_pipeline(root / "pipe").unet
+    with torch.no_grad():
+        for w in unet.parameters():
+            w.add_(0.1)
+    unet.save_pretrained(root / "pipe" / "unet")  # another teacher saved over the first
+    second_path, second = pairs()
+    assert second_path != first_path and not torch.equal(first, second)
 
 
 def test_sid_with_regression_and_schedules_trains_resumes_exactly_and_logs(teacher, tmp_path):

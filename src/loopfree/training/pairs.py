@@ -74,6 +74,12 @@ class PairCache:
         return torch.cat([p["x_T"] for p in parts]), torch.cat([p["x0"] for p in parts])
 
 
+def weights_stamp(folder: Path) -> list[list]:
+    """Name, size and modification time of every weight file in ``folder``: a teacher replaced at the same path gets
+    pairs of its own instead of the old teacher's."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))]
+
+
 def pair_prompts(prompts: list[str], indices: list[int]) -> list[str]:
     """The training prompt of each pair index."""
     return [prompts[i % len(prompts)] for i in indices]
@@ -85,7 +91,7 @@ def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encod
     """The run's pair cache, filled (by the one process given ``fill``) with ``cfg.regression_steps``-step guided DDIM
     of the teacher ``unet``: ``encode(prompts) -> (cond, uncond)`` as the trainer encodes them."""
     used = pair_prompts(prompts, list(range(min(cfg.regression_pairs, len(prompts)))))
-    identity = {"teacher": os.path.abspath(cfg.teacher), "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(),
+    identity = {"teacher": os.path.abspath(cfg.teacher), "weights": weights_stamp(Path(cfg.teacher) / "unet"), "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(),
                 "steps": cfg.regression_steps, "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape),
                 "count": cfg.regression_pairs}
     cache = PairCache(cfg.regression_cache or default_cache_root(), identity, cfg.regression_pairs)
