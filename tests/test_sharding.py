@@ -24,7 +24,7 @@ def launch(teacher, out, processes=2, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "loopfree", "distill", "--teacher", str(teacher / "pipe"), "--prompts", str(teacher / "prompts.txt"),
            "--out", str(out), "--batch-size", "2", "--lora-rank", "4", "--log-with", "none", "--lr-student", "1e-3",
-           "--checkpoint-every", "2", "--no-save-ema", *extra]
+           "--checkpoint-every", "2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 

@@ -118,18 +118,18 @@ class Distiller:
             )
 
         student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha_cumprod)
-        if cfg.shard:  # FSDP2 units fire on each block's own forward: the plain decoder path calls them
-            self.generator = Generator(student, student_schedule, self.timesteps, hoist=False)
-            shard_student(self.generator, weight_dtype)
-            self.student_params = list(student.parameters())
-            self.opt_student = adam(self.student_params, cfg.lr_student)
-            self.scores.trainable, self.opt_fake = accelerator.prepare(self.scores.base, adam(self.lora_params, cfg.lr_fake))
-        else:  # data parallel: accelerate wraps the student
-            self.student_params = list(student.parameters())
+        # sharded: FSDP2's units fire on each block's own forward, which the plain decoder path calls
+        generator = Generator(student, student_schedule, self.timesteps, hoist=not cfg.shard)
+        if cfg.shard:
+            shard_student(generator, weight_dtype)
+        self.student_params = list(student.parameters())  # sharded: DTensors, 1/N of each on this process
+        opt_student, opt_fake = adam(self.student_params, cfg.lr_student), adam(self.lora_params, cfg.lr_fake)
+        if cfg.shard:  # the student is ours to keep; accelerate wraps only the replicated fake score
+            self.generator, self.opt_student = generator, opt_student
+            self.scores.trainable, self.opt_fake = accelerator.prepare(self.scores.base, opt_fake)
+        else:  # data parallel: accelerate wraps the student too
             self.generator, self.scores.trainable, self.opt_student, self.opt_fake = accelerator.prepare(
-                Generator(student, student_schedule, self.timesteps), self.scores.base, adam(self.student_params, cfg.lr_student),
-                adam(self.lora_params, cfg.lr_fake),
-            )
+                generator, self.scores.base, opt_student, opt_fake)
         self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)  # sharded as they are
         self.student_loss, self.fake_loss = losses(cfg, schedule)
         self.clip = None  # the CLIP hinge's frozen tiny decoder and CLIP model, in the compute dtype
@@ -237,16 +237,17 @@ class Distiller:
         """The student as a plain UNet on the main process (None elsewhere): a copy with the EMA weights if ``ema``,
         else the live one (sharded: a gathered copy). Every process calls it (sharded: a collective gather)."""
         main = self.acc.is_main_process
-        if not self.cfg.shard:
-            if not main or not ema:
-                return self.student if main else None
-            unet = copy.deepcopy(self.student)
-            self.ema.copy_to(unet.parameters())
-            return unet
-        names = [n.removeprefix("unet.") for n, _ in self.generator.named_parameters()]
-        weights = full_weights(self.generator, names, self.ema.shadow_params if ema else None, main)
+        if self.cfg.shard:
+            weights = full_weights(self.generator, self.ema.shadow_params if ema else None, main)
+            if not main:
+                return None
+            unet = UNet2DConditionModel.from_config(self.student.config)
+            unet.load_state_dict(weights)
+            return unet.to(self.acc.device)
         if not main:
             return None
-        unet = UNet2DConditionModel.from_config(self.student.config)
-        unet.load_state_dict(weights)
-        return unet.to(self.acc.device)
+        if not ema:
+            return self.student
+        unet = copy.deepcopy(self.student)
+        self.ema.copy_to(unet.parameters())
+        return unet

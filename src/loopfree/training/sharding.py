@@ -58,21 +58,18 @@ def load_sharded(directory: Path, generator: torch.nn.Module, optimizer: torch.o
     state = _state(generator, optimizer, ema)
     dcp.load(state, checkpoint_id=str(directory / SHARDED))
     set_state_dict(generator, optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
-    for i, shadow in enumerate(ema):
-        loaded = state["ema"][str(i)]
-        if loaded is not shadow:
-            shadow.copy_(loaded)
+    # the EMA's DTensors were loaded in place
 
 
-def full_weights(generator: torch.nn.Module, names: list[str], ema: list[torch.Tensor] | None, main: bool) -> dict[str, torch.Tensor] | None:
-    """The student's whole weights on the CPU of the main process (None elsewhere), keyed like its UNet's
-    state dict; with ``ema``, the EMA's (one shadow per name of ``names``) instead of the live ones. Collective."""
+def full_weights(generator: torch.nn.Module, ema: list[torch.Tensor] | None, main: bool) -> dict[str, torch.Tensor] | None:
+    """The student's whole weights on the CPU of the main process (None elsewhere), keyed like its UNet's state dict;
+    with ``ema`` (one shadow per parameter, in order), the EMA's instead of the live ones. Collective."""
     if ema is None:
         full = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix("unet."): v for k, v in full.items()} if main else None
     gathered = {}
-    for name, shadow in zip(names, ema):  # one whole tensor at a time on the device
+    for (name, _), shadow in zip(generator.named_parameters(), ema):  # one whole tensor at a time on the device
         whole = shadow.full_tensor().cpu() if isinstance(shadow, DTensor) else shadow.cpu()
         if main:
-            gathered[name] = whole
+            gathered[name.removeprefix("unet.")] = whole
     return gathered if main else None
