@@ -105,9 +105,7 @@ def test_learning_curves_end_at_the_rows_scores(short_demo):
         row = next(r for r in rows if r["name"] == name)
         assert curve["alignment"]["steps"] == [0, 1, 2]
         for metric in ("alignment", "fd", "diversity"):
-            # the curve's images come from a one-thread worker, the row's from the two-thread main process: float
-            # roundoff differs (and fd of 6 images, a square root of a rank-deficient covariance, magnifies it)
-            assert curve[metric]["mean"][-1] == pytest.approx(row[metric], rel=1e-3) and curve[metric]["std"] == [0, 0, 0]
+            assert curve[metric]["mean"][-1] == row[metric] and curve[metric]["std"] == [0, 0, 0]
         assert curve["accuracy"]["mean"][-1] == pytest.approx(np.mean(list(row["per_attribute_accuracy"].values())))
     assert Image.open(Path(cfg.out) / "curves.png").format == "PNG"
 
@@ -153,7 +151,8 @@ def test_demo_reuses_finished_students_and_refuses_other_settings(short_demo):
 def test_eval_toy_backend_reproduces_the_demo_rows(short_demo, tmp_path):
     """`loopfree eval --features toy` on the demo's teacher and student gives the demo's figures exactly."""
     cfg, rows = short_demo
-    common = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2, "--batch-size", 64, "--metrics", "alignment,fid,pr,dc"]
+    common = ["eval", "--features", "toy", "--num-prompts", 3, "--images-per-prompt", 2, "--batch-size", 64, "--threads", 1,
+              "--metrics", "alignment,fid,pr,dc"]
     runs = [(rows[0], ["--model", bundled("teacher"), "--mode", "loop", "--steps", 3, "--guidance", 4.5]),
             (rows[1], ["--model", bundled("teacher"), "--mode", "propagate", "--steps", 3, "--guidance", 4.5]),
             (rows[4], ["--model", Path(cfg.out) / "students" / "tiue-seed0"])]
@@ -201,31 +200,37 @@ def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     assert one_step.kl_weight == 0.0 and one_step.student == "one-step"  # SwiftBrush: no KL term, whatever --kl-weight says
     recipe = student_config(DemoConfig(out=str(tmp_path)), "tiue", 0, "t", tmp_path / "p.txt")
     assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance, recipe.regression_weight) == (1.0, "sum", 3e-3, 4.5, 0.25)  # the studies' recipe
+    assert (recipe.lr_student, recipe.regression_steps, DemoConfig().max_steps) == (6e-5, 8, 175)  # the demo's budget
     r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
     assert r.exit_code == 2 and "No such option" in r.output
 
 
-def test_students_trained_in_worker_processes_equal_those_trained_one_after_another(tmp_path):
-    """The demo's fast path (one process per run, one thread each) gives the sequential path's students, learning
-    curves included, bit for bit."""
+def test_rows_made_in_worker_processes_equal_those_made_one_after_another(tmp_path):
+    """The demo's fast path (one worker process per row, one thread each) gives the sequential path's students,
+    learning curves and rows, bit for bit."""
     from safetensors.torch import load_file
 
     from loopfree.utils.devices import cpu_threads
-    from loopfree.demo.demo import RowScorer, student_config, train_students
+    from loopfree.demo.demo import RowScorer, Sampling, side_by_side, student_config, student_row, teacher_row
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(heldout_prompts(64, seed=1)[:20]) + "\n")
     scorer = RowScorer(heldout_prompts(64, seed=0), 3, 2, 0, 64)
-    trained = {}
+    made = {}
     for path, threads in (("sequential", 1), ("parallel", 2)):
         cfg = DemoConfig(out=str(tmp_path / path), max_steps=2, eval_every=1, distill=FEW_PAIRS)
-        todo = [student_config(cfg, kind, 0, str(bundled("teacher")), prompts) for kind in ("one-step", "tiue")]
+        todo = [student_config(cfg, kind, 0, str(bundled("teacher")), prompts) for kind in ("tiue", "one-step")]
+        calls = [(student_row, (c, True, scorer, scorer)) for c in todo]
+        calls.append((teacher_row, (str(bundled("teacher")), Sampling(64, 64, "loop", 3, None, 4.5), scorer)))
         with cpu_threads(threads):
-            train_students(todo, scorer)
-        trained[path] = [(load_file(Path(c.out) / "unet" / "diffusion_pytorch_model.safetensors"),
-                          [{k: v for k, v in json.loads(line).items()} for line in (Path(c.out) / "eval.jsonl").read_text().splitlines()])
-                         for c in todo]
-    for (weights_a, curve_a), (weights_b, curve_b) in zip(trained["sequential"], trained["parallel"]):
+            rows = side_by_side(calls)
+        made[path] = rows, [(load_file(Path(c.out) / "unet" / "diffusion_pytorch_model.safetensors"),
+                             [json.loads(line) for line in (Path(c.out) / "eval.jsonl").read_text().splitlines()]) for c in todo]
+    (rows_a, runs_a), (rows_b, runs_b) = made["sequential"], made["parallel"]
+    for (scores_a, images_a), (scores_b, images_b) in zip(rows_a, rows_b):
+        assert np.array_equal(images_a, images_b) and scores_a.keys() == scores_b.keys()
+        assert all(scores_a[k] == scores_b[k] for k in scores_a if k != "unet_ms_per_image")
+    for (weights_a, curve_a), (weights_b, curve_b) in zip(runs_a, runs_b):
         assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
         assert curve_a == curve_b and [r["step"] for r in curve_a] == [0, 1, 2]
 
@@ -240,3 +245,14 @@ def test_the_table_shows_knn_scores_only_where_they_discriminate():
     small, large = format_table([row], 64).splitlines(), format_table([row], 256).splitlines()
     assert "precision" not in small[0] and "colour" in small[0] and "0.875" in small[1] and "0.750" in small[1]
     assert "precision" in large[0] and "coverage" in large[0] and "colour" not in large[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_side_by_side_returns_results_in_call_order_and_raises_a_failure(threads):
+    from loopfree.demo.demo import side_by_side
+    from loopfree.utils.devices import cpu_threads
+
+    with cpu_threads(threads):
+        assert side_by_side([(divmod, (7, 2)), (pow, (2, 10)), (divmod, (9, 4))]) == [(3, 1), 1024, (2, 1)]
+        with pytest.raises(ZeroDivisionError):
+            side_by_side([(divmod, (1, 0)), (pow, (2, 3))])

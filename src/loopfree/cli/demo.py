@@ -13,7 +13,7 @@ import click
 from loopfree.cli import options
 from loopfree.cli.config_options import config_options
 from loopfree.training.config import DistillConfig
-from loopfree.toy.settings import DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
+from loopfree.toy.settings import DEMO_BUDGET, DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
 
 _DEMO = DemoConfig()
 
@@ -30,16 +30,17 @@ _DEMO = DemoConfig()
 @options.images_per_prompt(_DEMO.images_per_prompt)
 @click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher).")
 @click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher rows (DDIM loop and encoder propagation).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
+@options.threads()
 @click.option("--eval-every", type=click.IntRange(0, None), default=0, show_default=True,
               help="Learning curves: score every student every N steps on the evaluation prompts (curves.png, curves.json).")
-@config_options(DistillConfig, only=DEMO_DISTILL_KEYS, defaults=TOY_DISTILL)
+@config_options(DistillConfig, only=DEMO_DISTILL_KEYS, defaults={**TOY_DISTILL, **DEMO_BUDGET})
 def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_steps, threads,
          eval_every, **distill) -> None:
     """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table.
 
-    Every distillation setting below overrides the toy recipe (TOY_DISTILL) for all students; the rest are the
-    paper's. Each set of settings needs its own --out.
+    Every distillation setting below overrides the toy recipe (TOY_DISTILL, with the demo's short-budget lr and
+    teacher-pair steps: DEMO_BUDGET) for all students; the rest are the paper's. Each set of settings needs its own
+    --out.
     """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

@@ -57,10 +57,11 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
               help="A local AutoencoderTiny (TAESD) folder that decodes the model's images instead of its VAE.")
 @click.option("--card", type=click.Path(), default=None,
               help="A published student folder whose model card (README.md) gets this evaluation's row.")
+@options.threads()
 @click.option("--latency-repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed batch-1 calls (median).")
 def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts, images_per_prompt, seed, batch_size, resolution, steps,
          timesteps, mode, key_steps, guidance, dtype, device, reference_images, reference_model, reference_steps, reference_guidance, inception, clip,
-         features, metrics, metric_resolution, tiny_vae, card, latency_repeats) -> None:
+         features, metrics, metric_resolution, tiny_vae, card, threads, latency_repeats) -> None:
     """Generate images for a prompt set and score them: FID, KID, CLIP, precision/recall/F1, density/coverage, latency."""
     if report:
         if not dirs:
@@ -90,12 +91,14 @@ def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts
 
     from loopfree.evaluation.results import table
     from loopfree.evaluation.run import run_eval
+    from loopfree.utils.devices import cpu_threads
 
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # loading bars would bury the generation and feature bars
     transformers_logging.disable_progress_bar()
     try:
-        results = run_eval(cfg)
+        with cpu_threads(threads):
+            results = run_eval(cfg)
     finally:
         if bars[0]:
             diffusers_logging.enable_progress_bar()

@@ -122,5 +122,9 @@ def mode(choices: tuple[str, ...] = MODES) -> F:
                         help="loop_free: one pass; loop: DDIM, a full UNet pass per step; propagate: encoder propagation.")
 
 
+def threads() -> F:
+    return click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
+
+
 def compile_() -> F:
     return click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder and the decoder (static shapes).")

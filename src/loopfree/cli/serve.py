@@ -27,7 +27,7 @@ SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve
               help="Most images in one pipeline call; waiting requests with the same settings share a call.")
 @click.option("--max-queue", type=click.IntRange(1, 1_000_000), default=64, show_default=True,
               help="Most requests waiting; more are answered 429.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="torch CPU threads (default: torch's choice).")
+@options.threads()
 @click.option("--tiny-vae", type=click.Path(), default=None,
               help="A local AutoencoderTiny (TAESD) folder that decodes for every served model: fast, approximate.")
 def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads, tiny_vae) -> None:

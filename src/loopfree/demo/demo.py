@@ -13,8 +13,8 @@
    ``grid.png``, ``metrics.json`` and the printed table. With ``--train-seeds N`` every student is
    trained N times and the table gives mean ± spread over them (docs/toy-world.md's studies).
 
-Finished students are reused and interrupted ones resume, so the same command can be run again. With two or more
-torch threads the students train side by side, one process and one thread each (:func:`train_students`).
+Finished students are reused and interrupted ones resume, so the same command can be run again. Every row is made
+with one torch thread; with two or more, rows run side by side, one worker process each (:func:`side_by_side`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from loopfree.training.config import DistillConfig, load_config
+from loopfree.utils.devices import cpu_threads
 from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.generation import Job, Sampling, batches, plan_jobs
 from loopfree.evaluation.generation import generate_jobs
@@ -41,7 +43,7 @@ from loopfree.utils.outputs import OutputFolder, save_image, write_atomic, write
 from loopfree.toy.assets import bundled
 from loopfree.demo.curves import plot_curves, seed_curves
 from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
-from loopfree.toy.settings import EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
+from loopfree.toy.settings import DEMO_BUDGET, EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
 from loopfree.training.pairs import prepare_teacher_pairs
 from loopfree.training.trainer import distill
@@ -62,7 +64,7 @@ def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_
     return DistillConfig(
         teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
         max_steps=cfg.max_steps, seed=seed, eval_every=cfg.eval_every,
-        **{"guidance": cfg.guidance, **TOY_DISTILL, **cfg.distill, **STUDENTS[kind][1]},
+        **{"guidance": cfg.guidance, **TOY_DISTILL, **DEMO_BUDGET, **cfg.distill, **STUDENTS[kind][1]},
     )
 
 
@@ -144,10 +146,8 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
                and not (Path(c.out) / "eval.jsonl").is_file()]
     if lacking:
         raise LoopfreeError(f"{lacking[0]} was trained without --eval-every: its learning curve needs another --out")
-    teacher = load_pipeline(teacher_path)
-    teacher.set_progress_bar_config(disable=True)
     with folder:
-        return _train_and_score(cfg, folder.final, teacher, teacher_path, configs, todo, prompts, pool, prompts_file)
+        return _train_and_score(cfg, folder.final, teacher_path, configs, todo, prompts, pool, prompts_file)
 
 
 class RowScorer:
@@ -172,6 +172,12 @@ class RowScorer:
         fake = extractor(images)
         return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
 
+    def row(self, pipe, sampling: Sampling) -> tuple[dict[str, float], np.ndarray]:
+        """A table row's scores (with the UNet's ms per image) and its images."""
+        pipe.set_progress_bar_config(disable=True)
+        images, ms = sample_images(pipe, self.jobs, sampling)
+        return {**self.scores(images), "unet_ms_per_image": ms}, images
+
     def __call__(self, pipe, step: int) -> dict[str, float]:
         """The EMA student's scores during distillation (``eval.jsonl``): the rows' images, fd alone of the
         distribution scores."""
@@ -180,75 +186,98 @@ class RowScorer:
         return self.scores(sample_images(pipe, self.jobs, sampling)[0], ("fid",))
 
 
-def _worker_started(counter, threads: int) -> None:
+def _worker_started(counter) -> None:
     with counter.get_lock():
         position, counter.value = counter.value, counter.value + 1
     os.environ["TQDM_POSITION"] = str(position)  # one progress line per worker
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
-def train_students(todo: list[DistillConfig], curve: RowScorer | None) -> None:
-    """Distil every configuration in ``todo`` (resuming where a run stopped). With several runs and several torch
-    threads, the runs go to worker processes, one thread each: the toy UNet's small kernels use two cores better
-    as two processes than as two threads. Each run is seeded by its configuration alone, so the students equal
-    those trained one after another with one thread (tested)."""
-    workers = min(len(todo), torch.get_num_threads())
-    for config in todo:  # the teacher pairs of the regression term, once, with every thread
-        prepare_teacher_pairs(config)
-    if workers < 2:
-        for config in todo:
-            distill(dataclasses.replace(config, resume="auto"), curve)
-        return
-    context = multiprocessing.get_context("spawn")
-    counter = context.Value("i", 0)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
-                             initargs=(counter, torch.get_num_threads() // workers)) as pool:
-        for future in [pool.submit(distill, dataclasses.replace(c, resume="auto"), curve) for c in todo]:
-            future.result()
+def teacher_row(teacher_path: str, sampling: Sampling, scorer: RowScorer) -> tuple[dict[str, float], np.ndarray]:
+    """One teacher row: its scores and images."""
+    return scorer.row(load_pipeline(teacher_path), sampling)
 
 
-def _train_and_score(cfg: DemoConfig, out: Path, teacher, teacher_path: str, configs: dict, todo: list, prompts: list[str],
+def train_run(config: DistillConfig, curve: RowScorer | None) -> None:
+    """Distil ``config`` (its teacher pairs made already: :func:`prepare_teacher_pairs`), resuming where it stopped."""
+    distill(dataclasses.replace(config, resume="auto"), curve)
+
+
+def student_row(config: DistillConfig, to_train: bool, scorer: RowScorer, curve: RowScorer | None) -> tuple[dict[str, float], np.ndarray]:
+    """One student run's row: distilled first if ``to_train``, then sampled in one pass."""
+    if to_train:
+        train_run(config, curve)
+    student = load_pipeline(config.out)
+    return scorer.row(student, Sampling(scorer.size, scorer.size, "loop_free", len(student.decoder_timesteps), None, 1.0))
+
+
+def side_by_side(calls: list[tuple[Callable, tuple]], desc: str = "rows") -> list:
+    """``fn(*args)`` of every call, each with one torch thread: on worker processes, one per thread and taken in
+    order as workers free up (the toy UNet's small kernels use two cores better as two processes than as two
+    threads), else one after another here. Every call is seeded by its arguments alone, so the results do not
+    depend on the number of threads (tested), and ``loopfree eval --threads 1`` reproduces a row bit for bit."""
+    workers = min(len(calls), torch.get_num_threads())
+    with tqdm(total=len(calls), desc=desc, position=workers if workers > 1 else None) as bar:
+        if workers < 2:
+            results = []
+            with cpu_threads(1):
+                for fn, args in calls:
+                    results.append(fn(*args))
+                    bar.update()
+            return results
+        context = multiprocessing.get_context("spawn")
+        counter = context.Value("i", 0)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started, initargs=(counter,)) as pool:
+            futures = [pool.submit(fn, *args) for fn, args in calls]
+            try:
+                for future in as_completed(futures):
+                    future.result()  # a failure stops the calls not yet started
+                    bar.update()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+            return [f.result() for f in futures]
+
+
+def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dict, todo: list, prompts: list[str],
                      pool: list[str], prompts_file: Path) -> list[dict]:
     size = inspect_pipeline(teacher_path).default_size
     scorer = RowScorer(pool, len(prompts), cfg.images_per_prompt, cfg.seed, size)
-    # -- students: one distillation per kind and training seed
+    curve = scorer if cfg.eval_every else None
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
-    train_students(todo, scorer if cfg.eval_every else None)
-    runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
+    for config in todo:  # the teacher pairs of the regression term, once, with every thread
+        prepare_teacher_pairs(config)
 
-    # -- sampling: the teacher rows once, then every trained student (one pass, recorded timesteps, no guidance)
-    # (the propagate row: the same DDIM steps with Faster Diffusion's default key steps, the decoder alone elsewhere)
-    teacher_rows = [(f"teacher {cfg.teacher_steps}-step DDIM", Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)),
-                    (f"teacher {cfg.teacher_steps}-step propagate", Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance)),
-                    ("teacher 4-step DDIM", Sampling(size, size, "loop", 4, None, cfg.guidance))]
+    # -- rows: the teacher's (with guidance; the propagate row: the same DDIM steps with Faster Diffusion's default
+    # key steps, the decoder alone elsewhere), then one per student kind and training seed (one pass, its recorded
+    # timesteps, no guidance). Students still to train go first, the costliest (most decoders) first, so the
+    # teacher rows fill the worker that the cheaper student frees.
+    teacher_rows = {f"teacher {cfg.teacher_steps}-step DDIM": Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance),
+                    f"teacher {cfg.teacher_steps}-step propagate": Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance),
+                    "teacher 4-step DDIM": Sampling(size, size, "loop", 4, None, cfg.guidance)}
+    calls = {name: (teacher_row, (teacher_path, sampling, scorer)) for name, sampling in teacher_rows.items()}
+    calls |= {(kind, c.out): (student_row, (c, c in todo, scorer, curve)) for kind, group in configs.items() for c in group}
+
+    def decoders_to_train(key) -> int:
+        fn, args = calls[key]
+        return (args[0].steps if args[0].student == "tiue" else 1) if fn is student_row and args[1] else 0
+
+    order = sorted(calls, key=decoders_to_train, reverse=True)  # stable: the rest keep the table's order
+    results = dict(zip(order, side_by_side([calls[key] for key in order])))
+
     names, rows, grid_rows = [], [], []
-    bar = tqdm(total=len(teacher_rows) + sum(len(dirs) for dirs in runs.values()), desc="sample + score", unit="run")
-
-    def score(pipe, sampling: Sampling) -> tuple[dict[str, float], list[Image.Image]]:
-        """The run's scores, and its first image of each of the first GRID_COLUMNS prompts."""
-        images, ms = sample_images(pipe, scorer.jobs, sampling)
-        bar.update()
-        shown = [Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]]
-        return {**scorer.scores(images), "unet_ms_per_image": ms}, shown
-
-    for name, call in teacher_rows:
-        scores, shown = score(teacher, call)
+    for name in teacher_rows:
         names.append(name)
-        rows.append(summarise(name, [scores]))
-        grid_rows.append(shown)
-    for kind, dirs in runs.items():
-        runs_scores = []
-        for directory in dirs:
-            student = load_pipeline(directory)
-            student.set_progress_bar_config(disable=True)
-            scores, shown = score(student, Sampling(size, size, "loop_free", len(student.decoder_timesteps), None, 1.0))
-            runs_scores.append(scores)
-            if len(runs_scores) == 1:  # the grid shows the first training seed
-                grid_rows.append(shown)
+        rows.append(summarise(name, [results[name][0]]))
+        grid_rows.append(results[name][1])
+    for kind, group in configs.items():
         names.append(STUDENTS[kind][0])
-        rows.append(summarise(names[-1], runs_scores))
-    bar.close()
+        rows.append(summarise(names[-1], [results[kind, c.out][0] for c in group]))
+        grid_rows.append(results[kind, group[0].out][1])  # the grid shows the first training seed
+    grid_rows = [[Image.fromarray(im) for im in images[:: cfg.images_per_prompt][:GRID_COLUMNS]] for images in grid_rows]
+    runs = {kind: [Path(c.out) for c in group] for kind, group in configs.items()}
 
     # -- outputs
     shown_prompts = [parse_prompt(p) for p in prompts[:GRID_COLUMNS]]

@@ -6,7 +6,7 @@ interruptions, scored against the toy world's ground truth.
 The plan (YAML, :class:`StudyPlan`) names variants, each a set of ``loopfree distill`` settings over the toy recipe
 (``TOY_DISTILL``). Every run is an ordinary distillation folder, ``runs/<variant>/seed<N>``: finished runs are
 skipped, stopped ones resume from their checkpoint, and they train two at a time, one thread each
-(:func:`~loopfree.demo.demo.train_students`). A plan may grow between invocations (more variants, seeds or steps).
+(:func:`~loopfree.demo.demo.side_by_side`). A plan may grow between invocations (more variants, seeds or steps).
 Each finished run is scored once on the held-out prompts (``scores/``), as are the teacher's rows; then
 ``study.json``, ``table.md`` (mean ± sd over seeds, training minutes) and ``curves.png`` are written.
 """
@@ -22,13 +22,14 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, finished, sample_images, summarise, train_students
+from loopfree.demo.demo import RowScorer, finished, sample_images, side_by_side, summarise, train_run
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.toy.assets import bundled
 from loopfree.toy.settings import EVAL_POOL, TOY_DISTILL
 from loopfree.toy.world import heldout_prompts, training_prompts
 from loopfree.training.config import DistillConfig
+from loopfree.training.pairs import prepare_teacher_pairs
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, write_atomic, write_json
 
@@ -129,7 +130,9 @@ def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None, trai
             write_atomic(prompts_file, "\n".join(training_prompts(plan.distill_prompts, pool, plan.seed)) + "\n")
         curve = RowScorer(pool, plan.curve_prompts, plan.images_per_prompt, plan.seed, size) if plan.eval_every else None
         if train:
-            train_students(todo, curve)
+            for config in todo:  # the teacher pairs of the regression term, once, with every thread
+                prepare_teacher_pairs(config)
+            side_by_side([(train_run, (c, curve)) for c in todo], "runs")
         return _score(plan, root, teacher_path, size, pool, configs)
 
 

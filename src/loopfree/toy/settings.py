@@ -1,6 +1,6 @@
 """Settings of the toy-world commands, importable without torch (the CLI reads their defaults).
 
-``TeacherConfig``: ``loopfree toy train-teacher``. ``DemoConfig``, ``STUDENTS`` and ``TOY_DISTILL``: ``loopfree demo``.
+``TeacherConfig``: ``loopfree toy train-teacher``. ``DemoConfig``, ``STUDENTS``, ``TOY_DISTILL`` and ``DEMO_BUDGET``: ``loopfree demo``.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ TOY_DISTILL = dict(
     cache_prompt_embeds=True,  # a few thousand short captions
     log_with="none",
 )
+#: The demo's short budget (DemoConfig.max_steps, 5 min on 2 cores) over the recipe: a doubled student lr and 8-step
+#: teacher pairs (the teacher's 8-step DDIM scores as its 25 steps do; 3 training seeds at this budget: docs/toy-world.md)
+DEMO_BUDGET = dict(lr_student=6e-5, regression_steps=8)
 #: Nearest neighbours of precision/recall/density/coverage (Naeem et al. 2020: 5).
 PRDC_K = 5
 #: Evaluation prompts are drawn from this many held-out attribute combinations, never distilled on.
@@ -110,7 +113,7 @@ class DemoConfig:
     """Options of :func:`run_demo`."""
 
     out: str = "loopfree-demo"
-    max_steps: int = 300  # distillation steps per student (the toy study's budget)
+    max_steps: int = 175  # distillation steps per student, with DEMO_BUDGET's settings
     students: tuple[str, ...] = ("one-step", "tiue")  # kinds from STUDENTS, in table order
     train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
     num_prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
@@ -120,7 +123,7 @@ class DemoConfig:
     guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5); distillation's is in ``distill``
     distill_prompts: int = 4000  # distillation prompt file length
     seed: int = 0  # evaluation prompts and x_T
-    distill: dict = field(default_factory=dict)  # DistillConfig settings over TOY_DISTILL (the ablations)
+    distill: dict = field(default_factory=dict)  # DistillConfig settings over TOY_DISTILL and DEMO_BUDGET (the ablations)
     eval_every: int = 0  # learning curves: score each student every N steps (0: off)
 
     def __post_init__(self) -> None:
