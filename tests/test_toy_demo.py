@@ -199,8 +199,8 @@ def test_demo_takes_every_distillation_setting_as_a_flag(tmp_path):
     one_step = student_config(cfg, "one-step", 0, "t", tmp_path / "p.txt")
     assert one_step.kl_weight == 0.0 and one_step.student == "one-step"  # SwiftBrush: no KL term, whatever --kl-weight says
     recipe = student_config(DemoConfig(out=str(tmp_path)), "tiue", 0, "t", tmp_path / "p.txt")
-    assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance, recipe.regression_weight) == (1.0, "sum", 3e-3, 4.5, 0.25)  # the studies' recipe
-    assert (recipe.lr_student, recipe.regression_steps, DemoConfig().max_steps) == (6e-5, 8, 175)  # the demo's budget
+    assert (recipe.kl_weight, recipe.kl_reduction, recipe.lr_fake, recipe.guidance) == (1.0, "sum", 3e-3, 4.5)  # the studies' recipe
+    assert (recipe.lr_student, recipe.regression_steps, recipe.regression_weight, DemoConfig().max_steps) == (6e-5, 8, 0.25, 175)  # the demo's budget
     r = run("demo", "--out", tmp_path / "x", "--lora-rnk", "3")
     assert r.exit_code == 2 and "No such option" in r.output
 
