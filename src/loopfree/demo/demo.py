@@ -178,12 +178,15 @@ class RowScorer:
         images, ms = sample_images(pipe, self.jobs, sampling)
         return {**self.scores(images), "unet_ms_per_image": ms}, images
 
+    def one_pass(self, pipe) -> Sampling:
+        """A student's sampling: one pass with its recorded decoder timesteps, no guidance."""
+        return Sampling(self.size, self.size, "loop_free", len(pipe.decoder_timesteps), None, 1.0)
+
     def __call__(self, pipe, step: int) -> dict[str, float]:
         """The EMA student's scores during distillation (``eval.jsonl``): the rows' images, fd alone of the
         distribution scores."""
         pipe.set_progress_bar_config(disable=True)
-        sampling = Sampling(self.size, self.size, "loop_free", len(pipe.decoder_timesteps), None, 1.0)
-        return self.scores(sample_images(pipe, self.jobs, sampling)[0], ("fid",))
+        return self.scores(sample_images(pipe, self.jobs, self.one_pass(pipe))[0], ("fid",))
 
 
 def _worker_started(counter) -> None:
@@ -208,7 +211,7 @@ def student_row(config: DistillConfig, to_train: bool, scorer: RowScorer, curve:
     if to_train:
         train_run(config, curve)
     student = load_pipeline(config.out)
-    return scorer.row(student, Sampling(scorer.size, scorer.size, "loop_free", len(student.decoder_timesteps), None, 1.0))
+    return scorer.row(student, scorer.one_pass(student))
 
 
 def side_by_side(calls: list[tuple[Callable, tuple]], desc: str = "rows") -> list:
@@ -257,14 +260,11 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dic
     teacher_rows = {f"teacher {cfg.teacher_steps}-step DDIM": Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance),
                     f"teacher {cfg.teacher_steps}-step propagate": Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance),
                     "teacher 4-step DDIM": Sampling(size, size, "loop", 4, None, cfg.guidance)}
+    students = {(kind, c.out): c for kind, group in configs.items() for c in group}
     calls = {name: (teacher_row, (teacher_path, sampling, scorer)) for name, sampling in teacher_rows.items()}
-    calls |= {(kind, c.out): (student_row, (c, c in todo, scorer, curve)) for kind, group in configs.items() for c in group}
-
-    def decoders_to_train(key) -> int:
-        fn, args = calls[key]
-        return (args[0].steps if args[0].student == "tiue" else 1) if fn is student_row and args[1] else 0
-
-    order = sorted(calls, key=decoders_to_train, reverse=True)  # stable: the rest keep the table's order
+    calls |= {key: (student_row, (c, c in todo, scorer, curve)) for key, c in students.items()}
+    decoders = {key: c.steps if c.student == "tiue" else 1 for key, c in students.items() if c in todo}  # to train
+    order = sorted(calls, key=lambda key: decoders.get(key, 0), reverse=True)  # stable: the rest keep the table's order
     results = dict(zip(order, side_by_side([calls[key] for key in order])))
 
     names, rows, grid_rows = [], [], []

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, finished, sample_images, side_by_side, summarise, train_run
+from loopfree.demo.demo import RowScorer, finished, side_by_side, summarise, train_run
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.toy.assets import bundled
@@ -144,10 +144,7 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
     def scored(path: str | Path, mode: str, steps: int | None, guidance: float) -> dict:
         """The scores of the pipeline at ``path`` sampled in ``mode`` with ``steps`` (None: its own decoders)."""
         pipe = load_pipeline(path)
-        pipe.set_progress_bar_config(disable=True)
-        sampling = Sampling(size, size, mode, steps or len(pipe.decoder_timesteps), None, guidance)
-        images, ms = sample_images(pipe, scorer.jobs, sampling)
-        return {**scorer.scores(images), "unet_ms_per_image": ms}
+        return scorer.row(pipe, Sampling(size, size, mode, steps or len(pipe.decoder_timesteps), None, guidance))[0]
 
     for steps in plan.teacher_steps:
         scores = _cached(root / "scores" / f"teacher-{steps}step.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))

@@ -92,8 +92,8 @@ def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encod
     of the teacher ``unet``: ``encode(prompts) -> (cond, uncond)`` as the trainer encodes them."""
     used = pair_prompts(prompts, list(range(min(cfg.regression_pairs, len(prompts)))))
     identity = {"teacher": os.path.abspath(cfg.teacher), "weights": weights_stamp(Path(cfg.teacher) / "unet"),
-                "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(), "steps": cfg.regression_steps, "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape),
-                "count": cfg.regression_pairs}
+                "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(), "steps": cfg.regression_steps,
+                "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape), "count": cfg.regression_pairs}
     cache = PairCache(cfg.regression_cache or default_cache_root(), identity, cfg.regression_pairs)
 
     def make(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
