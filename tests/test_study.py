@@ -2,6 +2,7 @@
 curves are written, and a grown plan trains only what is new."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -93,3 +94,17 @@ def test_a_fine_tuning_plan_sets_its_own_budget_and_scores_an_untrained_student_
     (tmp_path / "bad.yaml").write_text("variants: {a: {}}\nsampled: {b: {steps: 0}}")
     with pytest.raises(LoopfreeError, match="sampled b must be"):
         load_plan(tmp_path / "bad.yaml")
+
+
+def test_the_committed_plans_keep_the_regression_weight_their_documented_tables_were_made_with(tmp_path):
+    """docs/toy-world.md's tables came from these plans; TOY_DISTILL's λ_reg has since moved (0 → 0.25 → 1.0), so each
+    plan pins the λ_reg it ran with (probe.yaml's "vsd" had silently become VSD + regression)."""
+    from loopfree.demo.study import load_plan, run_configs
+
+    made_with = {"probe.yaml": {"vsd": 0.0, "vsd-reg": 0.25, "sid": 0.0}, "recipe.yaml": {"tiue": 0.25, "one-step": 0.25},
+                 "ablations.yaml": {"tiue-fake2": 0.25, "tiue-no-reg": 0.0}, "fd-probe.yaml": {"tiue-no-kl": 0.25, "tiue-reg1": 1.0},
+                 "demo-budget.yaml": {"tiue": 0.25}, "recipe-reg1.yaml": {"tiue-reg1": 1.0, "one-step-reg1": 1.0}}
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    for name, weights in made_with.items():
+        configs = run_configs(load_plan(studies / name), tmp_path, "teacher", tmp_path / "prompts.txt")
+        assert {v: configs[v][0].regression_weight for v in weights} == weights, name
