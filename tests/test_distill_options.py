@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from loopfree.training.distiller import lr_factor
 from loopfree.pipelines.loading import load_pipeline
-from loopfree.training.pairs import CHUNK, PairCache, teacher_pairs
+from loopfree.training.pairs import CHUNK, PairCache, pair_seed, teacher_pairs
 from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.training.trainer import distill
 from loopfree.utils.errors import LoopfreeError
+from loopfree.utils.seeding import image_seed, initial_noise
 from tiny import distill_config as config
 from tiny import make_teacher_folder
 
@@ -77,6 +78,24 @@ def test_pairs_of_a_teacher_replaced_at_the_same_path_are_made_anew(tmp_path):
     unet.save_pretrained(root / "pipe" / "unet")  # another teacher saved over the first
     second_path, second = pairs()
     assert second_path != first_path and not torch.equal(first, second)
+
+
+def test_teacher_pair_noise_comes_from_the_run_seed(tmp_path):
+    root = make_teacher_folder(tmp_path / "teacher")
+    pipe = load_pipeline(root / "pipe")
+
+    def x_T(seed):
+        cfg = config(root, tmp_path / "run", seed=seed, regression_weight=0.5, regression_pairs=3, regression_steps=1,
+                     regression_cache=str(tmp_path / "pairs"))
+        cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, ["a red cat", "a blue dog"],
+                              PromptEncoder(pipe, torch.device("cpu"), 16), (4, 8, 8), torch.device("cpu"))
+        return cache.path, cache.load()[0]
+
+    (path0, a), (path1, b) = x_T(0), x_T(1)
+    assert path0 != path1 and not torch.equal(a, b)  # another training seed: other pairs, in a cache of their own
+    assert torch.equal(b, initial_noise([pair_seed(1, i) for i in range(3)], (4, 8, 8)))
+    images = {image_seed(s, p, i) for s in range(3) for p in range(40) for i in range(40)}
+    assert not images & {pair_seed(s, i) for s in range(3) for i in range(1600)}  # never an image's noise
 
 
 def test_sid_with_regression_and_schedules_trains_resumes_exactly_and_logs(teacher, tmp_path):

@@ -1,7 +1,7 @@
 """Teacher pairs for the regression term (DMD): (prompt, x_T) → the teacher's multi-step DDIM x_0, made once, cached.
 
-Pair i is training prompt ``i mod len(prompts)`` with the initial noise of seed ``i``
-(:func:`~loopfree.utils.seeding.initial_noise`). The cache is a folder named by what decides the pairs (teacher, prompts, steps, guidance, latent
+Pair i is training prompt ``i mod len(prompts)`` with the initial noise of :func:`pair_seed` (the run's seed, i)
+(:func:`~loopfree.utils.seeding.initial_noise`), so runs with other training seeds regress onto other pairs. The cache is a folder named by what decides the pairs (teacher, prompts, steps, guidance, latent
 shape, count), so every run with those settings reuses it; it is filled in chunks, each written atomically, and an
 interrupted fill continues where it stopped::
 
@@ -28,7 +28,7 @@ from loopfree.training.config import DistillConfig
 from loopfree.training.data import load_prompts
 from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.utils.outputs import write_atomic, write_json
-from loopfree.utils.seeding import initial_noise
+from loopfree.utils.seeding import derive_seed, initial_noise
 
 CHUNK = 32  # pairs per file: the fill's resumable unit
 
@@ -80,6 +80,14 @@ def weights_stamp(folder: Path) -> list[list]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))]
 
 
+PAIR_STREAM = 0x70616972  # "pair": keeps pair seeds apart from image seeds (an image seed would need image 1.9e9)
+
+
+def pair_seed(seed: int, index: int) -> int:
+    """The initial-noise seed of teacher pair ``index`` in a run with training seed ``seed``."""
+    return derive_seed(seed, index, PAIR_STREAM)
+
+
 def pair_prompts(prompts: list[str], indices: list[int]) -> list[str]:
     """The training prompt of each pair index."""
     return [prompts[i % len(prompts)] for i in indices]
@@ -93,11 +101,12 @@ def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encod
     used = pair_prompts(prompts, list(range(min(cfg.regression_pairs, len(prompts)))))
     identity = {"teacher": os.path.abspath(cfg.teacher), "weights": weights_stamp(Path(cfg.teacher) / "unet"),
                 "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(), "steps": cfg.regression_steps,
-                "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape), "count": cfg.regression_pairs}
+                "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape), "count": cfg.regression_pairs,
+                "seed": cfg.seed}
     cache = PairCache(cfg.regression_cache or default_cache_root(), identity, cfg.regression_pairs)
 
     def make(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x_T = initial_noise(indices, latent_shape, device)
+        x_T = initial_noise([pair_seed(cfg.seed, i) for i in indices], latent_shape, device)
         cond, uncond = encode(pair_prompts(prompts, indices))
         return x_T, ddim_loop(unet, scheduler, x_T, cfg.regression_steps, cond, uncond, cfg.regression_guidance)
 
