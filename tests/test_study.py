@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from loopfree.cli import main
+from loopfree.demo.lock import lock_path
 from loopfree.demo.study import load_plan, markdown_table, run_study
 from loopfree.utils.errors import LoopfreeError
 
@@ -28,7 +29,7 @@ variants:
 
 def test_a_study_trains_scores_and_reruns_only_what_is_new(tmp_path):
     (tmp_path / "plan.yaml").write_text(PLAN)
-    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml", tmp_path / "s")
     assert [r["name"] for r in rows] == ["teacher 2-step DDIM", "vsd", "sid-zero-cfg"]
     assert all(0 <= r["alignment"] <= 1 and r["fd"] > 0 for r in rows)
     assert rows[1]["train_minutes"] > 0 and rows[0]["train_minutes"] is None
@@ -36,17 +37,17 @@ def test_a_study_trains_scores_and_reruns_only_what_is_new(tmp_path):
         assert (tmp_path / "s" / name).is_file(), name
     table = (tmp_path / "s" / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| sid-zero-cfg | 1 |" in table
-    scored = json.loads((tmp_path / "s" / "scores" / "vsd-seed0-2steps.json").read_text())
-    assert scored["alignment"] == rows[1]["alignment"]
+    (score_file,) = (tmp_path / "s" / "scores").glob("vsd-seed0-*.json")
+    assert json.loads(score_file.read_text())["alignment"] == rows[1]["alignment"]
     # --score-only on a grown plan trains nothing and tabulates what is finished
     grown = PLAN.replace("seeds: [0]", "seeds: [0, 1]")
     (tmp_path / "grown.yaml").write_text(grown)
-    partial = run_study(load_plan(tmp_path / "grown.yaml"), tmp_path / "s", train=False)
+    partial = run_study(load_plan(tmp_path / "grown.yaml"), tmp_path / "plan.lock.yaml", tmp_path / "s", train=False)
     assert [r["runs"] for r in partial[1:]] == [1, 1] and not (tmp_path / "s" / "runs" / "vsd" / "seed1").exists()
     # grown by a seed: the finished run is kept (its files untouched), only the new one trains
     before = (tmp_path / "s" / "runs" / "vsd" / "seed0" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     (tmp_path / "plan.yaml").write_text(PLAN.replace("seeds: [0]", "seeds: [0, 1]").replace("  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}\n", ""))
-    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml", tmp_path / "s")
     after = (tmp_path / "s" / "runs" / "vsd" / "seed0" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert before == after and rows[1]["runs"] == 2 and rows[1]["alignment_std"] is not None
     assert (tmp_path / "s" / "runs" / "vsd" / "seed1" / "model_index.json").is_file()
@@ -85,26 +86,68 @@ def test_a_fine_tuning_plan_sets_its_own_budget_and_scores_an_untrained_student_
         "sampled:\n  bundled-K2: {steps: 2}\n"
         f"variants:\n  finetune-K2: {{student_init: {bundled('student')}, steps: 2, max_steps: 1}}\n")
     (tmp_path / "plan.yaml").write_text(plan)
-    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "s")
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml", tmp_path / "s")
     assert [r["name"] for r in rows] == ["teacher 2-step DDIM", "bundled-K2", "finetune-K2"]
     run = tmp_path / "s" / "runs" / "finetune-K2" / "seed0"
     assert json.loads((run / "timing.json").read_text())["steps"] == 1
     assert json.loads((run / "loopfree.json").read_text())["decoder_timesteps"] == [501, 1]
-    assert (tmp_path / "s" / "scores" / "finetune-K2-seed0-1steps.json").is_file() and rows[1]["train_minutes"] is None
+    assert len(list((tmp_path / "s" / "scores").glob("finetune-K2-seed0-*.json"))) == 1 and rows[1]["train_minutes"] is None
     (tmp_path / "bad.yaml").write_text("variants: {a: {}}\nsampled: {b: {steps: 0}}")
     with pytest.raises(LoopfreeError, match="sampled b must be"):
         load_plan(tmp_path / "bad.yaml")
 
 
-def test_the_committed_plans_keep_the_regression_weight_their_documented_tables_were_made_with(tmp_path):
-    """docs/toy-world.md's tables came from these plans; TOY_DISTILL's λ_reg has since moved (0 → 0.25 → 1.0), so each
-    plan pins the λ_reg it ran with (probe.yaml's "vsd" had silently become VSD + regression)."""
-    from loopfree.demo.study import load_plan, run_configs
+def test_the_committed_plans_are_locked_and_keep_the_regression_weight_their_tables_were_made_with(tmp_path):
+    """TOY_DISTILL's λ_reg has moved (0 → 0.25 → 1.0): each committed plan pins the λ_reg it ran with, and its committed
+    lock holds every variant's full settings (probe.yaml's "vsd" had silently become VSD + regression)."""
+    from loopfree.demo.lock import load_lock
+    from loopfree.demo.study import run_configs
 
     made_with = {"probe.yaml": {"vsd": 0.0, "vsd-reg": 0.25, "sid": 0.0}, "recipe.yaml": {"tiue": 0.25, "one-step": 0.25},
                  "ablations.yaml": {"tiue-fake2": 0.25, "tiue-no-reg": 0.0}, "fd-probe.yaml": {"tiue-no-kl": 0.25, "tiue-reg1": 1.0},
                  "demo-budget.yaml": {"tiue": 0.25}, "recipe-reg1.yaml": {"tiue-reg1": 1.0, "one-step-reg1": 1.0}}
     studies = Path(__file__).resolve().parents[1] / "studies"
+    assert {p.name for p in studies.glob("*.yaml") if not p.name.endswith(".lock.yaml")} == set(made_with) | {"finetune.yaml"}
     for name, weights in made_with.items():
-        configs = run_configs(load_plan(studies / name), tmp_path, "teacher", tmp_path / "prompts.txt")
+        plan, lock = load_plan(studies / name), load_lock(lock_path(studies / name))
+        assert set(lock["variants"]) == set(plan.variants), name
+        configs = run_configs(plan, lock, tmp_path, "teacher", tmp_path / "prompts.txt")
         assert {v: configs[v][0].regression_weight for v in weights} == weights, name
+
+
+def test_a_lock_keeps_a_plan_from_a_later_recipe_change_and_refuses_changed_variants(tmp_path, monkeypatch):
+    import loopfree.demo.lock as lock_module
+    from loopfree.demo.lock import locked
+
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    plan = load_plan(tmp_path / "plan.yaml")
+    first = locked(plan, lock_path(tmp_path / "plan.yaml"))
+    assert lock_path(tmp_path / "plan.yaml") == tmp_path / "plan.lock.yaml"
+    assert first["variants"]["vsd"]["settings"]["lr_student"] == lock_module.TOY_DISTILL["lr_student"]
+    monkeypatch.setitem(lock_module.TOY_DISTILL, "lr_student", 1.0)  # the recipe moves on
+    again = locked(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml")
+    assert again == first  # the locked variants keep their settings
+    (tmp_path / "plan.yaml").write_text(PLAN + "  new: {}\n")
+    grown = locked(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml")
+    assert grown["variants"]["new"]["settings"]["lr_student"] == 1.0 and grown["variants"]["vsd"] == first["variants"]["vsd"]
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("  vsd: {}", "  vsd: {kl_weight: 0.5}"))
+    with pytest.raises(LoopfreeError, match="variant vsd asks for other settings"):
+        locked(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml")
+    r = CliRunner().invoke(main, ["study", str(tmp_path / "plan.yaml"), "--lock-only"])
+    assert r.exit_code == 2 and "variant vsd asks for other settings" in r.output
+
+
+def test_a_sampled_model_is_locked_by_its_weights(tmp_path):
+    import shutil
+
+    from loopfree.demo.lock import locked
+    from loopfree.toy.assets import bundled
+
+    model = tmp_path / "student"
+    shutil.copytree(bundled("student"), model)
+    (tmp_path / "plan.yaml").write_text(f"variants: {{a: {{}}}}\nsampled: {{s: {{model: {model}, steps: 4}}}}\n")
+    plan = load_plan(tmp_path / "plan.yaml")
+    locked(plan, tmp_path / "plan.lock.yaml")
+    (model / "loopfree.json").write_text((model / "loopfree.json").read_text().replace("751", "801"))  # another model there
+    with pytest.raises(LoopfreeError, match="sampled row s: .* holds other weights than the plan was locked with"):
+        locked(plan, tmp_path / "plan.lock.yaml")

@@ -4,10 +4,11 @@ interruptions, scored against the toy world's ground truth.
     loopfree study studies/probe.yaml --out .studies/probe
 
 The plan (YAML, :class:`StudyPlan`) names variants, each a set of ``loopfree distill`` settings over the toy recipe
-(``TOY_DISTILL``). Every run is an ordinary distillation folder, ``runs/<variant>/seed<N>``: finished runs are
+(``TOY_DISTILL``), resolved once into the plan's lock beside it (:mod:`loopfree.demo.lock`). Every run is an ordinary distillation folder, ``runs/<variant>/seed<N>``: finished runs are
 skipped, stopped ones resume from their checkpoint, and they train two at a time, one thread each
 (:func:`~loopfree.demo.demo.side_by_side`). A plan may grow between invocations (more variants, seeds or steps).
-Each finished run is scored once on the held-out prompts (``scores/``), as are the teacher's rows; then
+Each finished run is scored once on the held-out prompts (``scores/``, named by a hash of the run's full settings; a
+teacher or sampled row by its model's weights), as are the teacher's rows; then
 ``study.json``, ``table.md`` (mean ± sd over seeds, training minutes) and ``curves.png`` are written.
 """
 
@@ -23,18 +24,17 @@ import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
 from loopfree.demo.demo import RowScorer, finished, side_by_side, summarise, train_run
+from loopfree.demo.lock import OWNED, locked, model_sha256, sampled_model, settings_key
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.toy.assets import bundled
-from loopfree.toy.settings import EVAL_POOL, TOY_DISTILL
+from loopfree.toy.settings import EVAL_POOL
 from loopfree.toy.world import heldout_prompts, training_prompts
 from loopfree.training.config import DistillConfig
 from loopfree.training.pairs import prepare_teacher_pairs
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, write_atomic, write_json
 
-#: distill settings a variant may not set: the study owns them
-OWNED = ("teacher", "prompts", "out", "seed", "eval_every", "resume", "overwrite")
 SHOWN = ("alignment", "fd", "diversity", "precision", "recall", "density", "coverage")
 
 
@@ -90,14 +90,15 @@ def load_plan(path: str | Path) -> StudyPlan:
     return StudyPlan(**data)
 
 
-def run_configs(plan: StudyPlan, out: Path, teacher: str, prompts_file: Path) -> dict[str, list[DistillConfig]]:
-    """Every run's distill configuration, by variant."""
-    return {name: [DistillConfig(teacher=teacher, prompts=str(prompts_file), out=str(out / "runs" / name / f"seed{s}"),
-                                 seed=s, eval_every=plan.eval_every,
-                                 **{"guidance": 4.5, "regression_cache": str(out / "pairs"), "max_steps": plan.max_steps,
-                                    **TOY_DISTILL, **plan.base, **variant})
-                   for s in plan.seeds]
-            for name, variant in plan.variants.items()}
+def run_configs(plan: StudyPlan, lock: dict, out: Path, teacher: str, prompts_file: Path) -> dict[str, list[DistillConfig]]:
+    """Every run's distill configuration, by variant: its locked settings, the plan's run length."""
+    def config(name: str, seed: int) -> DistillConfig:
+        entry = lock["variants"][name]
+        return DistillConfig(teacher=teacher, prompts=str(prompts_file), out=str(out / "runs" / name / f"seed{seed}"), seed=seed,
+                             eval_every=plan.eval_every, max_steps=entry["asked"].get("max_steps", plan.max_steps),
+                             regression_cache=entry["asked"].get("regression_cache", str(out / "pairs")), **entry["settings"])
+
+    return {name: [config(name, s) for s in plan.seeds] for name in plan.variants}
 
 
 def _cached(path: Path, compute) -> dict:
@@ -109,9 +110,10 @@ def _cached(path: Path, compute) -> dict:
     return result
 
 
-def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None, train: bool = True) -> list[dict]:
+def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: str | None = None, train: bool = True) -> list[dict]:
     """Train what is missing (unless not ``train``: a study in progress tabulated), score what is new; writes
-    study.json, table.md and curves.png. The table's rows."""
+    study.json, table.md and curves.png. ``lock_file``: the plan's lock (:func:`~loopfree.demo.lock.lock_path`),
+    extended with what is new. The table's rows."""
     teacher_path = os.path.abspath(teacher) if teacher else str(bundled("teacher"))
     try:
         size = inspect_pipeline(teacher_path).default_size
@@ -122,7 +124,8 @@ def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None, trai
     folder = OutputFolder(out, "study", identity, resumable=True)
     root = folder.final
     prompts_file = root / "distill_prompts.txt"
-    configs = run_configs(plan, root, teacher_path, prompts_file)
+    lock = locked(plan, Path(lock_file))
+    configs = run_configs(plan, lock, root, teacher_path, prompts_file)
     todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]
     with folder:
         pool = heldout_prompts(EVAL_POOL, seed=plan.seed)
@@ -133,10 +136,10 @@ def run_study(plan: StudyPlan, out: str | Path, teacher: str | None = None, trai
             for config in todo:  # the teacher pairs of the regression term, once, with every thread
                 prepare_teacher_pairs(config)
             side_by_side([(train_run, (c, curve)) for c in todo], "runs")
-        return _score(plan, root, teacher_path, size, pool, configs)
+        return _score(plan, lock, root, teacher_path, size, pool, configs)
 
 
-def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list[str], configs: dict) -> list[dict]:
+def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, size: int, pool: list[str], configs: dict) -> list[dict]:
     scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size)
     (root / "scores").mkdir(exist_ok=True)
     rows = []
@@ -146,12 +149,14 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
         pipe = load_pipeline(path)
         return scorer.row(pipe, Sampling(size, size, mode, steps or len(pipe.decoder_timesteps), None, guidance))[0]
 
+    teacher_sha = model_sha256(teacher_path)
     for steps in plan.teacher_steps:
-        scores = _cached(root / "scores" / f"teacher-{steps}step.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))
+        key = settings_key(teacher_sha, steps, plan.guidance)
+        scores = _cached(root / "scores" / f"teacher-{steps}step-{key}.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))
         rows.append({**summarise(f"teacher {steps}-step DDIM", [scores]), "train_minutes": None})
     for name, row in plan.sampled.items():
-        model = os.path.abspath(row.get("model") or bundled("student"))
-        scores = _cached(root / "scores" / f"sampled-{name}.json", lambda: scored(model, "loop_free", row["steps"], 1.0))
+        key = settings_key(lock["sampled"][name]["sha256"], row["steps"])
+        scores = _cached(root / "scores" / f"sampled-{name}-{key}.json", lambda: scored(sampled_model(row), "loop_free", row["steps"], 1.0))
         rows.append({**summarise(name, [scores]), "train_minutes": None, "settings": row})
     for name, group in configs.items():
         runs = []
@@ -164,11 +169,13 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
                 timing = json.loads((run / "timing.json").read_text())
                 return {**scored(run, "loop_free", None, 1.0), "train_minutes": timing["train_seconds"] / 60}
 
-            runs.append(_cached(root / "scores" / f"{name}-seed{config.seed}-{config.max_steps}steps.json", student_scores))
+            key = settings_key(lock["variants"][name]["settings"], config.seed, config.max_steps)
+            runs.append(_cached(root / "scores" / f"{name}-seed{config.seed}-{key}.json", student_scores))
         if runs:
             minutes = [r["train_minutes"] for r in runs]
             rows.append({**summarise(name, runs), "seeds": [c.seed for c in group][: len(runs)],
-                         "train_minutes": sum(minutes) / len(minutes), "settings": plan.variants[name]})
+                         "train_minutes": sum(minutes) / len(minutes), "settings": plan.variants[name],
+                         "locked": lock["variants"][name]["settings"]})
     curves = {}
     for name, group in configs.items():
         logs = [Path(c.out) / "eval.jsonl" for c in group if (Path(c.out) / "model_index.json").is_file()]
@@ -178,7 +185,7 @@ def _score(plan: StudyPlan, root: Path, teacher_path: str, size: int, pool: list
         teachers = {r["name"]: {**r, "accuracy": sum(r["per_attribute_accuracy"].values()) / len(r["per_attribute_accuracy"])}
                     for r in rows[: len(plan.teacher_steps)]}
         plot_curves(curves, teachers, root / "curves.png")
-    write_json(root / "study.json", {"plan": dataclasses.asdict(plan), "rows": rows, "curves": curves})
+    write_json(root / "study.json", {"plan": dataclasses.asdict(plan), "lock": lock, "rows": rows, "curves": curves})
     write_atomic(root / "table.md", markdown_table(rows) + "\n")
     return rows
 
