@@ -1,0 +1,125 @@
+"""Run a diffusers ``SD3Transformer2DModel`` (MMDiT, rectified flow) as a shared part and K per-step parts (SPEC §6).
+
+Shared part S, once at τ_K: ``pos_embed`` (patch embedding + positions), ``context_embedder``, the first N joint
+``transformer_blocks`` with τ_K's modulation. A joint block updates the text tokens too, with the same timestep
+modulation as the image tokens, so S hands both streams to P. Per-step part P, for all K decoder timesteps as one
+batch: the remaining joint blocks, ``norm_out`` (modulated), ``proj_out``, unpatchify — each decoder with its own
+``time_text_embed``. SD3.5's dual-attention blocks and q/k norms are the blocks' own business.
+
+Every token of P, image or text, is modulated by τ_k, so little of P is shared by its K passes; what is, is done
+once (``hoist=True``): the timestep embedding for K rows, the pooled-text embedding for B rows, summed by broadcast.
+
+Timesteps are the model's own: σ·1000 (``FlowMatchEulerDiscreteScheduler.timesteps``), as SD3's pipeline passes
+them. ``run_per_step(model, run_shared(model, x, t, text, pooled, N), [t])`` equals ``model(x, text, pooled, t)``::
+
+    feats = run_shared(model, x_T, 1000.0, text, pooled)           # N = L // 2
+    v = run_per_step(model, feats, [1000.0, 908.9, 751.5, 500.2])  # (K, B, C, H, W) velocities
+    x0, eps = loop_free(model, x_T, decoder_sigmas(scheduler.config, 4), Conditioning(text, {"pooled_projections": pooled}))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from loopfree.method import flow
+from loopfree.method.hoist import tile
+from loopfree.method.sampler import Conditioning
+from loopfree.method.transformer_split import check_shared_blocks, guided_outputs, run_block, unpatchify
+
+
+@dataclass
+class SharedFeatures:
+    """What the per-step part needs from one shared pass over a batch of B latents."""
+
+    hidden: torch.Tensor  # image tokens after the patch embedding and the first N blocks, (B, T, D)
+    context: torch.Tensor | None  # text tokens after context_embedder and the first N blocks (None after the last)
+    pooled: torch.Tensor  # pooled text embeddings as given, (B, P)
+    shared_blocks: int  # N
+    grid: tuple[int, int]  # patch grid h, w
+
+
+def run_shared(
+    model: SD3Transformer2DModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    shared_blocks: int | None = None,
+) -> SharedFeatures:
+    """Shared pass S(x, τ, c): patch embedding, context projection, the first N joint blocks at τ (None: L // 2)."""
+    n = check_shared_blocks(shared_blocks, len(model.transformer_blocks))
+    B, p = sample.shape[0], model.config.patch_size
+    hidden = model.pos_embed(sample).contiguous()
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+    temb = model.time_text_embed(t, pooled_projections)
+    context = model.context_embedder(encoder_hidden_states)
+    for block in model.transformer_blocks[:n]:
+        context, hidden = _block(model, block, hidden, context, temb)
+    return SharedFeatures(hidden, context, pooled_projections, n, (sample.shape[-2] // p, sample.shape[-1] // p))
+
+
+def _block(model, block, hidden, context, temb) -> tuple[torch.Tensor | None, torch.Tensor]:
+    return run_block(model, block, hidden_states=hidden, encoder_hidden_states=context, temb=temb, joint_attention_kwargs=None)
+
+
+def _temb(model: SD3Transformer2DModel, feats: SharedFeatures, timesteps: torch.Tensor, hoist: bool) -> torch.Tensor:
+    """``time_text_embed`` for K·B rows (decoder-major); hoisted: timestep part for K rows + text part for B rows."""
+    B, K = feats.pooled.shape[0], timesteps.shape[0]
+    embed = model.time_text_embed  # CombinedTimestepTextProjEmbeddings
+    if not hoist:
+        return embed(timesteps.repeat_interleave(B), tile(feats.pooled, K))
+    t = embed.timestep_embedder(embed.time_proj(timesteps).to(feats.pooled.dtype))  # (K, D)
+    return (t[:, None] + embed.text_embedder(feats.pooled)[None]).reshape(K * B, -1)
+
+
+def run_per_step(
+    model: SD3Transformer2DModel, feats: SharedFeatures, timesteps: torch.Tensor | list[float], hoist: bool = True
+) -> torch.Tensor:
+    """Per-step passes P(f, τ_k, c) for K timesteps as one batch of K·B → (K, B, C, H, W), decoder-major.
+
+    ``hoist``: the embedding's shared work done once (module docstring); False: ``time_text_embed`` on K·B rows."""
+    B = feats.hidden.shape[0]
+    timesteps = torch.as_tensor(timesteps, device=feats.hidden.device).reshape(-1)
+    K = timesteps.shape[0]
+    temb = _temb(model, feats, timesteps, hoist)
+    hidden = tile(feats.hidden, K)
+    context = None if feats.context is None else tile(feats.context, K)
+    for block in model.transformer_blocks[feats.shared_blocks :]:
+        context, hidden = _block(model, block, hidden, context, temb)
+    hidden = model.proj_out(model.norm_out(hidden, temb))
+    out = unpatchify(hidden, feats.grid, model.config.patch_size, model.out_channels)
+    return out.reshape(K, B, *out.shape[1:])
+
+
+def predict(
+    model: SD3Transformer2DModel,
+    x: torch.Tensor,
+    timesteps: list[float],
+    cond: Conditioning,
+    shared_blocks: int | None = None,
+    hoist: bool = True,
+) -> torch.Tensor:
+    """The K velocities of one pass, (K, B, C, H, W): S at τ_K, P batched. ``cond.added``: pooled_projections."""
+    pooled = cond.added["pooled_projections"]
+    return run_per_step(model, run_shared(model, x, timesteps[0], cond.text, pooled, shared_blocks), timesteps, hoist)
+
+
+def loop_free(
+    model: SD3Transformer2DModel,
+    x_T: torch.Tensor,
+    sigmas: list[float],
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    shared_blocks: int | None = None,
+    hoist: bool = True,
+    num_train_timesteps: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the decoder σ's (``flow.decoder_sigmas``) with the Euler combination (``flow.euler_combine``):
+    the model sees timesteps σ·num_train_timesteps. Returns (x_0, ε̂ (K, B, ...))."""
+    timesteps = (torch.tensor(sigmas, dtype=torch.float32) * num_train_timesteps).tolist()  # as the scheduler's, in float32
+    v = guided_outputs(lambda x, c: predict(model, x, timesteps, c, shared_blocks, hoist), x_T, cond, uncond, guidance_scale)
+    return flow.euler_combine(x_T, v, sigmas)
