@@ -92,6 +92,38 @@ def test_checkpointing_reduces_the_measured_activations(tiny_fp32):
     assert ckpt.guided_per == plain.guided_per > 0  # no graph in the guided pass: checkpointing changes nothing
 
 
+@pytest.fixture(scope="module")
+def tiny_sid():
+    torch.set_num_threads(1)
+    return {ckpt: measure_activations(TINY, config(objective="sid", gradient_checkpointing=ckpt), (8, 8)) for ckpt in (False, True)}
+
+
+def test_sid_estimate_holds_the_guided_passes_graph_on_top_of_vsds(tiny_fp32, tiny_sid):
+    vsd, sid = tiny_fp32[False], tiny_sid[False]
+    # reference: SiD's guided passes are 4 UNet rows per prompt (teacher and fake score, each unconditional and
+    # conditional) with gradients to x_t, none to the frozen weights; the frozen LoRA saves no activations of its own
+    unet = TINY.build().requires_grad_(False)
+    x, text, _ = TINY.inputs(1, (64, 64), "cpu", torch.float32)
+    x4, text4 = torch.cat([x] * 4).requires_grad_(True), torch.cat([text] * 4)
+    with SavedTensors(unet.parameters(), [x4, text4]) as ref:
+        unet(x4, torch.tensor([500] * 4), text4)
+    ref_per = ref.bytes - ref.fixed
+    assert vsd.guided_graph == 0 and sid.guided_graph_per == pytest.approx(ref_per, rel=0.01)
+    assert 0 < tiny_sid[True].guided_graph < 0.5 * sid.guided_graph  # checkpointed: the blocks' inputs
+    # at 8 prompts the guided pass, not the gradients, sets the student update's peak: SiD's estimate exceeds VSD's by
+    # the graph (their students' own graphs differ by SiD's loss on x_t, bytes per prompt)
+    totals = {}
+    for objective, act in (("vsd", vsd), ("sid", sid)):
+        def measured(arch, cfg, latent, act=act, objective=objective):
+            assert cfg.objective == objective
+            return act
+
+        rows = {r.name: r.gib for r in memory_rows(TINY, (64, 64), batch=8, objective=objective, measured=measured)}
+        totals[objective] = rows["total: held + the largest peak"]
+    assert rows["guided passes' graph (SiD), 8 prompts"] == 8 * sid.guided_graph_per / GIB
+    assert totals["sid"] - totals["vsd"] == pytest.approx(8 * ref_per / GIB, rel=0.01)
+
+
 def test_bf16_saves_weight_casts_not_per_prompt(tiny_fp32):
     bf16 = measure_activations(TINY, config(dtype="bf16"), (8, 8))
     bf16_weights = 2 * parameter_counts(TINY, config())["unet"]
@@ -183,8 +215,17 @@ def test_cli_memory_prints_a_table_with_a_total():
     assert json.loads(scaled.output)["measured_at"] == "64x64"
 
 
+def test_cli_memory_of_sid_shows_the_guided_passes_graph():
+    r = run("--train", "--memory", "--arch", "tiny", "--objective", "sid", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["objective"] == "sid" and any(row["name"] == "guided passes' graph (SiD), 1 prompt" for row in out["rows"])
+
+
 def test_cli_memory_needs_train():
     r = run("--memory", "--arch", "tiny")
+    assert r.exit_code == 2 and "--train" in r.output
+    r = run("--objective", "sid", "--arch", "tiny")
     assert r.exit_code == 2 and "--train" in r.output
     r = run("--train", "--arch", "tiny", "--measure-resolution", 64)
     assert r.exit_code == 2 and "--memory" in r.output

@@ -30,7 +30,7 @@ def test_student_loss_gradient_is_guided_vsd_plus_weighted_kl(kl_weight, reducti
     seen = []
     scores, psi, phi = fixed_scores(seen)
     loss = StudentLoss(SCHEDULE, guidance=4.5, t_min=20, t_max=980, kl_weight=kl_weight, kl_reduction=reduction)
-    out = loss(x0, eps_student, scores)
+    out = loss(x0, eps_student, scores, loss.draw(x0))
     out["loss"].backward()
     (x_t, t), = seen
     ab = SCHEDULE.alpha_bar(t).float().reshape(-1, 1, 1, 1)
@@ -52,7 +52,8 @@ def test_vsd_timesteps_cover_the_configured_range_only():
     scores, _, _ = fixed_scores(seen)
     loss = StudentLoss(SCHEDULE, t_min=100, t_max=102)
     for _ in range(30):
-        loss(torch.randn(3, 4, 5, 5), torch.randn(4, 3, 4, 5, 5), scores)
+        x0 = torch.randn(3, 4, 5, 5)
+        loss(x0, torch.randn(4, 3, 4, 5, 5), scores, loss.draw(x0))
     assert set(torch.cat([t for _, t in seen]).tolist()) == {100, 101, 102}
 
 
@@ -67,7 +68,7 @@ def test_fake_score_loss_by_hand_and_prompt_dropout_rate():
     x0 = torch.randn(64, 4, 5, 5)
     loss = FakeScoreLoss(SCHEDULE, prompt_dropout=0.25)
     torch.manual_seed(1)
-    value = loss(x0, fake)
+    value = loss(x0, fake, loss.draw(x0))
     # replay the draws: t ~ U{0..999}, ε ~ N(0, I), then the dropout mask
     torch.manual_seed(1)
     t = torch.randint(0, 1000, (64,))
@@ -76,9 +77,41 @@ def test_fake_score_loss_by_hand_and_prompt_dropout_rate():
     assert torch.equal(calls[0][1], t)
     assert torch.allclose(value, (ab * eps**2).mean(), rtol=1e-6)  # ε_φ = 0: mean((sqrt(ā)(0 - ε))²)
     for _ in range(40):
-        loss(x0, fake)
+        loss(x0, fake, loss.draw(x0))
     dropped = 1 - torch.cat([keep for _, _, keep in calls]).float().mean().item()
     assert abs(dropped - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("kappa", [1.0, 2.0, -0.5])
+def test_fake_score_is_trained_on_its_guided_prediction(kappa):
+    """SiD-LSG's κ_1: the MSE of ε_φ^κ = ε_φ(∅) + κ (ε_φ(c) - ε_φ(∅)), one call of the unconditional and conditional rows,
+    gradients through both; κ = 1 is the plain ε_φ (one call of B rows)."""
+    g = torch.Generator().manual_seed(4)
+    w = (torch.rand(1, 4, 1, 1, generator=g) + 0.5).requires_grad_(True)
+    v = torch.randn(1, 4, 1, 1, generator=g).requires_grad_(True)
+    rows = []
+
+    def fake(x_t, t, keep):  # ε_φ(x_t, c) = w x_t + v for a kept prompt, w x_t for ""
+        rows.append(len(x_t))
+        return w * x_t + v * keep.float().reshape(-1, 1, 1, 1)
+
+    x0 = torch.randn(6, 4, 5, 5, generator=g)
+    loss = FakeScoreLoss(SCHEDULE, prompt_dropout=0.5, guidance=kappa)
+    torch.manual_seed(0)
+    noising = loss.draw(x0)
+    loss(x0, fake, noising).backward()
+    assert rows == [6 if kappa == 1 else 12]
+    # by hand, in float64: ε_φ^κ = w x_t + κ v where the prompt is kept (a dropped one is "" in both halves: w x_t)
+    ab = SCHEDULE.alpha_bar(noising.t).reshape(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0.double() + (1 - ab).sqrt() * noising.eps.double()
+    w64, v64 = w.detach().double().requires_grad_(True), v.detach().double().requires_grad_(True)
+    pred = w64 * x_t + kappa * v64 * noising.keep.double().reshape(-1, 1, 1, 1)
+    by_hand = (ab * (pred - noising.eps.double()) ** 2).mean()
+    by_hand.backward()
+    assert 0 < noising.keep.sum() < 6
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.isclose(loss(x0, fake, noising).double(), by_hand, rtol=1e-5)
 
 
 def linear_scores(seen: list):
@@ -102,7 +135,7 @@ def test_sid_gradient_equals_autograd_of_the_papers_x0_form(alpha):
     seen = []
     scores, w, b = linear_scores(seen)
     loss = StudentLoss(SCHEDULE, SiD(alpha), guidance=2.0, guidance_fake=0.5, kl_weight=0.0)
-    loss(x0, torch.randn(4, 3, 4, 5, 5), scores)["loss"].backward()
+    loss(x0, torch.randn(4, 3, 4, 5, 5), scores, loss.draw(x0))["loss"].backward()
     (x_t_seen, t), = seen
     # the independent form: x_t = a x0 + s ε' with the recorded ε'; f = (x_t - s ε̂(x_t)) / a; SiD's loss on it
     ab = SCHEDULE.alpha_bar(t).double().reshape(-1, 1, 1, 1)
@@ -129,7 +162,8 @@ def test_sid_gradient_vanishes_where_the_fake_score_is_the_teacher():
         eps = w * x_t
         return eps, eps.clone()
 
-    StudentLoss(SCHEDULE, SiD(), kl_weight=0.0)(x0, torch.randn(4, 2, 4, 5, 5), same)["loss"].backward()
+    loss = StudentLoss(SCHEDULE, SiD(), kl_weight=0.0)
+    loss(x0, torch.randn(4, 2, 4, 5, 5), same, loss.draw(x0))["loss"].backward()
     assert x0.grad.abs().max() == 0
 
 
@@ -138,7 +172,8 @@ def test_teacher_and_fake_score_take_their_own_guidance(w_psi, w_phi):
     x0 = torch.randn(3, 4, 5, 5, requires_grad=True)
     seen = []
     scores, psi, phi = fixed_scores(seen)
-    StudentLoss(SCHEDULE, guidance=w_psi, guidance_fake=w_phi, kl_weight=0.0)(x0, torch.randn(4, 3, 4, 5, 5), scores)["loss"].backward()
+    loss = StudentLoss(SCHEDULE, guidance=w_psi, guidance_fake=w_phi, kl_weight=0.0)
+    loss(x0, torch.randn(4, 3, 4, 5, 5), scores, loss.draw(x0))["loss"].backward()
     ab = SCHEDULE.alpha_bar(seen[0][1]).float().reshape(-1, 1, 1, 1)
     by_hand = (1 - ab) * ((psi[0] + w_psi * (psi[1] - psi[0])) - (phi[0] + w_phi * (phi[1] - phi[0]))) / x0.numel()
     assert torch.allclose(x0.grad, by_hand, atol=1e-6)
@@ -152,7 +187,8 @@ def test_vsd_sees_no_gradient_through_the_scores_and_sid_does():
             seen_grad.append(x_t.requires_grad and torch.is_grad_enabled())
             return torch.ones(2, *x_t.shape) * x_t, torch.zeros(2, *x_t.shape) * x_t
 
-        StudentLoss(SCHEDULE, score_loss)(torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(4, 2, 4, 5, 5), scores)
+        loss, x0 = StudentLoss(SCHEDULE, score_loss), torch.randn(2, 4, 5, 5, requires_grad=True)
+        loss(x0, torch.randn(4, 2, 4, 5, 5), scores, loss.draw(x0))
         assert seen_grad == [through]
 
 

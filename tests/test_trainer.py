@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from loopfree.cli import main
 from loopfree.pipelines.loading import load_pipeline
-from loopfree.training.distiller import Distiller
+from loopfree.training.distiller import Batch, Distiller
 from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.training.trainer import distill
 from tiny import distill_config as config
@@ -36,7 +36,7 @@ def test_one_step_trains_student_and_lora_and_leaves_teacher_bit_identical(teach
     student_before = [p.detach().clone() for p in d.student_params]
     lora_before = [p.detach().clone() for p in d.lora_params]
     cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16)(["a red cat", "a blue dog"])
-    logs = d.step(cond, uncond)
+    logs = d.step([Batch(cond, uncond)])
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert any(not torch.equal(a, b) for a, b in zip(student_before, d.student_params))
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, d.lora_params))
@@ -49,7 +49,7 @@ def test_several_fake_score_updates_per_student_update(teacher, tmp_path):
     pipe = load_pipeline(teacher / "pipe")
     d = Distiller(config(teacher, tmp_path, fake_updates=3), pipe.unet, pipe.scheduler, Accelerator(cpu=True), latent_size=8)
     cond, uncond = PromptEncoder(pipe, torch.device("cpu"), 16)(["a red cat", "a blue dog"])
-    d.step(cond, uncond)
+    d.step([Batch(cond, uncond)])
     steps = {id(p): int(s["step"]) for opt in (d.opt_student, d.opt_fake) for p, s in opt.state.items()}
     assert {steps[id(p)] for p in d.student_params} == {1} and {steps[id(p)] for p in d.lora_params} == {3}
 

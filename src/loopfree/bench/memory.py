@@ -9,7 +9,8 @@ Two kinds of parts, added up the way a step holds them:
 * activations, measured (:func:`measure_activations`): the bytes of the tensors autograd saves for backward (:class:`SavedTensors`,
   each storage once, parameters excluded) in the student's forward — the one pass, encoder once and K decoders — and
   in the fake-score update's forward; and the peak of what one no-grad guided teacher + fake-score pass holds at once
-  (:class:`LiveTensors`), which runs while the student's graph is alive.
+  (:class:`LiveTensors`), which runs while the student's graph is alive. SiD's loss back-propagates through both
+  scores: the guided passes' graph (what autograd saves in them) is held too, from their forward to the backward.
 
 Activations are measured at batch 1 on the CPU with random weights of the real shapes, under CPU autocast for
 bf16/fp16 with GroupNorm and LayerNorm in float32 as CUDA's autocast runs them (:class:`Float32Norms`). A saved
@@ -187,6 +188,8 @@ class Activations:
     fake_fixed: int  # saved for the fake-score update's backward
     fake_per: int
     guided_per: int  # peak held by one no-grad guided teacher + fake-score pass, all of it counted per prompt
+    guided_graph_fixed: int = 0  # saved for the backward through the guided passes (SiD; VSD: none)
+    guided_graph_per: int = 0
 
     def at(self, batch: int, scale: float = 1.0) -> "Activations":
         """At ``batch`` prompts, the per-prompt parts times ``scale`` (a pixel-count ratio)."""
@@ -201,12 +204,16 @@ class Activations:
     def fake(self) -> int:
         return self.fake_fixed + self.fake_per
 
+    @property
+    def guided_graph(self) -> int:
+        return self.guided_graph_fixed + self.guided_graph_per
+
 
 def measure_activations(arch: Arch, cfg: DistillConfig, latent: tuple[int, int], batch: int = 1) -> Activations:
     """The measured parts at ``batch`` prompts (divided by it) of ``latent`` (height, width) latents, on random weights of ``arch`` on the CPU,
     built as the :class:`~loopfree.training.distiller.Distiller` builds them: the student's graph (its forward and loss; the
     guided scores its loss asks for are measured apart), then, the student let go, the teacher + fake score's guided
-    pass and the fake-score update's graph. One UNet's weights are in RAM at a time."""
+    pass (and for SiD its graph) and the fake-score update's graph. One UNet's weights are in RAM at a time."""
     from loopfree.bench.speed import sd21_scheduler
     from loopfree.training.distiller import WEIGHT_DTYPES, fake_lora, losses, student_timesteps
     from loopfree.method.sampler import Conditioning, Generator
@@ -229,26 +236,32 @@ def measure_activations(arch: Arch, cfg: DistillConfig, latent: tuple[int, int],
     with SavedTensors(student.parameters(), inputs) as graph:
         with autocast(cfg.dtype):
             x0, eps = generator(x, text, added)
-        student_loss(x0.float(), eps, no_scores)
+        student_loss(x0.float(), eps, no_scores, student_loss.draw(x))
     del student, generator, x0, eps
     gc.collect()
 
     scores = TeacherAndFakeScore(arch.build(), schedule, fake_lora(cfg), WEIGHT_DTYPES.get(cfg.dtype, torch.float32),
                                  cfg.batch_teacher_fake)
     if cfg.gradient_checkpointing:
-        scores.base.enable_gradient_checkpointing()
+        scores.enable_gradient_checkpointing()
     cond, uncond = Conditioning(text, added), Conditioning(torch.zeros_like(text), added)
+    t = sample_timesteps(batch, cfg.t_min, cfg.t_max)
     with LiveTensors() as guided, autocast(cfg.dtype), torch.no_grad():
-        scores.pair(torch.randn_like(x), sample_timesteps(batch, cfg.t_min, cfg.t_max), cond, uncond)
+        scores.pair(torch.randn_like(x), t, cond, uncond)
+    x_t = torch.randn_like(x).requires_grad_(student_loss.score_loss.through_scores)
+    with SavedTensors(scores.base.parameters(), [x_t, *inputs]) as guided_graph, autocast(cfg.dtype):
+        if x_t.requires_grad:
+            scores.pair(x_t, t, cond, uncond)
 
     def fake(x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         with autocast(cfg.dtype):
-            return scores.fake(x_t, t, cond.where(keep, uncond))
+            return scores.fake(x_t, t, cond, uncond, keep)
 
     with SavedTensors(scores.base.parameters(), inputs) as fake_graph:
-        fake_loss(x, fake)
-    return Activations(graph.fixed, round((graph.bytes - graph.fixed) / batch), fake_graph.fixed,
-                       round((fake_graph.bytes - fake_graph.fixed) / batch), round(guided.peak / batch))
+        fake_loss(x, fake, fake_loss.draw(x))
+    per = lambda saved: round((saved.bytes - saved.fixed) / batch)  # noqa: E731
+    return Activations(graph.fixed, per(graph), fake_graph.fixed, per(fake_graph), round(guided.peak / batch),
+                       guided_graph.fixed, per(guided_graph))
 
 
 # -- the table -----------------------------------------------------------------------------------------------------
@@ -266,18 +279,19 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
                 gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
                 measure_size: tuple[int, int] | None = None,
                 measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure_activations,
-                processes: int = 1, shard: bool = False) -> list[MemoryRow]:
+                processes: int = 1, shard: bool = False, objective: str = "vsd") -> list[MemoryRow]:
     """Estimated memory of one distillation step per device, ``batch`` prompts per device at ``size`` (height, width)
     pixels, paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak;
     the total, held + the largest peak. ``measure_size``: measure_activations activations there (pixels), extrapolate
     to ``size``. ``processes``: data parallel over that many devices — DDP's gradient buckets (a fp32 copy of the
     gradients) on each, or with ``shard`` FSDP2's full sharding per UNet block: the student's weights, moments, EMA and
     gradients 1/N each, plus the gathered blocks in use (the root's own parameters and two blocks, one prefetched);
-    the teacher, LoRA, text encoder and VAE replicated."""
+    the teacher, LoRA, text encoder and VAE replicated. ``objective``: the student's score loss (vsd, sid); SiD's
+    guided passes hold their graph from their forward to the backward, on top of their peak."""
     from loopfree.bench.speed import train_config
     from loopfree.training.distiller import WEIGHT_DTYPES
 
-    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake)
+    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective)
     n = parameter_counts(arch, cfg)
     f = arch.vae_scale_factor
     at = measure_size or size
@@ -290,6 +304,7 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     part = f", 1/{shards}" if shard else ""
     prompts = f"{batch} prompt{'s' * (batch != 1)}"
     gathered = (n["root"] + 2 * n["largest_block"]) * teacher if shard else 0  # gathered in the compute dtype, as the teacher
+    sid = objective == "sid"  # the backward runs through the guided passes: their graph is held from their forward
     rows = [
         MemoryRow(f"student weights (fp32{part})", student, HELD, "counted"),
         MemoryRow(f"student AdamW moments (2 × fp32{part})", 2 * student, HELD, "counted"),
@@ -303,9 +318,13 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
         MemoryRow(f"gradients (fp32{part}), during backward", student, STUDENT, "counted"),
         *([MemoryRow(f"gathered: root + 2 blocks ({'fp32' if teacher == 4 else dtype}, FSDP2)", gathered, STUDENT, "counted")]
           if shard else []),
-        MemoryRow("guided teacher + fake pass (no grad), its peak", act.guided_per, STUDENT, "measured"),
-        MemoryRow("peak: graph + max(gradients, guided pass)" + (" + gathered" if shard else ""),
-                  act.student + max(student, act.guided_per) + gathered, STUDENT, "peak"),
+        *([MemoryRow(f"guided passes' graph (SiD), {prompts}", act.guided_graph_per, STUDENT, "measured"),
+           MemoryRow("guided passes' graph: from weights only, not per prompt", act.guided_graph_fixed, STUDENT, "measured")]
+          if sid else []),
+        MemoryRow("guided teacher + fake pass" + (", its peak besides its graph" if sid else " (no grad), its peak"),
+                  act.guided_per, STUDENT, "measured"),
+        MemoryRow("peak: graph + max(gradients, guided pass" + (" + its graph)" if sid else ")") + (" + gathered" if shard else ""),
+                  act.student + max(student, act.guided_per + act.guided_graph) + gathered, STUDENT, "peak"),
         MemoryRow(f"a fp32 copy of the student (foreach update{part})", student, EMA, "counted"),
         MemoryRow("peak", student, EMA, "peak"),
         MemoryRow(f"graph: activations, {prompts}", act.fake, FAKE, "measured"),

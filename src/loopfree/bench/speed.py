@@ -151,29 +151,32 @@ def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") ->
     return "\n".join(lines)
 
 
-def train_config(batch: int, decoders: int, dtype: str, gradient_checkpointing: bool, batch_teacher_fake: bool) -> DistillConfig:
+def train_config(batch: int, decoders: int, dtype: str, gradient_checkpointing: bool, batch_teacher_fake: bool,
+                 objective: str = "vsd") -> DistillConfig:
     """The distillation settings a training benchmark runs: the paper's defaults but for these."""
     return DistillConfig(teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
-                         gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake)
+                         gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake,
+                         objective=objective)
 
 
 def train_rows(
     arch: Arch, size: tuple[int, int], device: torch.device, dtype: str, repeats: int, batch: int = 1, decoders: int = 4,
-    gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
+    gradient_checkpointing: bool = False, batch_teacher_fake: bool = True, objective: str = "vsd",
 ) -> list[Row]:
     """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
     from accelerate import Accelerator
 
-    from loopfree.training.distiller import Distiller
+    from loopfree.training.distiller import Batch, Distiller
 
-    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake)
+    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
     distiller = Distiller(cfg, arch.build(device), sd21_scheduler(), acc, (size[0] // arch.vae_scale_factor, size[1] // arch.vae_scale_factor))
     _, text, added = arch.inputs(batch, size, device, torch.float32)
     cond = Conditioning(text, added)
     uncond = Conditioning(torch.zeros_like(text), added)
 
-    distiller.step(cond, uncond)  # warm-up
+    batches = [Batch(cond, uncond)]
+    distiller.step(batches)  # warm-up
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,7 +184,7 @@ def train_rows(
     for _ in tqdm(range(repeats), desc="bench --train", unit="step"):
         sections = Sections(device, enabled=True)
         t0 = time.perf_counter()
-        distiller.step(cond, uncond, sections)
+        distiller.step(batches, sections)
         synchronize(device)
         per_step.append({"one iteration": time.perf_counter() - t0, **sections.seconds})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

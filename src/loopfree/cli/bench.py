@@ -3,6 +3,7 @@
     loopfree bench --arch sd21 --resolution 512
     loopfree bench --train --arch small
     loopfree bench --train --memory --arch sd21 --batch-size 8 --dtype bf16 --gradient-checkpointing
+    loopfree bench --train --memory --arch sd21 --objective sid --gradient-checkpointing
     loopfree bench --train --memory --arch sdxl --dtype bf16 --processes 8 --shard --measure-resolution 512
 """
 
@@ -36,6 +37,8 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @click.option("--gradient-checkpointing", is_flag=True, help="With --train.")
 @click.option("--batch-teacher-fake/--no-batch-teacher-fake", default=True, show_default=True,
               help="With --train: teacher and fake-score passes as one UNet call.")
+@click.option("--objective", type=click.Choice(["vsd", "sid"]), default="vsd", show_default=True,
+              help="With --train: the student's score loss (sid: gradients through both scores, their graph held).")
 @click.option("--memory", is_flag=True,
               help="With --train: estimate the step's memory per device instead (GiB per part: exact parameter counts, "
                    "activations measured at batch 1 on the CPU, whatever --device); not a GPU measurement.")
@@ -48,7 +51,7 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
               help="With --memory: FSDP2 full sharding of the student's weights, moments, EMA and gradients over --processes "
                    "(an estimate of the plan; loopfree distill runs data parallel today).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
-          gradient_checkpointing, batch_teacher_fake, memory, measure_resolution, processes, shard) -> None:
+          gradient_checkpointing, batch_teacher_fake, objective, memory, measure_resolution, processes, shard) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
     from loopfree.bench.archs import ARCHS
     from loopfree.bench.speed import format_table, inference_rows, train_rows
@@ -60,6 +63,8 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
     check_size(height, width, spec.vae_scale_factor, spec.resolution)
     if (memory or measure_resolution) and not train:
         raise LoopfreeError("--memory estimates a distillation step's memory: add --train")
+    if objective != "vsd" and not train:
+        raise LoopfreeError("--objective is the distillation step's score loss: add --train")
     if (measure_resolution or processes > 1 or shard) and not memory:
         raise LoopfreeError("--measure-resolution, --processes and --shard go with --memory")
     if shard and processes < 2:
@@ -70,7 +75,7 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
         if measure_resolution:
             check_size(*measure_resolution, spec.vae_scale_factor, spec.resolution)
         _memory(arch, spec, (height, width), dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake,
-                measure_resolution, as_json, processes, shard)
+                measure_resolution, as_json, processes, shard, objective)
         return
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -80,8 +85,9 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
             raise LoopfreeError("--compile times the sampler; it does not apply to --train")
         if dev.type == "cpu" and dtype == "fp16":
             raise LoopfreeError("fp16 mixed precision needs a GPU; use --dtype bf16 on a CPU")
-        rows = train_rows(spec, (height, width), dev, dtype, repeats, batch_size, steps, gradient_checkpointing, batch_teacher_fake)
-        title = (f"loopfree bench --train: {arch}, {size}, {dev}, {dtype}, batch {batch_size}, K={steps}, "
+        rows = train_rows(spec, (height, width), dev, dtype, repeats, batch_size, steps, gradient_checkpointing, batch_teacher_fake,
+                          objective)
+        title = (f"loopfree bench --train: {arch}, {size}, {dev}, {dtype}, batch {batch_size}, K={steps}, {objective}, "
                  f"teacher+fake {'batched' if batch_teacher_fake else 'separate'}, median of {repeats}")
         click.echo(json.dumps(dict(arch=arch, rows=[asdict(r) for r in rows]), indent=2) if as_json else format_table(rows, title, "share"))
         return
@@ -95,21 +101,22 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
 
 
 def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json,
-            processes, shard) -> None:
+            processes, shard, objective) -> None:
     """``--train --memory``: the estimate's table (or JSON). The measurement runs on the CPU whatever --device says."""
     from loopfree.bench.memory import format_memory_table, memory_rows
 
     rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size,
-                       processes=processes, shard=shard)
+                       processes=processes, shard=shard, objective=objective)
     height, width = size
     if as_json:
         click.echo(json.dumps(dict(arch=arch, resolution=f"{width}x{height}", dtype=dtype, batch_size=batch_size, steps=steps,
+                                   objective=objective,
                                    gradient_checkpointing=gradient_checkpointing, processes=processes, shard=shard, estimate=True,
                                    measured_at=None if measure_size is None else f"{measure_size[1]}x{measure_size[0]}",
                                    rows=[asdict(r) for r in rows]), indent=2))
         return
     at = f", activations measured at {measure_size[1]}x{measure_size[0]}" if measure_size else ""
-    title = (f"loopfree bench --train --memory: {arch}, {width}x{height}, {dtype}, batch {batch_size}, K={steps}, "
+    title = (f"loopfree bench --train --memory: {arch}, {width}x{height}, {dtype}, batch {batch_size}, K={steps}, {objective}, "
              f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at}, per device of {processes}"
              f"{' (FSDP2 sharded)' if shard else ''} — an estimate")
     click.echo(format_memory_table(rows, title))

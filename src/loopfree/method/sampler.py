@@ -16,7 +16,7 @@ full UNet and whose other steps run only the decoder on the last key step's enco
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -25,6 +25,8 @@ from loopfree.utils.errors import LoopfreeError
 from loopfree.method.guidance import guided_halves
 from loopfree.method.schedule import NoiseSchedule
 from loopfree.method.runtime import passes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,6 +117,11 @@ class Generator(torch.nn.Module):
 
     def forward(self, x_T: torch.Tensor, text: torch.Tensor, added: dict[str, torch.Tensor] | None = None):
         return loop_free(self.unet, self.schedule, x_T, self.timesteps, Conditioning(text, added), hoist=self.hoist)
+
+    def sample(self, use: Callable[[], T]) -> T:
+        """``use()``, run as a forward of this module: wrappers that act around forwards act around it (a sharded
+        student's FSDP2 root gathers its layers for it: :func:`loopfree.training.sharding.sample_sharded`)."""
+        return use()
 
 
 def ddim_loop(

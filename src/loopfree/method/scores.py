@@ -6,11 +6,17 @@ one UNet call: rows routed to peft's ``__base__`` skip the LoRA (the teacher), t
 
     scores = TeacherAndFakeScore(unet, schedule, LoraConfig(r=64, lora_alpha=108, target_modules=["to_q", "to_v"]))
     eps_psi, eps_phi = scores.pair(x_t, t, cond, uncond)       # each (2, B, C, H, W): [uncond; cond]
+
+Which network a pass is (adapters on or off, per-row routing) and whether the LoRA takes gradients is the
+:class:`Routing` the pass ran under. Gradient checkpointing (:meth:`TeacherAndFakeScore.enable_gradient_checkpointing`)
+recomputes a block during backward, after the pass's ``with`` blocks have exited: each recompute runs under the
+routing its forward had, so teacher rows stay off the LoRA and the student's loss gives the LoRA no gradient.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -19,6 +25,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.checkpoint import checkpoint
 
 from loopfree.method.sampler import Conditioning
 from loopfree.method.schedule import NoiseSchedule
@@ -48,6 +55,15 @@ def lora_rows(model: torch.nn.Module, adapter_names: list[str]) -> Iterator[None
             h.remove()
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Which network a pass through the shared UNet is, row by row, and whether the LoRA takes its gradients."""
+
+    rows: tuple[str, ...] | None = None  # the adapter of each row (``__base__``: the teacher); None: as ``adapters``
+    adapters: bool = True  # False: every row is the teacher
+    lora_grad: bool = True  # False: the LoRA takes no gradient (the student's loss)
+
+
 class TeacherAndFakeScore:
     """ε_ψ and ε_φ on one frozen base UNet; only the LoRA (``params``) trains."""
 
@@ -62,15 +78,40 @@ class TeacherAndFakeScore:
         self.base = base
         self.trainable: torch.nn.Module = base  # the fake score for training steps (the trainer wraps it for DDP)
         self.params = [p for p in base.parameters() if p.requires_grad]
+        self.routing = Routing()
 
     @contextmanager
-    def teacher(self) -> Iterator[None]:
-        """Inside, the base UNet is the teacher (adapters off)."""
-        self.base.disable_adapters()
+    def routed(self, routing: Routing) -> Iterator[None]:
+        """Inside, the UNet runs under ``routing``; the routing before is restored on exit."""
+        before = self.routing
+        self._apply(routing)
         try:
-            yield
+            with lora_rows(self.base, list(routing.rows)) if routing.rows else nullcontext():
+                yield
         finally:
+            self._apply(before)
+
+    def _apply(self, routing: Routing) -> None:
+        self.routing = routing
+        if routing.adapters:
             self.base.enable_adapters()
+        else:
+            self.base.disable_adapters()
+        for p in self.params:
+            p.requires_grad_(routing.lora_grad)
+
+    def teacher(self) -> AbstractContextManager[None]:
+        """Inside, the base UNet is the teacher (adapters off)."""
+        return self.routed(replace(self.routing, adapters=False))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the UNet's blocks (non-reentrant); a block's recompute runs under the routing of its forward."""
+
+        def checkpointed(module: torch.nn.Module, *args):
+            contexts = lambda: (nullcontext(), self.routed(self.routing))  # noqa: E731 - called at the block's forward
+            return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+        self.base.enable_gradient_checkpointing(checkpointed)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning, model: torch.nn.Module | None = None) -> torch.Tensor:
         """The UNet's noise prediction (adapters as currently routed) in float32, v-predictions converted."""
@@ -79,27 +120,33 @@ class TeacherAndFakeScore:
         out = unet(x_t.to(dtype), t, c.text.to(dtype), added_cond_kwargs=c.added).sample.float()
         return self.schedule.to_epsilon(out, x_t, t)
 
-    def fake(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
-        """ε_φ with gradients to the LoRA, through the (possibly DDP-wrapped) trainable module."""
+    def fake(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+             keep: torch.Tensor) -> torch.Tensor:
+        """ε_φ with gradients to the LoRA, through the (possibly DDP-wrapped) trainable module. Row n of ``x_t`` takes
+        prompt n mod B of ``cond`` (B rows; ``x_t`` may repeat the batch), or ``uncond``'s where ``keep[n]`` is False."""
+        reps = x_t.shape[0] // cond.text.shape[0]
+        c = Conditioning.cat([cond] * reps).where(keep, Conditioning.cat([uncond] * reps))
         return self.eps(x_t, t, c, self.trainable)
 
     def pair(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_ψ, ε_φ), each (2, B, …) = [unconditional; conditional], for classifier-free guidance (gradients as the
-        caller's grad mode says: the objective decides).
+        """(ε_ψ, ε_φ), each (2, B, …) = [unconditional; conditional], for classifier-free guidance, the LoRA frozen
+        (the student's loss; gradients to x_t as the caller's grad mode says: the objective decides).
 
         The unconditional and conditional halves always share a call; with ``batch_pair`` the teacher's and the
         fake score's passes share one too (teacher rows skip the LoRA), else they are two calls.
         """
         c = Conditioning.cat([uncond, cond])
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        frozen = replace(self.routing, lora_grad=False)
         if self.batch_pair:
-            with lora_rows(self.base, [BASE] * len(x2) + [FAKE] * len(x2)):
+            with self.routed(replace(frozen, rows=(BASE,) * len(x2) + (FAKE,) * len(x2))):
                 eps = self.eps(torch.cat([x2, x2]), torch.cat([t2, t2]), Conditioning.cat([c, c]))
             eps_teacher, eps_fake = eps.chunk(2)
         else:
-            with self.teacher():
+            with self.routed(replace(frozen, adapters=False)):
                 eps_teacher = self.eps(x2, t2, c)
-            eps_fake = self.eps(x2, t2, c)
+            with self.routed(frozen):
+                eps_fake = self.eps(x2, t2, c)
         return torch.stack(eps_teacher.chunk(2)), torch.stack(eps_fake.chunk(2))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,10 +3,12 @@
 A checkpoint is written into ``checkpoints/.tmp-checkpoint-N``; its last file is ``manifest.json`` (size and
 BLAKE2b hash of every other file), then the folder is renamed to ``checkpoint-N``. Resuming checks the
 manifest, so a truncated optimiser state or a missing per-process RNG state is refused with a line naming the
-file instead of being skipped (accelerate only logs an unreadable RNG state).
+file instead of being skipped (accelerate only logs an unreadable RNG state). A checkpoint resumes with any process
+count: its student, EMA and optimiser states are one copy (data parallel) or resharded on load (``--shard``); the
+trainer gives a launch of another size new per-process RNG streams.
 
     save_checkpoint(acc, distiller, out, step, state)
-    path = find_checkpoint(out, "latest", acc.num_processes)
+    path = find_checkpoint(out, "latest")
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def write_manifest(directory: Path) -> None:
     write_json(directory / MANIFEST, entries)
 
 
-def verify_checkpoint(directory: Path, num_processes: int) -> dict[str, Any]:
-    """The checkpoint's state if every file its manifest lists is there, whole, and it was written by
-    ``num_processes`` processes (one RNG state each); else a LoopfreeError naming what is wrong."""
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """The checkpoint's state if every file its manifest lists is there, whole, with an RNG state for each process
+    that wrote it; else a LoopfreeError naming what is wrong."""
     manifest_path = directory / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -63,10 +65,7 @@ def verify_checkpoint(directory: Path, num_processes: int) -> dict[str, Any]:
     state = json.loads((directory / STATE).read_text()) if STATE in manifest else None
     if state is None:
         raise LoopfreeError(f"checkpoint {directory} is incomplete (no {STATE})")
-    if state.get("num_processes", 1) != num_processes:
-        raise LoopfreeError(f"checkpoint {directory} was written by {state.get('num_processes', 1)} processes; "
-                            f"resume it with the same number (now {num_processes})")
-    for rank in range(num_processes):
+    for rank in range(state["num_processes"]):
         if RNG_STATE.format(rank) not in manifest:
             raise LoopfreeError(f"checkpoint {directory} lacks {RNG_STATE.format(rank)}: the run could not continue exactly")
     return state
@@ -79,7 +78,7 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(done, key=lambda p: json.loads((p / STATE).read_text())["step"])
 
 
-def find_checkpoint(out: Path, resume: str, num_processes: int) -> Path | None:
+def find_checkpoint(out: Path, resume: str) -> Path | None:
     """``latest``: the newest complete checkpoint in ``out/checkpoints`` (an error if there is none); ``auto``: the
     same, or None; else ``resume`` is a checkpoint folder. Verified before it is returned."""
     if resume in ("latest", "auto"):
@@ -93,7 +92,7 @@ def find_checkpoint(out: Path, resume: str, num_processes: int) -> Path | None:
         path = Path(resume)
         if not (path / STATE).is_file():
             raise LoopfreeError(f"--resume {resume!r} is not a complete loopfree checkpoint (no {STATE})")
-    verify_checkpoint(path, num_processes)
+    verify_checkpoint(path)
     return path
 
 

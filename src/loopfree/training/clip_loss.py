@@ -1,10 +1,11 @@
 """The CLIP alignment loss of the authors' released students: the student's x_0 decoded by a tiny autoencoder
 (TAESD, diffusers' ``AutoencoderTiny``), embedded by a frozen CLIP image tower, and held to the prompt's text
-embedding by a hinge (:func:`loopfree.method.objective.clip_hinge_loss`). Gradients flow through the tiny decoder
-and the image tower into the student; both networks stay frozen.
+embedding by a hinge (:func:`loopfree.method.objective.clip_hinge_loss`), weighted by the step's w_s
+(:func:`~loopfree.method.objective.clip_weight_at`). Gradients flow through the tiny decoder and the image tower into
+the student; both networks stay frozen.
 
     loopfree distill --teacher sd21 --prompts p.txt --out runs/ft --student-init runs/tiue \\
-        --clip-loss-weight 0.35 --clip clip-vit-large-patch14 --tiny-vae taesd     # the authors' fine-tuning
+        --clip-margin 0.35 --clip clip-vit-large-patch14 --tiny-vae taesd     # the authors' fine-tuning
 """
 
 from __future__ import annotations

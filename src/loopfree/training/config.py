@@ -104,9 +104,17 @@ class DistillConfig:
     regression_cache: str | None = _opt(
         "folder of the teacher-pair cache, shared by runs (default: $LOOPFREE_CACHE/pairs or ~/.cache/loopfree/pairs)", None
     )
-    clip_loss_weight: float = _opt(
+    clip_margin: float = _opt(
         "τ of the CLIP hinge relu(τ - mean cos(text, image)) on the student's x_0 decoded by --tiny-vae (0: off, the "
         "paper's; the authors' released students were fine-tuned with 0.35, their --lambda_textcliploss)", 0.0, check=_NON_NEGATIVE
+    )
+    clip_weight: float = _opt(
+        "w_0, the CLIP hinge's weight at step 0, falling linearly to 0 at --clip-weight-steps (authors' code: 0.1)", 0.1,
+        check=_NON_NEGATIVE,
+    )
+    clip_weight_steps: int | None = _opt(
+        "steps in which the CLIP weight falls to 0 (default: --max-steps; authors' code: one pass over their prompts at "
+        "the per-device batch)", None, check=_AT_LEAST_1,
     )
     clip: str | None = _opt("local transformers CLIP folder of the CLIP loss (as `loopfree eval --clip`)", None)
     tiny_vae: str | None = _opt("local diffusers AutoencoderTiny (TAESD) folder that decodes x_0 for the CLIP loss", None)
@@ -120,6 +128,11 @@ class DistillConfig:
         "KL over the K·B items: sum (paper's exact form) or mean (batch-independent)", "sum"
     )
     fake_cfg_dropout: float = _opt("empty-prompt rate of the fake-score step (paper: 0.1)", 0.1, check=_PROBABILITY)
+    guidance_fake_train: float = _opt(
+        "κ, guidance of the fake score's prediction in its own loss: mean((sqrt(ā_t)(ε_φ^κ - ε))²), ε_φ^κ = ε_φ(∅) + "
+        "κ (ε_φ(c) - ε_φ(∅)), both passes trained (1: plain ε_φ, the paper's; SiD-LSG's runs: 2, its cfg_train_fake κ_1)",
+        1.0, check=_FINITE,
+    )
     # -- fake score LoRA
     lora_rank: int = _opt("LoRA rank of the fake score (paper: 64)", 64, check=_AT_LEAST_1)
     lora_alpha: float = _opt("LoRA alpha of the fake score (paper: 108)", 108.0, check=_POSITIVE)
@@ -137,6 +150,12 @@ class DistillConfig:
         1,
         check=_AT_LEAST_1,
     )
+    gradient_accumulation_steps: int = _opt(
+        "N: every update of student and fake score sums the gradients of N micro-batches of --batch-size prompts — the "
+        "update of one batch of N·B prompts (equal but for rounding, with its draws) in the memory of B; a KL with "
+        "kl_reduction=sum sums over all N·K·B items, as at batch N·B; the CLIP hinge is taken per micro-batch (diffusers' "
+        "scripts; paper: 1)", 1, check=_AT_LEAST_1,
+    )
     adam_beta1: float = _opt("Adam β1 (paper: 0.9)", 0.9, check=_DECAY)
     adam_beta2: float = _opt("Adam β2 (paper: 0.999)", 0.999, check=_DECAY)
     adam_weight_decay: float = _opt("Adam weight decay (paper: 0)", 0.0, check=_NON_NEGATIVE)
@@ -148,6 +167,10 @@ class DistillConfig:
         "compute precision: fp16/bf16 autocast with fp32 master weights (paper: mixed precision on GPU)", "fp32"
     )
     gradient_checkpointing: bool = _opt("recompute activations to save memory (paper: on)", False)
+    allow_tf32: bool = _opt(
+        "TF32 in CUDA matmuls and cuDNN convolutions (Ampere and newer GPUs), as diffusers' training scripts' --allow_tf32 "
+        "(off: torch's settings; no effect on a CPU)", False
+    )
     shard: bool = _opt(
         "FSDP2: split the student's weights, gradients, Adam moments and EMA across the launch's processes, per UNet "
         "block (else every process holds them all: data parallel); fp32 or bf16", False
@@ -211,8 +234,8 @@ class DistillConfig:
                 raise LoopfreeError(f"timesteps must be strictly decreasing, got {short(t)}")
         if self.t_min > self.t_max:
             raise LoopfreeError(f"t_min ({self.t_min}) is larger than t_max ({self.t_max})")
-        if self.clip_loss_weight > 0 and (self.clip is None or self.tiny_vae is None):
-            raise LoopfreeError("clip_loss_weight > 0 needs a CLIP folder (--clip DIR) and a tiny VAE (--tiny-vae DIR)")
+        if self.clip_margin > 0 and (self.clip is None or self.tiny_vae is None):
+            raise LoopfreeError("clip_margin > 0 needs a CLIP folder (--clip DIR) and a tiny VAE (--tiny-vae DIR)")
         if self.shard and self.dtype == "fp16":
             raise LoopfreeError("shard trains in fp32 or bf16 (fp16 would need a sharded gradient scaler): use --dtype bf16")
         if not self.lora_targets:

@@ -4,16 +4,20 @@ The losses are the objective's (:mod:`loopfree.method.objective`); the teacher a
 :class:`~loopfree.method.scores.TeacherAndFakeScore`. The loop around it is :mod:`loopfree.training.trainer`::
 
     distiller = Distiller(cfg, pipe.unet, pipe.scheduler, accelerator, latent_size=64)
-    logs = distiller.step(cond, uncond)                      # + pairs=(cond, x_T, x_0 teacher) for λ_reg > 0
+    logs = distiller.step([Batch(cond, uncond)])    # one Batch per micro-batch (--gradient-accumulation-steps)
+
+With N micro-batches of B prompts a step draws its randomness (x_T, the noisings) for its N·B prompts at once, as
+one batch of N·B would, and hands each micro-batch its rows: with the same draws the step is that batch's step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -24,14 +28,17 @@ from safetensors.torch import load_file, save_file
 
 from loopfree.training.clip_loss import ClipAlignment
 from loopfree.training.config import DistillConfig
-from loopfree.training.sharding import clip_grad_norm, full_weights, load_sharded, save_sharded, shard_student
-from loopfree.method.objective import SiD, VSD, FakeScoreLoss, StudentLoss, regression_loss
+from loopfree.training.sharding import (clip_grad_norm, full_weights, load_sharded, sample_sharded, save_sharded, shard_student,
+                                        swapped)
+from loopfree.method.objective import (SiD, VSD, FakeScore, FakeScoreLoss, Noising, StudentLoss, clip_weight_at,
+                                       regression_loss)
 from loopfree.method.sampler import Conditioning, Generator
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.method.scores import TeacherAndFakeScore
 from loopfree.utils.timing import Sections
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+T = TypeVar("T")
 
 
 def student_timesteps(cfg: DistillConfig, scheduler_config, recorded: list[int] | None = None) -> tuple[list[int], float | None]:
@@ -54,7 +61,7 @@ def losses(cfg: DistillConfig, schedule: NoiseSchedule) -> tuple[StudentLoss, Fa
     score_loss = SiD(cfg.sid_alpha) if cfg.objective == "sid" else VSD()
     return (StudentLoss(schedule, score_loss, cfg.guidance, cfg.guidance_fake, cfg.t_min, cfg.t_max, cfg.kl_weight,
                         cfg.kl_reduction),
-            FakeScoreLoss(schedule, cfg.fake_cfg_dropout))
+            FakeScoreLoss(schedule, cfg.fake_cfg_dropout, cfg.guidance_fake_train))
 
 
 def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
@@ -72,16 +79,15 @@ def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
-@contextmanager
-def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Inside, ``params`` take no gradient (the fake score inside the student's SiD loss)."""
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+@dataclass
+class Batch:
+    """One micro-batch: its prompts' conditioning and the empty prompt's, the prompts themselves (the CLIP loss) and
+    teacher pairs (conditioning, x_T, teacher x_0) for the regression term."""
+
+    cond: Conditioning
+    uncond: Conditioning
+    prompts: list[str] | None = None
+    pairs: tuple[Conditioning, torch.Tensor, torch.Tensor] | None = None
 
 
 class Distiller:
@@ -107,7 +113,7 @@ class Distiller:
         self.scores = TeacherAndFakeScore(unet.to(accelerator.device), schedule, lora, weight_dtype, cfg.batch_teacher_fake)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-            self.scores.base.enable_gradient_checkpointing()
+            self.scores.enable_gradient_checkpointing()
         self.student = student
         self.lora_params = self.scores.params
 
@@ -133,75 +139,102 @@ class Distiller:
         self.ema = EMAModel(self.student_params, decay=cfg.ema_decay, use_ema_warmup=False, foreach=True)  # sharded as they are
         self.student_loss, self.fake_loss = losses(cfg, schedule)
         self.clip = None  # the CLIP hinge's frozen tiny decoder and CLIP model, in the compute dtype
-        if cfg.clip_loss_weight > 0:
-            self.clip = ClipAlignment(cfg.clip, cfg.tiny_vae, cfg.clip_loss_weight, accelerator.device, weight_dtype)
+        if cfg.clip_margin > 0:
+            self.clip = ClipAlignment(cfg.clip, cfg.tiny_vae, cfg.clip_margin, accelerator.device, weight_dtype)
         self.iteration = 0  # steps taken: the learning-rate schedules' position (set on resume)
         # checkpoints hold the student, the LoRA and the EMA (save_weights), never a copy of the frozen teacher
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
-    def step(self, cond: Conditioning, uncond: Conditioning, sections: Sections | None = None,
-             pairs: tuple[Conditioning, torch.Tensor, torch.Tensor] | None = None,
-             prompts: list[str] | None = None) -> dict[str, float]:
-        """One distillation iteration on a batch of prompts; ``pairs`` (conditioning, x_T, teacher x_0) feed the
-        regression term, the batch's ``prompts`` the CLIP loss. Returns the logged scalars."""
+    def step(self, batches: list[Batch], sections: Sections | None = None) -> dict[str, float]:
+        """One distillation iteration on ``cfg.gradient_accumulation_steps`` micro-batches of as many prompts each: the
+        gradients of all of them, then one update of each network. Returns the logged scalars, as of one batch of the
+        step's prompts."""
         acc, cfg = self.acc, self.cfg
+        if len(batches) != cfg.gradient_accumulation_steps:
+            raise ValueError(f"a step takes {cfg.gradient_accumulation_steps} micro-batches, got {len(batches)}")
         sections = sections or Sections(acc.device)
         for opt, schedule, lr in ((self.opt_student, cfg.lr_schedule, cfg.lr_student), (self.opt_fake, cfg.lr_fake_schedule, cfg.lr_fake)):
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(schedule, self.iteration, cfg.lr_warmup_steps, cfg.max_steps)
-        x_T = torch.randn(cond.text.shape[0], self.latent_channels, *self.latent_size, device=acc.device)
+        n, b = len(batches), batches[0].cond.text.shape[0]
+        # every draw of the step, for its n·b prompts in the order one batch of them makes it (n = 1: the draws as ever)
+        x_T = torch.randn(n * b, self.latent_channels, *self.latent_size, device=acc.device)
+        noising = self.student_loss.draw(x_T)
+        fake_noisings = [self.fake_loss.draw(x_T) for _ in range(cfg.fake_updates)]
+        rows = [(m * b, (m + 1) * b) for m in range(n)]  # micro-batch m's rows of the draws
 
-        # -- student forward (SPEC §2): x_0 and its K·B noise predictions, with gradient
-        with sections("student forward+backward"), acc.autocast():
-            x0, eps = self.generator(x_T, cond.text, cond.added)
-
-        def scores(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with sections("teacher+fake guided passes"), acc.autocast(), frozen(self.lora_params):
-                return self.scores.pair(x_t, t, cond, uncond)
-
-        # -- student update on L_score + λ_KL · L_KL (+ λ_reg · L_reg on teacher pairs)
-        student = self.student_loss(x0.float(), eps, scores)
-        loss = student["loss"]
-        if pairs is not None:
-            pair_cond, pair_x_T, pair_x0 = pairs
-            with sections("student forward+backward"), acc.autocast():
-                x0_pairs, _ = self.generator(pair_x_T, pair_cond.text, pair_cond.added)
-            student["regression"] = regression_loss(x0_pairs, pair_x0)
-            loss = loss + cfg.regression_weight * student["regression"]
-        if self.clip is not None:
-            with sections("CLIP loss"), acc.autocast():
-                student["clip"] = self.clip(x0, self.clip.text_embeds(prompts))
-            loss = loss + student["clip"]
+        # -- student update on L_score + λ_KL · L_KL (+ λ_reg · L_reg on teacher pairs, + w_s · L_clip)
+        logs: dict[str, float] = {}
+        x0s = []
+        for m, batch in enumerate(batches):
+            with acc.no_sync(self.generator) if m < n - 1 else nullcontext():  # gradients all-reduced once, at the last
+                x0, terms = self._student_backward(batch, x_T[slice(*rows[m])], noising.rows(*rows[m]), 1 / n, sections)
+            x0s.append(x0)
+            for name, value in terms.items():  # as of one batch of the step's prompts: means, a summed KL summed
+                logs[name] = logs.get(name, 0.0) + value * (1 if name == "loss/kl" and cfg.kl_reduction == "sum" else 1 / n)
         with sections("student forward+backward"):
-            acc.backward(loss)
             grad_student = (clip_grad_norm(self.student_params, cfg.max_grad_norm) if cfg.shard
                             else acc.clip_grad_norm_(self.student_params, cfg.max_grad_norm))
             self.opt_student.step()
             self.opt_student.zero_grad(set_to_none=True)
             self.ema.step(self.student_params)
 
-        # -- fake-score update on sg(x_0)
-        def fake(x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-            with acc.autocast():
-                return self.scores.fake(x_t, t, cond.where(keep, uncond))
-
+        # -- fake-score updates on sg(x_0)
         with sections("fake-score update"):
-            for _ in range(cfg.fake_updates):
-                loss_fake = self.fake_loss(x0.detach(), fake)
-                acc.backward(loss_fake)
+            for fake_noising in fake_noisings:
+                loss_fake = 0.0
+                for m, (batch, x0) in enumerate(zip(batches, x0s)):
+                    with acc.no_sync(self.scores.trainable) if m < n - 1 else nullcontext():
+                        loss = self.fake_loss(x0, self._fake(batch), fake_noising.rows(*rows[m]))
+                        acc.backward(loss / n)
+                    loss_fake += loss.item() / n
                 grad_fake = acc.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
                 self.opt_fake.step()
                 self.opt_fake.zero_grad(set_to_none=True)
         self.iteration += 1
-
-        logs = {f"loss/{cfg.objective}": student["score"].item(), "loss/kl": student["kl"].item(),
-                "loss/fake_mse": loss_fake.item(), "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
+        return {**logs, "loss/fake_mse": loss_fake, "grad_norm/student": float(grad_student), "grad_norm/fake": float(grad_fake),
                 "lr/student": self.opt_student.param_groups[0]["lr"], "lr/fake": self.opt_fake.param_groups[0]["lr"]}
-        for term in ("regression", "clip"):
-            if term in student:
-                logs[f"loss/{term}"] = student[term].item()
-        return logs
+
+    def _student_backward(self, batch: Batch, x_T: torch.Tensor, noising: Noising, share: float,
+                          sections: Sections) -> tuple[torch.Tensor, dict[str, float]]:
+        """The student loss of one micro-batch, ``share`` of the step's prompts, back-propagated; returns sg(x_0) and the
+        loss terms."""
+        acc, cfg = self.acc, self.cfg
+        # -- student forward (SPEC §2): x_0 and its K·B noise predictions, with gradient
+        with sections("student forward+backward"), acc.autocast():
+            x0, eps = self.generator(x_T, batch.cond.text, batch.cond.added)
+
+        def scores(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with sections("teacher+fake guided passes"), acc.autocast():
+                return self.scores.pair(x_t, t, batch.cond, batch.uncond)
+
+        student = self.student_loss(x0.float(), eps, scores, noising, share)
+        loss = student["loss"]
+        terms = {f"loss/{cfg.objective}": student["score"], "loss/kl": student["kl"]}
+        if batch.pairs is not None:
+            pair_cond, pair_x_T, pair_x0 = batch.pairs
+            with sections("student forward+backward"), acc.autocast():
+                x0_pairs, _ = self.generator(pair_x_T, pair_cond.text, pair_cond.added)
+            terms["loss/regression"] = regression_loss(x0_pairs, pair_x0)
+            loss = loss + share * cfg.regression_weight * terms["loss/regression"]
+        if self.clip is not None:
+            with sections("CLIP loss"), acc.autocast():
+                terms["loss/clip"] = self.clip(x0, self.clip.text_embeds(batch.prompts))
+            weight = clip_weight_at(self.iteration, cfg.clip_weight, cfg.clip_weight_steps or cfg.max_steps)
+            loss = loss + share * weight * terms["loss/clip"]
+        with sections("student forward+backward"):
+            acc.backward(loss)
+        return x0.detach(), {name: value.item() for name, value in terms.items()}
+
+    def _fake(self, batch: Batch) -> FakeScore:
+        """The fake score ε_φ on ``batch``'s prompts (FakeScore), under autocast."""
+
+        def fake(x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            with self.acc.autocast():
+                return self.scores.fake(x_t, t, batch.cond, batch.uncond, keep)
+
+        return fake
 
     # -- checkpoint parts that accelerate doesn't write itself: student, LoRA, EMA
     def save_weights(self, directory: Path, max_shard_size: str | int = "10GB") -> None:
@@ -233,9 +266,25 @@ class Distiller:
         for (name, _), shadow in zip(self.student.named_parameters(), self.ema.shadow_params):
             shadow.data.copy_(ema[name])
 
+    def with_student(self, use: Callable[[UNet2DConditionModel], T], ema: bool) -> T | None:
+        """``use(unet)`` with the student as a plain UNet, for validation and scoring during the run: its EMA weights
+        if ``ema`` (traded in place with the live ones and back, bit for bit). Data parallel: on the main process
+        (None elsewhere). Sharded: on every process together, with the sharded student itself under autocast —
+        each block gathered in the compute dtype while it runs, never a whole fp32 copy — so ``use`` must make the
+        same calls on every process. ``use`` gets the live student module: it must leave it as it found it. Every
+        process calls it."""
+        if not (self.cfg.shard or self.acc.is_main_process):
+            return None
+        with swapped(self.student_params, self.ema.shadow_params) if ema else nullcontext():
+            if not self.cfg.shard:
+                return use(self.student)
+            with self.acc.autocast():
+                return sample_sharded(self.generator, lambda: use(self.student))
+
     def full_student(self, ema: bool) -> UNet2DConditionModel | None:
-        """The student as a plain UNet on the main process (None elsewhere): a copy with the EMA weights if ``ema``,
-        else the live one (sharded: a gathered copy). Every process calls it (sharded: a collective gather)."""
+        """The student as a plain UNet on the main process (None elsewhere), to publish: a copy with the EMA weights
+        if ``ema``, else the live one (sharded: gathered to the CPU, then a copy on the device). Every process calls
+        it (sharded: a collective gather)."""
         main = self.acc.is_main_process
         if self.cfg.shard:
             weights = full_weights(self.generator, self.ema.shadow_params if ema else None, main)

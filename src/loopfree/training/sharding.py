@@ -10,21 +10,36 @@ other layers (conv_in, the time and added embeddings, conv_out) the root unit on
 gathers each block once per call and frees it after. Blocks are gathered in the compute dtype (the teacher's), and
 gradients reduced in fp32. The frozen teacher and the small LoRA fake score stay replicated (data parallel).
 
-Checkpoints go through ``torch.distributed.checkpoint`` (each process writes its shards, into the run's staged
-checkpoint folder); the final student is gathered once, to the main process, into the usual diffusers folder.
+Validation and scoring sample with the sharded student itself (:func:`sample_sharded`: every process runs the same
+calls, each block gathered while it runs), never a whole fp32 copy. Checkpoints go through
+``torch.distributed.checkpoint`` (each process writes its shards, into the run's staged checkpoint folder; a run
+resumed with another process count reads them resharded); the final student is gathered once, to the main
+process, into the usual diffusers folder.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from loopfree.method import split
+from loopfree.method.runtime import PASSES_ATTR, Passes
+
 SHARDED = "sharded"  # the checkpoint's sub-folder written by torch.distributed.checkpoint
+T = TypeVar("T")
+
+
+def _plain_decoders(unet, feats: split.EncoderFeatures, timesteps, hoist: bool = True) -> torch.Tensor:
+    """:func:`~loopfree.method.split.run_decoders` on the plain path whatever ``hoist`` asks: the hoisted one reaches
+    inside the up blocks, past their FSDP units."""
+    return split.run_decoders(unet, feats, timesteps, hoist=False)
 
 
 def shard_student(generator: torch.nn.Module, compute_dtype: torch.dtype) -> None:
@@ -35,6 +50,37 @@ def shard_student(generator: torch.nn.Module, compute_dtype: torch.dtype) -> Non
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         fully_shard(block, mp_policy=policy)
     fully_shard(generator, mp_policy=policy)
+    register_fsdp_forward_method(generator, "sample")  # sample_sharded: the root's layers gathered around a sampling
+    setattr(unet, PASSES_ATTR, Passes(split.run_encoder, _plain_decoders))  # any one-pass call on it, pipelines' too
+
+
+def sample_sharded(generator: torch.nn.Module, use: Callable[[], T]) -> T:
+    """``use()`` sampling the sharded student ``generator.unet`` as if it were a plain UNet (a pipeline around it, any
+    mode): the root unit's layers (conv_in, embeddings, conv_out) gathered around the call, each block by its own
+    unit while it runs, all in the compute dtype; resharded after. Collective: every process makes the same calls."""
+    try:
+        return generator.sample(use)
+    finally:
+        generator.reshard()  # the root keeps its layers gathered after a forward: training must gather them afresh
+
+
+@contextmanager
+def swapped(params: list[torch.Tensor], shadows: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, ``params`` hold the values of ``shadows`` (an EMA's) and the shadows theirs; traded back after, bit for
+    bit. In place, one tensor at a time: each process trades its own shards, with no communication."""
+    def trade() -> None:
+        with torch.no_grad():
+            for p, s in zip(params, shadows, strict=True):
+                a, b = (t.to_local() if isinstance(t, DTensor) else t for t in (p, s))
+                kept = a.clone()
+                a.copy_(b)
+                b.copy_(kept)
+
+    trade()
+    try:
+        yield
+    finally:
+        trade()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:

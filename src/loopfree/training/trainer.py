@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from loopfree.training.checkpoint import STATE, find_checkpoint, save_checkpoint
 from loopfree.training.config import DistillConfig, save_config
 from loopfree.training.data import PromptStream, load_prompts
-from loopfree.training.distiller import Distiller
+from loopfree.training.distiller import Batch, Distiller
 from loopfree.training.pairs import pair_prompts, teacher_pairs
 from loopfree.training.prompt_encoder import PromptEncoder
+from loopfree.utils.devices import tf32
 from loopfree.utils.errors import Interrupted, LoopfreeError
-from loopfree.utils.seeding import preserved_rng
+from loopfree.utils.seeding import derive_seed, preserved_rng
 from loopfree.utils.signals import stop_on_signals
 from loopfree.utils.images import image_grid
 from loopfree.pipelines.card import write_card
@@ -53,8 +54,9 @@ HARMLESS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume"
 
 def run_identity(cfg: DistillConfig) -> dict:
     """The settings that decide a run's result (paths absolute, so a folder means the same from anywhere); the run
-    length too when a learning rate decays to 0 at it."""
-    decays = cfg.lr_schedule != "constant" or cfg.lr_fake_schedule != "constant"
+    length too when a learning rate or the CLIP weight decays to 0 at it."""
+    decays = (cfg.lr_schedule != "constant" or cfg.lr_fake_schedule != "constant"
+              or (cfg.clip_margin > 0 and cfg.clip_weight_steps is None))
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if (k not in HARMLESS or (k == "max_steps" and decays)) and k != "out"}
     paths = {k: os.path.abspath(values[k]) for k in ("student_init", "clip", "tiny_vae") if values[k]}
     return {**values, **paths, "teacher": os.path.abspath(cfg.teacher), "prompts": os.path.abspath(cfg.prompts)}
@@ -77,8 +79,8 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
 
         if unet_config(student.path) != unet_config(info.path):
             raise LoopfreeError(f"--student-init {cfg.student_init} is not a student of this teacher's UNet (its config differs)")
-    if cfg.clip_loss_weight > 0:
-        check_clip(cfg.clip, "--clip-loss-weight")
+    if cfg.clip_margin > 0:
+        check_clip(cfg.clip, "--clip-margin")
         try:
             check_tiny_vae(cfg.tiny_vae)
         except LoopfreeError as e:
@@ -100,8 +102,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     if folder.resuming and cfg.resume is None:
         raise LoopfreeError(f"--out {cfg.out} holds a distillation with these settings: pass --resume latest to continue it "
                             "or --overwrite to start again")
-    # every process of the launch reads the same checkpoint; it must hold their RNG states
-    checkpoint = find_checkpoint(out, cfg.resume, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
+    checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         state = json.loads((checkpoint / STATE).read_text())
         changed = changed_keys(state["identity"], run_identity(cfg))
@@ -110,7 +111,8 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     return resolution, prompts, folder, checkpoint
 
 
-#: (student pipeline, step) -> scores; called on the main process every ``eval_every`` steps (learning curves)
+#: (student pipeline, step) -> scores; called every ``eval_every`` steps (learning curves) on the main process — on
+#: every process of a sharded run, whose sampling is collective (the same calls everywhere; the main one's scores kept)
 Evaluation = Callable[[object, int], dict[str, float]]
 
 
@@ -135,7 +137,7 @@ def distill(cfg: DistillConfig, evaluate: Evaluation | None = None) -> Path:
         if launched != acc.num_processes:
             raise LoopfreeError(f"launched as {launched} processes but accelerate runs {acc.num_processes}: check the launch configuration")
         acc.wait_for_everyone()  # every process has checked --out before the main one writes to it
-        with folder if acc.is_main_process else nullcontext():
+        with folder if acc.is_main_process else nullcontext(), tf32(cfg.allow_tf32):
             return _train(cfg, acc, folder.final, resolution, prompts, checkpoint, evaluate)
 
 
@@ -155,11 +157,10 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
             getattr(pipe, name).requires_grad_(False).to(acc.device)
     encode = PromptEncoder(pipe, acc.device, resolution, cfg.prompt_cache_mb if cfg.cache_prompt_embeds else 0)
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
-    pair_x_T = pair_x0 = None
-    if cfg.regression_weight > 0:  # the teacher's pairs, before the fake score's LoRA joins its UNet
-        cache = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device, fill=main)
-        acc.wait_for_everyone()
-        pair_x_T, pair_x0 = (x.to(acc.device) for x in cache.load())
+    pairs = None  # every process makes its share of the teacher's pairs, before the fake score's LoRA joins its UNet
+    if cfg.regression_weight > 0:
+        pairs = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device,
+                              acc.process_index, acc.num_processes)
     init = None
     if cfg.student_init:
         student = load_pipeline(cfg.student_init)
@@ -169,11 +170,12 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
 
     def pair_batch() -> tuple[Conditioning, torch.Tensor, torch.Tensor] | None:
-        """B teacher pairs drawn at random (the global, checkpointed RNG)."""
-        if pair_x_T is None:
+        """B teacher pairs drawn at random (the global, checkpointed RNG), read from the cache on disk."""
+        if pairs is None:
             return None
-        index = torch.randint(len(pair_x_T), (cfg.batch_size,))
-        return encode(pair_prompts(prompts, index.tolist()))[0], pair_x_T[index], pair_x0[index]
+        index = torch.randint(pairs.count, (cfg.batch_size,)).tolist()
+        x_T, x0 = (x.to(acc.device) for x in pairs.rows(index))
+        return encode(pair_prompts(prompts, index))[0], x_T, x0
 
     validation_prompts = cfg.validation_prompts or prompts[:4]
 
@@ -186,8 +188,14 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         stream.load_state_dict(state["stream"])
         step = distiller.iteration = state["step"]
         seconds = state["train_seconds"]
+        processes = state["num_processes"], acc.num_processes
+        if processes[0] != processes[1]:  # the saved RNG states were per process: new ones (docs/distill.md)
+            set_seed(derive_seed(cfg.seed, step, acc.process_index, bits=32))
+            if main:
+                print(f"resuming {checkpoint.name} of {processes[0]} processes with {processes[1]}: the prompt stream goes "
+                      "on from its global position, each process on a new random stream", file=sys.stderr, flush=True)
         if main:
-            record_changes(out, state["config"], cfg, step)
+            record_changes(out, state["config"], cfg, step, processes)
     if main:
         save_config(cfg, out / "distill_config.yaml")
     if cfg.log_with != "none":
@@ -201,11 +209,14 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     def score_now() -> None:
         if not (evaluate and cfg.eval_every and step % cfg.eval_every == 0):
             return
-        unet = distiller.full_student(ema=True)  # every process: a sharded student is gathered
+
+        def score(unet) -> dict[str, float]:
+            with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):  # the evaluation's draws leave the training stream alone
+                return evaluate(student_pipeline(pipe, distiller, unet), step)
+
+        scores = distiller.with_student(score, ema=True)  # every process: a sharded student samples collectively
         if not main:
             return
-        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):  # the evaluation's draws leave the training stream alone
-            scores = evaluate(student_pipeline(pipe, distiller, unet), step)
         acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
@@ -216,9 +227,11 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     t_last = time.perf_counter()
     with stop_on_signals() as stop:
         while step < cfg.max_steps:
-            batch = stream.next_batch()
-            cond, uncond = encode(batch)
-            logs = distiller.step(cond, uncond, pairs=pair_batch(), prompts=batch)
+            batches = []
+            for _ in range(cfg.gradient_accumulation_steps):  # the step's micro-batches, each with its teacher pairs
+                batch = stream.next_batch()
+                batches.append(Batch(*encode(batch), prompts=batch, pairs=pair_batch()))
+            logs = distiller.step(batches)
             step += 1
             now = time.perf_counter()
             logs["it_per_s"], t_last = 1.0 / max(now - t_last, 1e-9), now
@@ -228,10 +241,9 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
             bar.set_postfix({cfg.objective: f"{logs[f'loss/{cfg.objective}']:.3g}", "kl": f"{logs['loss/kl']:.3g}",
                              "fake": f"{logs['loss/fake_mse']:.3g}"})
             if cfg.validate_every and step % cfg.validate_every == 0:
-                unet = distiller.full_student(ema=False)  # every process: a sharded student is gathered
-                if main:
-                    validate(student_pipeline(pipe, distiller, unet), validation_prompts, out / "validation" / f"step-{step:08d}.png",
-                             step, resolution, acc)
+                path = out / "validation" / f"step-{step:08d}.png"  # every process: a sharded student samples collectively
+                distiller.with_student(lambda unet: validate(student_pipeline(pipe, distiller, unet), validation_prompts, path,
+                                                             step, resolution, acc), ema=False)
             score_now()
             t_last = time.perf_counter()  # validation and scoring are not training time
             signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
@@ -257,10 +269,13 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     return out
 
 
-def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int) -> None:
-    """Append the harmless options that differ from the checkpoint's run to ``resumes.jsonl``."""
+def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int, processes: tuple[int, int]) -> None:
+    """Append the harmless options that differ from the checkpoint's run, and the process counts (checkpoint's, now)
+    if they differ, to ``resumes.jsonl``."""
     now = dataclasses.asdict(cfg)
     changed = {k: [saved.get(k), now[k]] for k in HARMLESS if saved.get(k) != now[k] and k not in ("resume", "overwrite")}
+    if processes[0] != processes[1]:
+        changed["num_processes"] = list(processes)
     with open(out / "resumes.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}) + "\n")
 
@@ -278,7 +293,8 @@ def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
 
 
 def student_pipeline(pipe, distiller: Distiller, unet):
-    """A pipeline of the teacher's components with ``unet``, a student of :meth:`Distiller.full_student`."""
+    """A pipeline of the teacher's components with ``unet``, the student (:meth:`Distiller.with_student`,
+    :meth:`Distiller.full_student`)."""
     student = type(pipe)(**{**pipe.components, "unet": unet})
     student.decoder_timesteps = distiller.timesteps
     student.final_alpha_cumprod = distiller.final_alpha_cumprod
@@ -303,12 +319,15 @@ def publish_pipeline(pipe, out: Path) -> None:
 
 @torch.no_grad()
 def validate(student, prompts: list[str], path: Path, step: int, resolution: int, acc: Accelerator, seeds: int = 4) -> None:
-    """A grid of the ``student`` pipeline's samples at the training resolution: one row per prompt, one column per seed."""
+    """A grid of the ``student`` pipeline's samples at the training resolution: one row per prompt, one column per seed,
+    written by the main process (every process of a sharded run samples)."""
     student.set_progress_bar_config(disable=True)
     rows = []
     for prompt in prompts:
         gens = [torch.Generator(acc.device).manual_seed(s) for s in range(seeds)]
         rows.append(student([prompt] * seeds, generator=gens, height=resolution, width=resolution).images)
+    if not acc.is_main_process:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(rows)
     save_image(path, grid)

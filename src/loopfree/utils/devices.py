@@ -54,3 +54,21 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Inside, with ``enabled``, CUDA matmuls and cuDNN convolutions may use TF32 (Ampere and newer GPUs; diffusers'
+    training scripts' ``--allow_tf32``), restored after; else torch's own settings. Nothing changes on a CPU."""
+    if not enabled:
+        yield
+        return
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = True
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
