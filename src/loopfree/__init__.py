@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "LoopFreePipeline": "loopfree.pipelines.pipeline",
     "LoopFreeXLPipeline": "loopfree.pipelines.pipeline",
+    "LoopFreePixArtPipeline": "loopfree.pipelines.pipeline_pixart",
+    "LoopFreeSD3Pipeline": "loopfree.pipelines.pipeline_sd3",
+    "LoopFreeFluxPipeline": "loopfree.pipelines.pipeline_flux",
     "load_pipeline": "loopfree.pipelines.loading",
     "inspect_pipeline": "loopfree.pipelines.loading",
     "DistillConfig": "loopfree.training.config",

@@ -5,6 +5,9 @@
     loopfree bench --train --memory --arch sd21 --batch-size 8 --dtype bf16 --gradient-checkpointing
     loopfree bench --train --memory --arch sd21 --objective sid --gradient-checkpointing
     loopfree bench --train --memory --arch sdxl --dtype bf16 --processes 8 --shard --measure-resolution 512
+    loopfree bench --arch pixart-1024 --shared-blocks 14 --repeats 1      # a transformer: the one pass at N of L blocks
+    loopfree bench --arch flux-dev --timing none --json                   # FLOPs only (counted on the meta device)
+    loopfree bench --train --memory --arch flux-dev --dtype bf16 --processes 8 --shard
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from loopfree.cli import options
 from loopfree.utils.errors import LoopfreeError
 
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
+TRANSFORMER_NAMES = ("pixart-512", "pixart-1024", "sd3-medium", "flux-dev", "pixart-tiny", "sd3-tiny", "flux-tiny")
+TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
 
 
 @click.command()
-@click.option("--arch", type=click.Choice(ARCH_NAMES), default="sd21", show_default=True, help="UNet shape (random weights).")
+@click.option("--arch", type=click.Choice(ARCH_NAMES + TRANSFORMER_NAMES), default="sd21", show_default=True,
+              help="UNet or transformer shape (random weights).")
 @options.resolution("Image size: N or WIDTHxHEIGHT (default: the architecture's native).")
 @options.device()
 @options.dtype()
@@ -50,9 +56,21 @@ ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 @click.option("--shard", is_flag=True,
               help="With --memory: FSDP2 full sharding of the student's weights, moments, EMA and gradients over --processes "
                    "(an estimate of the plan; loopfree distill runs data parallel today).")
+@click.option("--shared-blocks", type=click.IntRange(0), multiple=True,
+              help="A transformer --arch: N, the blocks the one pass runs once (repeatable; default: ¼, ½ and ¾ of them).")
+@click.option("--timing", type=click.Choice(TIMINGS), default=None,
+              help="A transformer --arch: time it by blocks (one of each kind, summed; the default), whole, or none "
+                   "(FLOPs only).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
-          gradient_checkpointing, batch_teacher_fake, objective, memory, measure_resolution, processes, shard) -> None:
+          gradient_checkpointing, batch_teacher_fake, objective, memory, measure_resolution, processes, shard,
+          shared_blocks, timing) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
+    if arch in TRANSFORMER_NAMES:
+        _transformer(arch, resolution, device, dtype, steps, repeats, as_json, train, batch_size, memory, processes,
+                     shard, list(shared_blocks), timing or "blocks")
+        return
+    if shared_blocks or timing:
+        raise LoopfreeError("--shared-blocks and --timing go with a transformer --arch (pixart-*, sd3-*, flux-*)")
     from loopfree.bench.archs import ARCHS
     from loopfree.bench.speed import format_table, inference_rows, train_rows
     from loopfree.utils.devices import resolve_device, resolve_dtype
@@ -120,3 +138,66 @@ def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, 
              f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at}, per device of {processes}"
              f"{' (FSDP2 sharded)' if shard else ''} — an estimate")
     click.echo(format_memory_table(rows, title))
+
+
+def _refuse_given(names: tuple[str, ...], why: str) -> None:
+    """A one-line error naming the options of ``names`` given on the command line, if any."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise LoopfreeError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {why}")
+
+
+_UNET_ONLY = ("with_50", "end_to_end", "compile_", "gradient_checkpointing", "batch_teacher_fake", "objective",
+              "measure_resolution")
+
+
+def _transformer(arch, resolution, device, dtype, steps, repeats, as_json, train, batch_size, memory, processes, shard,
+                 shared_blocks, timing) -> None:
+    """A transformer --arch: the one-pass cost table, or (``--train --memory``) the parameter-count memory estimate."""
+    from loopfree.bench.transformer_archs import TRANSFORMER_ARCHS
+    from loopfree.pipelines.pipeline import check_size
+
+    spec = TRANSFORMER_ARCHS[arch]
+    if train and not memory:
+        raise LoopfreeError("a transformer's distillation step isn't built yet: --train goes with --memory for a transformer arch")
+    if memory:
+        _refuse_given(_UNET_ONLY + ("resolution", "steps", "repeats", "batch_size", "shared_blocks", "timing"),
+                      "a transformer's memory estimate (parameter counts only: its activations are not measured yet)")
+        if shard and processes < 2:
+            raise LoopfreeError("--shard divides the student over --processes: give --processes 2 or more")
+        _transformer_memory(arch, spec, dtype, processes, shard, as_json)
+        return
+    _refuse_given(_UNET_ONLY + ("processes", "shard"), "a transformer's one-pass cost table")
+    from loopfree.bench.transformer_cost import cost_rows, format_cost_table
+    from loopfree.utils.devices import resolve_device, resolve_dtype
+
+    height, width = resolution or (spec.resolution, spec.resolution)
+    check_size(height, width, 2 * spec.vae_scale_factor, spec.resolution)  # a 2×2 patch of latents per token
+    dev = resolve_device(device)
+    rows = cost_rows(spec, (height, width), shared_blocks, steps, batch_size, dev, resolve_dtype(dtype, dev), timing, repeats)
+    info = dict(arch=arch, model=type(spec.build("meta")).__name__, resolution=f"{width}x{height}",
+                image_tokens=spec.tokens((height, width)), text_tokens=spec.text_len, blocks=len(spec.block_kinds()),
+                decoders=steps, batch_size=batch_size, device=str(dev), dtype=dtype, timing=timing,
+                repeats=None if timing == "none" else repeats)
+    if as_json:
+        click.echo(json.dumps(dict(info, rows=[asdict(r) for r in rows]), indent=2))
+        return
+    how = {"blocks": "timed by blocks", "whole": "timed whole", "none": "FLOPs only"}[timing]
+    click.echo(format_cost_table(rows, (
+        f"loopfree bench: {arch} ({info['model']}, {info['blocks']} blocks), {info['resolution']}: {info['image_tokens']} "
+        f"image + {info['text_tokens']} text tokens, {dev}, {dtype}, batch {batch_size}, K={steps}, {how}"
+        f"{'' if timing == 'none' else f', median of {repeats}'}")))
+
+
+def _transformer_memory(arch, spec, dtype, processes, shard, as_json) -> None:
+    from loopfree.bench.transformer_memory import format_memory_table, memory_rows
+
+    rows = memory_rows(spec, dtype, processes, shard)
+    name = f"{arch}, {dtype}, {processes} device{'s' * (processes > 1)}{', FSDP2' if shard else ''}"
+    if as_json:
+        click.echo(json.dumps(dict(name=name, arch=arch, dtype=dtype, processes=processes, shard=shard, estimate=True,
+                                   activations="not measured", rows=[asdict(r) for r in rows]), indent=2))
+        return
+    click.echo(format_memory_table(rows, f"loopfree bench --train --memory: {name}, per device — parameter counts only"))

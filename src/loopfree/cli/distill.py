@@ -16,11 +16,16 @@ from loopfree.training.config import DistillConfig
 @config_options(DistillConfig)
 def distill(config, **overrides) -> None:
     """Distil a teacher pipeline into a loop-free (TiUE) or one-step student from text prompts alone."""
+    from loopfree.pipelines.families import refuse_transformer
+    from loopfree.training.config import load_config
+
+    cfg = load_config(config, overrides)
+    refuse_transformer(cfg.teacher, "teacher", "distillation")  # before torch loads: a transformer teacher's student does not exist yet
+
     from accelerate import PartialState
 
-    from loopfree.training.config import load_config
     from loopfree.training.trainer import distill as run
 
-    out = run(load_config(config, overrides))
+    out = run(cfg)
     if PartialState().is_main_process:
         click.echo(f"student pipeline written to {out}")

@@ -22,7 +22,7 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
 @click.command()
 @click.argument("dirs", nargs=-1, type=click.Path())
 @click.option("--report", is_flag=True, help="Print the results of the evaluation folders DIRS as one table, and stop.")
-@options.model()
+@options.model(options.ANY_MODEL)
 @click.option("--prompts", type=click.Path(), default=None,
               help="Prompt source: txt/jsonl/csv/tsv/parquet/datasets folder, COCO captions JSON, DrawBench CSV, PartiPrompts TSV "
                    "(default with --features toy: the toy world's held-out prompts).")

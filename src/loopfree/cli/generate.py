@@ -13,7 +13,7 @@ from loopfree.utils.errors import LoopfreeError
 
 @click.command()
 @click.argument("prompt")
-@options.model()
+@options.model(options.ANY_MODEL)
 @options.out("images", "Output folder for the PNGs and generate.json.")
 @options.overwrite()
 @options.images_per_prompt()
@@ -31,7 +31,7 @@ from loopfree.utils.errors import LoopfreeError
               help="A local diffusers AutoencoderTiny (TAESD) folder that decodes instead of the model's VAE: fast, approximate.")
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
              key_steps, guidance, device, dtype, compile_, tiny_vae) -> None:
-    """Generate images for PROMPT with a loop-free student (or any Stable Diffusion pipeline)."""
+    """Generate images for PROMPT with a loop-free student (or any Stable Diffusion, PixArt-α, SD3 or FLUX pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
 

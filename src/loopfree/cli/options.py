@@ -70,6 +70,11 @@ def model(help: str = "A local diffusers Stable Diffusion (XL) pipeline folder (
     return click.option("--model", type=click.Path(), default=None, help=help)
 
 
+#: --model of the commands that sample transformer pipelines too (generate, eval, serve)
+ANY_MODEL = ("A local diffusers pipeline folder: Stable Diffusion (XL), PixArt-α, SD3 or FLUX (default: the bundled "
+             "toy student).")
+
+
 def out(default: str | None = None, help: str = "Output folder.") -> F:
     return click.option("--out", type=click.Path(), default=default, required=default is None, show_default=default is not None, help=help)
 

@@ -71,7 +71,7 @@ def _inspect(flag: str, path: str, height: int | None = None, width: int | None 
     from loopfree.pipelines.loading import inspect_pipeline
 
     try:
-        info = inspect_pipeline(path)
+        info = inspect_pipeline(path, transformers=True)
         info.check_size(height or info.default_size, width or info.default_size)
         return info
     except LoopfreeError as e:

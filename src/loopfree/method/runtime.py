@@ -51,7 +51,7 @@ def prepare_pipeline(pipe, device: torch.device, compile: bool = False, backend:
     attention (diffusers' UNet and VAE load with ``AttnProcessor2_0``, which is SDPA already: tests/test_precision.py),
     optionally the UNet compiled. Returns ``pipe``."""
     pipe.to(device)
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(pipe, name, None)
         if encoder is not None and encoder.config._attn_implementation != "sdpa":
             encoder.set_attn_implementation("sdpa")

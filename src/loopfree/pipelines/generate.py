@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, save_image, write_json
 from loopfree.utils.seeding import image_seed, initial_latents
 
@@ -23,6 +24,7 @@ def generate_images(
     key_steps: list[int] | None = None, tiny_vae: str | None = None,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
+    ``model``: a Stable Diffusion (XL), PixArt-α, SD3 or FLUX pipeline folder (default: the bundled toy student).
 
     ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``tiny_vae``: an AutoencoderTiny folder decodes; ``compile``: ``torch.compile`` the encoder and the decoder
     (:func:`loopfree.method.runtime.prepare_pipeline`)."""
@@ -32,10 +34,12 @@ def generate_images(
     from loopfree.toy.assets import bundled
 
     model = str(model) if model is not None else str(bundled("student"))
-    info = inspect_pipeline(model)  # cheap checks first: nothing is loaded or written if they fail
+    info = inspect_pipeline(model, transformers=True)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
     plan = info.plan_steps(mode, steps, timesteps, key_steps)
+    if compile and info.family != "sd":
+        raise LoopfreeError("--compile compiles a UNet's encoder and decoder: transformer pipelines run eagerly so far")
     if tiny_vae is not None:
         tiny_vae = os.path.abspath(check_tiny_vae(tiny_vae))
     dev = resolve_device(device)

@@ -2,7 +2,9 @@
 
 ``inspect_pipeline`` reads only configs and file headers (milliseconds), so commands call it before any
 output is written; ``load_pipeline`` runs the same checks and then loads safetensors weights only — never a
-pickled ``.bin``, never a download.
+pickled ``.bin``, never a download. Stable Diffusion (XL) folders load as ``LoopFreePipeline`` (``…XLPipeline``);
+PixArt-α, SD3 and FLUX folders (:mod:`~loopfree.pipelines.families`) as their transformer pipelines, and
+``inspect_pipeline`` accepts them only when asked to (``transformers=True``: the commands that sample them).
 
     info = inspect_pipeline("runs/tiue")           # what the folder holds, or a one-line error
     pipe = load_pipeline("runs/tiue", dtype=torch.bfloat16)
@@ -10,83 +12,26 @@ pickled ``.bin``, never a download.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopfree.method.flow import check_sigmas
+from loopfree.method.schedule import check_timesteps
+from loopfree.method.transformer_split import check_shared_blocks
+from loopfree.pipelines.families import FAMILIES, family_of, present
+from loopfree.pipelines.files import check_safetensors, read_json, weight_files
+from loopfree.pipelines.pipeline import SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
+from loopfree.pipelines.transformer_pipeline import Geometry, geometry, plan_transformer_steps
 from loopfree.utils.errors import LoopfreeError, first_line
-from loopfree.pipelines.pipeline import LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
 
-#: Components a Stable Diffusion (XL) pipeline needs, and the weight file stem each one's library writes.
-WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's content; a missing, unreadable or malformed file is one line naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LoopfreeError(f"{path} is missing") from None
-    except PermissionError:
-        raise LoopfreeError(f"cannot read {path} (permission denied)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LoopfreeError(f"cannot read {path} ({e.__class__.__name__})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LoopfreeError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-
-
-def check_safetensors(path: Path) -> None:
-    """An error unless ``path`` is a complete, readable safetensors file (header parsed, size matches it)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            header = f.read(n) if n is not None and 2 <= n <= min(size - 8, 100_000_000) else None
-    except FileNotFoundError:
-        raise LoopfreeError(f"{path} is missing") from None
-    except PermissionError:
-        raise LoopfreeError(f"cannot read {path} (permission denied)") from None
-    except IsADirectoryError:
-        raise LoopfreeError(f"{path} is a folder, not a weights file") from None
-    except OSError as e:
-        raise LoopfreeError(f"cannot read {path} ({e.strerror or e.__class__.__name__})") from None
-    try:
-        entries = json.loads(header) if header is not None else None
-        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        entries = None
-    if entries is None:
-        what = "empty" if size == 0 else "truncated" if size < 16 else "not a safetensors file (bad header)"
-        raise LoopfreeError(f"{path} is {what}")
-    expected = 8 + len(header) + end
-    if size != expected:
-        raise LoopfreeError(f"{path} is {'truncated' if size < expected else 'corrupt'}: {size} bytes, its header describes {expected}")
-
-
-def _weight_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors files of one component (one file or the shards an index names); errors name the file."""
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = read_json(index).get("weight_map", {})
-        if not isinstance(shards, dict) or not shards:
-            raise LoopfreeError(f"{index} names no weight shards")
-        return [folder / name for name in sorted(set(shards.values()))]
-    if single.exists():
-        return [single]
-    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.ckpt")]
-    if pickles:
-        raise LoopfreeError(f"{folder} holds only pickled weights ({pickles[0]}); loopfree loads safetensors only — "
-                            f"convert them with diffusers/transformers save_pretrained(safe_serialization=True)")
-    raise LoopfreeError(f"{single} is missing")
+#: Components with weights, and the weight file stem each one's library writes.
+WEIGHTS = {"unet": "diffusion_pytorch_model", "transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+           "text_encoder": "model", "text_encoder_2": "model", "text_encoder_3": "model"}
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a Stable Diffusion pipeline's components
 
 
 @dataclass(frozen=True)
@@ -96,27 +41,94 @@ class PipelineInfo:
     path: Path
     xl: bool  # two text encoders and added conditioning
     vae_scale_factor: int
-    default_size: int  # UNet sample size × VAE scale factor, in pixels
+    default_size: int  # the denoiser's sample size × VAE scale factor, in pixels
     scheduler_config: dict
     decoder_timesteps: list[int] | None  # recorded by distillation (loopfree.json)
     final_alpha_cumprod: float | None  # recorded with them (one-step students: 1.0)
+    family: str = "sd"  # "sd" (a UNet: SD 1.x/2.x/XL) or a transformer family: "pixart", "sd3", "flux"
+    geometry: Geometry | None = None  # transformers: the image sizes they take
+    decoder_sigmas: list[float] | None = None  # SD3, FLUX: recorded decoder σ's (loopfree.json)
+    shared_blocks: int | None = None  # transformers: N, recorded or the default
+    absent: tuple[str, ...] = ()  # optional components the folder lacks (SD3 without T5): loaded as None
 
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler_config["num_train_timesteps"]
 
     def check_size(self, height: int, width: int) -> None:
-        check_size(height, width, self.vae_scale_factor, self.default_size)
+        if self.geometry is not None:
+            self.geometry.check(height, width)
+        else:
+            check_size(height, width, self.vae_scale_factor, self.default_size)
 
     def plan_steps(self, mode: str, steps: int | None = None, timesteps: list[int] | None = None,
                    key_steps: list[int] | None = None) -> StepPlan:
         """What the loaded pipeline's ``plan_steps`` will say, from the configs alone."""
+        if self.family in FAMILIES:
+            recorded = self.decoder_timesteps if self.family == "pixart" else self.decoder_sigmas
+            return plan_transformer_steps(self.family, mode, steps, timesteps, key_steps, self.scheduler_config, recorded)
         return plan_steps(mode, steps, timesteps, self.scheduler_config, self.decoder_timesteps, self.final_alpha_cumprod,
                           key_steps)
 
 
-def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
-    """Check that ``path`` is a complete local Stable Diffusion (XL) pipeline folder with safetensors weights."""
+def _check_components(root: Path, components: dict, required: tuple[str, ...], what: str) -> dict[str, Any]:
+    """Every ``required`` component a folder; the JSON files of every tokenizer and the safetensors weights of every
+    component listed readable and complete. Returns the configs of the components with weights, by name."""
+    for name in required:
+        if not present(components, name) or not (root / name).is_dir():
+            raise LoopfreeError(f"{str(root)!r} is not a {what} pipeline (no {name} component)")
+    listed = [name for name in WEIGHTS if present(components, name)]
+    configs = {name: read_json(root / name / "config.json") for name in listed}
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        for file in (root / name).glob("*.json") if present(components, name) else ():
+            read_json(file)
+    for name in listed:
+        for file in weight_files(root / name, WEIGHTS[name]):
+            check_safetensors(file)
+    return configs
+
+
+def _read_recorded(root: Path) -> dict:
+    """loopfree.json's content (what distillation recorded), {} without one."""
+    recorded = read_json(root / SIDECAR) if (root / SIDECAR).is_file() else {}
+    if not isinstance(recorded, dict):
+        raise LoopfreeError(f"{root / SIDECAR} is not a JSON object")
+    return recorded
+
+
+def _scales(root: Path, configs: dict, scheduler: dict) -> tuple[int, dict]:
+    """The VAE's scale factor, and the scheduler config with its number of training timesteps."""
+    try:
+        return (2 ** (len(configs["vae"]["block_out_channels"]) - 1),
+                {**scheduler, "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000))})
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoopfreeError(f"{root}: a component config lacks a required entry ({e})") from None
+
+
+def _inspect_transformer(root: Path, components: dict, family: str) -> PipelineInfo:
+    configs = _check_components(root, components, FAMILIES[family].required, FAMILIES[family].name)
+    vae_scale, scheduler = _scales(root, configs, read_json(root / "scheduler" / "scheduler_config.json"))
+    try:
+        size = geometry(family, configs["transformer"], vae_scale)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoopfreeError(f"{root / 'transformer' / 'config.json'} lacks a required entry ({e})") from None
+    recorded = _read_recorded(root)
+    timesteps, sigmas = recorded.get("decoder_timesteps"), recorded.get("decoder_sigmas")
+    try:
+        n = check_shared_blocks(recorded.get("shared_blocks"), size.num_blocks)
+        if timesteps is not None:
+            check_timesteps(timesteps, scheduler["num_train_timesteps"])
+        if sigmas is not None:
+            check_sigmas(sigmas)
+    except LoopfreeError as e:
+        raise LoopfreeError(f"{root / SIDECAR}: {e}") from None
+    absent = tuple(name for name in FAMILIES[family].optional if not present(components, name))
+    return PipelineInfo(root, False, vae_scale, size.default_size, scheduler, timesteps, None, family, size, sigmas, n, absent)
+
+
+def inspect_pipeline(path: str | os.PathLike, transformers: bool = False) -> PipelineInfo:
+    """Check that ``path`` is a complete local Stable Diffusion (XL) pipeline folder with safetensors weights —
+    or, with ``transformers``, a PixArt-α, SD3 or FLUX one; without, such a folder gets a one-line refusal."""
     root = Path(path)
     if not root.exists():
         raise LoopfreeError(f"model folder {str(path)!r} does not exist")
@@ -127,29 +139,22 @@ def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
     components = read_json(root / "model_index.json")
     if not isinstance(components, dict):
         raise LoopfreeError(f"{root / 'model_index.json'} is not a JSON object")
-    xl = "text_encoder_2" in components
-    for name in REQUIRED + (("text_encoder_2", "tokenizer_2") if xl else ()):
-        if name not in components or not (root / name).is_dir():
-            raise LoopfreeError(f"{str(path)!r} is not a Stable Diffusion pipeline (no {name} component)")
-    configs = {name: read_json(root / name / "config.json") for name in WEIGHTS if name in components}
-    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    for name in ("tokenizer", "tokenizer_2"):
-        for file in (root / name).glob("*.json") if name in components else ():
-            read_json(file)
-    for name, stem in WEIGHTS.items():
-        if name in components:
-            for file in _weight_files(root / name, stem):
-                check_safetensors(file)
+    family = family_of(components, path)
+    if family is not None and not transformers:
+        raise LoopfreeError(f"{str(path)!r} is a {FAMILIES[family].name} pipeline (a transformer denoiser): this command "
+                            "takes Stable Diffusion (UNet) pipelines only so far")
+    if family is not None:
+        return _inspect_transformer(root, components, family)
+    xl = present(components, "text_encoder_2")
+    configs = _check_components(root, components, REQUIRED + (("text_encoder_2", "tokenizer_2") if xl else ()),
+                                "Stable Diffusion")
+    vae_scale, scheduler = _scales(root, configs, read_json(root / "scheduler" / "scheduler_config.json"))
     try:
-        vae_scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
         sample_size = configs["unet"]["sample_size"]
         sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else int(sample_size)
-        scheduler = {**scheduler, "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000))}
     except (KeyError, TypeError, ValueError) as e:
         raise LoopfreeError(f"{root}: a component config lacks a required entry ({e})") from None
-    recorded = read_json(root / "loopfree.json") if (root / "loopfree.json").is_file() else {}
-    if not isinstance(recorded, dict):
-        raise LoopfreeError(f"{root / 'loopfree.json'} is not a JSON object")
+    recorded = _read_recorded(root)
     return PipelineInfo(root, xl, vae_scale, sample_size * vae_scale, scheduler, recorded.get("decoder_timesteps"),
                         recorded.get("final_alpha_cumprod"))
 
@@ -162,7 +167,7 @@ def check_tiny_vae(path: str | os.PathLike) -> Path:
     config = read_json(root / "config.json")
     if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderTiny":
         raise LoopfreeError(f"tiny VAE {str(path)!r} is not an AutoencoderTiny (TAESD) folder")
-    for file in _weight_files(root, "diffusion_pytorch_model"):
+    for file in weight_files(root, "diffusion_pytorch_model"):
         check_safetensors(file)
     return root
 
@@ -178,13 +183,25 @@ def load_tiny_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         raise LoopfreeError(f"cannot load the tiny VAE in {str(path)!r}: {first_line(e)}") from None
 
 
+def _transformer_class(family: str) -> type:
+    from loopfree.pipelines.pipeline_flux import LoopFreeFluxPipeline
+    from loopfree.pipelines.pipeline_pixart import LoopFreePixArtPipeline
+    from loopfree.pipelines.pipeline_sd3 import LoopFreeSD3Pipeline
+
+    return {"pixart": LoopFreePixArtPipeline, "sd3": LoopFreeSD3Pipeline, "flux": LoopFreeFluxPipeline}[family]
+
+
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None):
-    """Load a local Stable Diffusion (XL) pipeline folder as the matching loop-free pipeline (safetensors only);
-    ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE (fast, approximate)."""
-    info = inspect_pipeline(path)
+    """Load a local pipeline folder as the matching loop-free pipeline (safetensors only): Stable Diffusion (XL),
+    PixArt-α, SD3 or FLUX; ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE
+    (fast, approximate)."""
+    info = inspect_pipeline(path, transformers=True)
     tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
-    cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
-    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if info.family in FAMILIES:
+        cls = _transformer_class(info.family)
+    else:
+        cls = LoopFreeXLPipeline if info.xl else LoopFreePipeline
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, **dict.fromkeys(info.absent)}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if cls is LoopFreePipeline:

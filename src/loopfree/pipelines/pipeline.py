@@ -54,12 +54,14 @@ def check_size(height: int, width: int, vae_scale_factor: int, native_size: int)
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How a call samples: steps, the decoder (loop_free) or DDIM (propagate) timesteps, ā_final override, key steps."""
+    """How a call samples: steps, the decoder (loop_free) or DDIM (propagate) timesteps, ā_final override, key steps;
+    rectified-flow models (SD3, FLUX) sample by decoder σ's instead of timesteps."""
 
     num_steps: int
     timesteps: list[int] | None = None  # loop_free, propagate
     final_alpha_cumprod: float | None = None  # recorded override (one-step students: 1.0)
     key_steps: list[int] | None = None  # propagate only: indices into timesteps
+    sigmas: list[float] | None = None  # loop_free of flow models: recorded or given σ's (None: the scheduler's for K)
 
 
 def plan_key_steps(mode: str, key_steps: list[int] | None, num_steps: int) -> list[int] | None:
@@ -122,6 +124,26 @@ def plan_steps(mode: str, num_inference_steps: int | None, timesteps: list[int] 
     return StepPlan(len(ts), ts)
 
 
+def prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str] | None]:
+    """A call's prompts as a non-empty list, and its negative prompts as a list of the same length (or None)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise LoopfreeError("no prompt given")
+    if negative_prompt is None:
+        return prompts, None
+    return prompts, [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+
+
+def name_plain_class(save_directory: str | os.PathLike, plain_class: type) -> None:
+    """Name the plain diffusers class in a saved folder's ``model_index.json``, so ``DiffusionPipeline.from_pretrained``
+    loads the folder too."""
+    index = os.path.join(save_directory, "model_index.json")
+    with open(index) as f:
+        config = json.load(f)
+    config["_class_name"] = plain_class.__name__
+    write_json(index, config)
+
+
 class _LoopFreeMixin:
     """``__call__``, sidecar I/O and VAE decoding shared by the SD and SDXL variants."""
 
@@ -149,17 +171,21 @@ class _LoopFreeMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        # name the plain diffusers class so DiffusionPipeline.from_pretrained loads it too
-        index = os.path.join(save_directory, "model_index.json")
-        with open(index) as f:
-            config = json.load(f)
-        config["_class_name"] = self._plain_class.__name__
-        write_json(index, config)
+        name_plain_class(save_directory, self._plain_class)
         if self.decoder_timesteps is not None:
             recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
             if self.distilled_from is not None:
                 recorded["distilled_from"] = self.distilled_from
             write_json(os.path.join(save_directory, SIDECAR), recorded)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the sampler runs (here the UNet)."""
+        return self.unet
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The shape of one image's x_T at ``height`` × ``width`` pixels, as ``latents`` takes it."""
+        return (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def plan_steps(self, mode: str, num_inference_steps: int | None = None, timesteps: list[int] | None = None,
                    key_steps: list[int] | None = None) -> StepPlan:
@@ -228,12 +254,7 @@ class _LoopFreeMixin:
         plan = self.plan_steps(mode, num_inference_steps, timesteps, key_steps)
         if not math.isfinite(guidance_scale):
             raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise LoopfreeError("no prompt given")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         check_size(height, width, self.vae_scale_factor, self.unet.config.sample_size * self.vae_scale_factor)
@@ -242,8 +263,7 @@ class _LoopFreeMixin:
         guide = guidance_scale != 1.0
         cond, uncond = self.encode_conditioning(prompts, negatives, num_images_per_prompt, guide, device, (height, width))
         # x_T ~ N(0, I): DDIM's scale, whatever scheduler the directory ships (Euler's init_noise_sigma is not 1)
-        shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels,
-                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (len(prompts) * num_images_per_prompt, *self.latent_shape(height, width))
         if latents is not None and tuple(latents.shape) != shape:
             raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=cond.text.dtype)

@@ -85,10 +85,10 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
     teacher_path = Path(teacher) if teacher is not None else (bundled("teacher") if model is None else None)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    student = inspect_pipeline(student_path)
+    student = inspect_pipeline(student_path, transformers=True)
     models = [(student_path.resolve().name, student)]
     if teacher_path is not None:
-        info = inspect_pipeline(teacher_path)
+        info = inspect_pipeline(teacher_path, transformers=True)
         if info.vae_scale_factor != student.vae_scale_factor:
             raise LoopfreeError(f"the teacher's VAE downsamples by {info.vae_scale_factor}, the student's by "
                                 f"{student.vae_scale_factor}: they cannot start from the same x_T")
@@ -137,8 +137,9 @@ def load_engine(spec: EngineSpec) -> Engine:
         pipe.to(spec.device)
         pipe.set_progress_bar_config(disable=True)
         models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
-    if len(models) > 1 and models[1].pipe.unet.config.in_channels != models[0].pipe.unet.config.in_channels:
-        raise LoopfreeError("the teacher's and the student's UNets take different latent channels: "
+    size = spec.models[0][1].default_size
+    if len(models) > 1 and models[1].pipe.latent_shape(size, size) != models[0].pipe.latent_shape(size, size):
+        raise LoopfreeError("the teacher's and the student's denoisers take different latents: "
                             "they cannot start from the same x_T")
     engine = Engine(models, spec.device)
     for model in models:

@@ -32,11 +32,10 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 def initial_latents(pipe, seeds: list[int], height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """x_T for ``pipe`` at ``height`` × ``width`` pixels, one draw per seed, in the UNet's dtype on ``device``
-    (default: the pipeline's)."""
-    scale = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, height // scale, width // scale)
-    return initial_noise(seeds, shape, pipe.device if device is None else device, pipe.unet.dtype)
+    """x_T for ``pipe`` at ``height`` × ``width`` pixels (its ``latent_shape``), one draw per seed, in its denoiser's
+    dtype on ``device`` (default: the pipeline's)."""
+    shape = pipe.latent_shape(height, width)
+    return initial_noise(seeds, shape, pipe.device if device is None else device, pipe.denoiser.dtype)
 
 
 @contextmanager

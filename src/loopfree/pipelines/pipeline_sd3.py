@@ -1,0 +1,45 @@
+"""``LoopFreeSD3Pipeline``: diffusers' ``StableDiffusion3Pipeline`` (SD3, SD3.5) sampling in one pass (MMDiT, rectified flow).
+
+``mode="loop_free"``: the prompt encoded once (two CLIPs, and T5 where the folder has it — ``text_encoder_3`` may be
+None, as in diffusers), :func:`loopfree.method.split_sd3.loop_free` — the shared part at σ_K, the K per-step parts
+batched, Euler over the decoder σ's (recorded, or the scheduler's for K, shifted as the pipeline shifts them);
+``mode="loop"``: ``StableDiffusion3Pipeline.__call__`` itself::
+
+    pipe = LoopFreeSD3Pipeline.from_pretrained("models/sd3-medium", text_encoder_3=None, tokenizer_3=None)
+    image = pipe("a red cat", num_inference_steps=4, guidance_scale=4.5).images[0]
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from loopfree.method import flow, split_sd3
+from loopfree.method.sampler import Conditioning
+from loopfree.pipelines.pipeline import StepPlan
+from loopfree.pipelines.transformer_pipeline import TransformerPipelineMixin
+
+
+class LoopFreeSD3Pipeline(TransformerPipelineMixin, StableDiffusion3Pipeline):
+    """Stable Diffusion 3 / 3.5 components (CLIP-L, CLIP-G, optional T5; joint MMDiT blocks), one-pass sampling."""
+
+    _plain_class = StableDiffusion3Pipeline
+    family = "sd3"
+
+    def _one_pass(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
+        guide = guidance_scale > 1.0
+        text, neg, pooled, neg_pooled = self.encode_prompt(
+            prompts, None, None, device=self._execution_device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
+            negative_prompt=negatives)
+        cond = Conditioning(text, {"pooled_projections": pooled})
+        uncond = Conditioning(neg, {"pooled_projections": neg_pooled}) if guide else None
+        p = self.transformer.config.patch_size
+        sigmas = plan.sigmas or flow.decoder_sigmas(self.scheduler.config, plan.num_steps,
+                                                    image_seq_len=(x_T.shape[-2] // p) * (x_T.shape[-1] // p))
+        return split_sd3.loop_free(self.transformer, x_T.to(text.dtype), sigmas, cond, uncond, guidance_scale,
+                                   self.shared_blocks, num_train_timesteps=self.scheduler.config.num_train_timesteps)[0]
+
+    def _loop(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
+        return StableDiffusion3Pipeline.__call__(
+            self, prompts, negative_prompt=negatives, height=height, width=width, num_inference_steps=plan.num_steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=n, latents=x_T, output_type="latent").images
