@@ -336,15 +336,17 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     return [MemoryRow(r.name, r.gib / GIB, r.phase, r.kind) for r in rows]
 
 
-def format_memory_table(rows: list[MemoryRow], title: str) -> str:
-    """One block per phase, GiB per part (measured parts marked), then the total."""
-    lines = [title, "", f"{'':56s} {'GiB':>8s}"]
+ESTIMATE_NOTE = ("An estimate, not a GPU measurement: exact parameter counts, and (*) tensor bytes measured at batch 1 on "
+                 "the CPU (what autograd saves; the guided pass's peak), per prompt × the batch. Left out: workspaces, the "
+                 "allocator's overhead, the CUDA context, activations recomputed under gradient checkpointing.")
+
+
+def format_memory_table(rows: list[MemoryRow], title: str, note: str = ESTIMATE_NOTE, width: int = 56) -> str:
+    """One block per phase, GiB per part (measured parts marked), then the total and ``note``; names ``width`` wide."""
+    lines = [title, "", f"{'':{width}s} {'GiB':>8s}"]
     for phase in dict.fromkeys(r.phase for r in rows if r.phase):
         lines.append(phase)
-        lines += [f"  {r.name + (' *' if r.kind == 'measured' else ''):54s} {r.gib:8.2f}" for r in rows if r.phase == phase]
+        lines += [f"  {r.name + (' *' if r.kind == 'measured' else ''):{width - 2}s} {r.gib:8.2f}" for r in rows if r.phase == phase]
     total = next(r for r in rows if r.kind == "total")
-    lines += [f"{total.name:56s} {total.gib:8.2f}", "",
-              "An estimate, not a GPU measurement: exact parameter counts, and (*) tensor bytes measured at batch 1 on the "
-              "CPU (what autograd saves; the guided pass's peak), per prompt × the batch. Left out: workspaces, the "
-              "allocator's overhead, the CUDA context, activations recomputed under gradient checkpointing."]
+    lines += [f"{total.name:{width}s} {total.gib:8.2f}", "", note]
     return "\n".join(lines)

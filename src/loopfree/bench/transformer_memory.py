@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from loopfree.bench import memory as tables
 from loopfree.bench.memory import EMA, FAKE, GIB, HELD, STUDENT, MemoryRow
 from loopfree.bench.transformer_archs import TransformerArch
 from loopfree.training.config import DistillConfig
+
+PARAMETERS_ONLY = ("From exact parameter counts only: the activations of a transformer distillation step are not measured "
+                   "yet, nor are workspaces, the allocator's overhead or the CUDA context.")
 
 
 def parameter_counts(arch: TransformerArch, cfg: DistillConfig) -> dict[str, int]:
@@ -71,13 +75,5 @@ def memory_rows(arch: TransformerArch, dtype: str = "fp32", processes: int = 1, 
 
 
 def format_memory_table(rows: list[MemoryRow], title: str) -> str:
-    """One block per phase, GiB per part, then the total."""
-    lines = [title, "", f"{'':60s} {'GiB':>8s}"]
-    for phase in dict.fromkeys(r.phase for r in rows if r.phase):
-        lines.append(phase)
-        lines += [f"  {r.name:58s} {r.gib:8.2f}" for r in rows if r.phase == phase]
-    total = next(r for r in rows if r.kind == "total")
-    lines += [f"{total.name:60s} {total.gib:8.2f}", "",
-              "From exact parameter counts only: the activations of a transformer distillation step are not measured "
-              "yet, nor are workspaces, the allocator's overhead or the CUDA context."]
-    return "\n".join(lines)
+    """The UNet estimate's table (:func:`loopfree.bench.memory.format_memory_table`) of parameter counts only."""
+    return tables.format_memory_table(rows, title, PARAMETERS_ONLY, width=60)

@@ -134,6 +134,21 @@ def prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | Non
     return prompts, [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
 
 
+def start_latents(latents: torch.Tensor | None, shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
+    """x_T of a call: ``latents`` (refused unless shaped ``shape``) or N(0, I) drawn from ``generator``; on ``device``
+    in ``dtype``."""
+    if latents is not None and tuple(latents.shape) != shape:
+        raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return x_T.to(device, dtype)
+
+
+def check_guidance(guidance_scale: float) -> None:
+    """Refuse a guidance scale that is not a finite number."""
+    if not math.isfinite(guidance_scale):
+        raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
+
+
 def name_plain_class(save_directory: str | os.PathLike, plain_class: type) -> None:
     """Name the plain diffusers class in a saved folder's ``model_index.json``, so ``DiffusionPipeline.from_pretrained``
     loads the folder too."""
@@ -252,8 +267,7 @@ class _LoopFreeMixin:
         timesteps the student recorded (see :meth:`plan_steps`) — and DDIM steps in ``loop`` and ``propagate``
         (default 50); ``key_steps``: the propagate mode's full-UNet steps (indices, the first is 0)."""
         plan = self.plan_steps(mode, num_inference_steps, timesteps, key_steps)
-        if not math.isfinite(guidance_scale):
-            raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
+        check_guidance(guidance_scale)
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -264,10 +278,7 @@ class _LoopFreeMixin:
         cond, uncond = self.encode_conditioning(prompts, negatives, num_images_per_prompt, guide, device, (height, width))
         # x_T ~ N(0, I): DDIM's scale, whatever scheduler the directory ships (Euler's init_noise_sigma is not 1)
         shape = (len(prompts) * num_images_per_prompt, *self.latent_shape(height, width))
-        if latents is not None and tuple(latents.shape) != shape:
-            raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=cond.text.dtype)
-        x_T = x_T.to(device, cond.text.dtype)
+        x_T = start_latents(latents, shape, generator, device, cond.text.dtype)
         images = self.decode(self.denoise(mode, plan, x_T, cond, uncond, guidance_scale), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

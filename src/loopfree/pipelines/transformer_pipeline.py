@@ -21,7 +21,6 @@ guidance of guidance-distilled models (FLUX-dev), its classifier-free guidance `
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from typing import Any
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 
 from loopfree.method.flow import check_sigmas
 from loopfree.method.transformer_split import check_shared_blocks
 from loopfree.pipelines.families import FAMILIES
 from loopfree.pipelines.pipeline import (DEFAULT_DECODERS, DEFAULT_LOOP_STEPS, MAX_SIDE_FACTOR, SIDECAR, StepPlan,
-                                         check_size, name_plain_class, plan_key_steps, plan_steps, prompt_lists)
+                                         check_guidance, check_size, name_plain_class, plan_key_steps, plan_steps,
+                                         prompt_lists, start_latents)
 from loopfree.utils.errors import LoopfreeError, short
 from loopfree.utils.outputs import write_json
 from loopfree.utils.vocabulary import MODES
@@ -209,19 +208,15 @@ class TransformerPipelineMixin:
         ``timesteps`` (PixArt) or ``sigmas`` (SD3, FLUX): explicit decoder steps; ``key_steps``: refused (no
         propagate mode). ``options``: the family's own (FLUX: ``true_cfg_scale``)."""
         plan = self.plan_steps(mode, num_inference_steps, timesteps, key_steps, sigmas)
-        if not math.isfinite(guidance_scale):
-            raise LoopfreeError(f"guidance must be a finite number, got {guidance_scale}")
+        check_guidance(guidance_scale)
         prompts, negatives = prompt_lists(prompt, negative_prompt)
         size = self.geometry
         height, width = height or size.default_size, width or size.default_size
         size.check(height, width)
         shape = (len(prompts) * num_images_per_prompt, *self.latent_shape(height, width))
-        if latents is not None and tuple(latents.shape) != shape:
-            raise LoopfreeError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        device, dtype = self._execution_device, self.transformer.dtype
-        x_T = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        x_T = start_latents(latents, shape, generator, self._execution_device, self.transformer.dtype)
         run = self._loop if mode == "loop" else self._one_pass
-        x0 = run(prompts, negatives, height, width, plan, guidance_scale, num_images_per_prompt, x_T.to(device, dtype), **options)
+        x0 = run(prompts, negatives, height, width, plan, guidance_scale, num_images_per_prompt, x_T, **options)
         images = self.decode(x0, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
