@@ -85,6 +85,12 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
     for row in rows:
         assert 0 <= row["alignment"] <= 1 and math.isfinite(row["fd"]) and row["unet_ms_per_image"] > 0
         assert set(METRICS) <= set(row)
+    for row, kind in zip(rows[3:], ("one-step", "tiue")):  # the students' training seconds, from their runs
+        saved = json.loads((out / "students" / f"{kind}-seed0" / "timing.json").read_text())
+        assert row["train_seconds"] == saved["train_seconds"] > 0 and row["train_seconds_std"] is None
+    assert "train_seconds" not in rows[0]
+    timing = report["timing"]
+    assert timing["wall_s"] > timing["pairs_s"] > 0 and timing["trained"] == 2 and timing["threads"] >= 1
     # the evaluation prompts' attribute combinations were kept out of distillation
     train = (out / "distill_prompts-40-seed0.txt").read_text().splitlines()
     assert len(train) == 40 and not {parse_prompt(p) for p in train} & {parse_prompt(p) for p in heldout_prompts(64, seed=0)}
@@ -229,7 +235,7 @@ def test_rows_made_in_worker_processes_equal_those_made_one_after_another(tmp_pa
     (rows_a, runs_a), (rows_b, runs_b) = made["sequential"], made["parallel"]
     for (scores_a, images_a), (scores_b, images_b) in zip(rows_a, rows_b):
         assert np.array_equal(images_a, images_b) and scores_a.keys() == scores_b.keys()
-        assert all(scores_a[k] == scores_b[k] for k in scores_a if k != "unet_ms_per_image")
+        assert all(scores_a[k] == scores_b[k] for k in scores_a if k not in ("unet_ms_per_image", "train_seconds"))
     for (weights_a, curve_a), (weights_b, curve_b) in zip(runs_a, runs_b):
         assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
         assert curve_a == curve_b and [r["step"] for r in curve_a] == [0, 1, 2]

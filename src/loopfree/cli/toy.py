@@ -1,6 +1,7 @@
 """``loopfree toy``: commands for the toy world.
 
     loopfree toy train-teacher --out runs/teacher
+    loopfree toy train-teacher --arch mmdit --out runs/teacher-mmdit
 """
 
 from __future__ import annotations
@@ -19,23 +20,32 @@ def toy() -> None:
 
 @toy.command("train-teacher")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if it holds checkpoints).")
-@click.option("--vae-steps", type=click.IntRange(1, None), default=2000, show_default=True, help="Autoencoder steps (stage a).")
-@click.option("--max-steps", type=click.IntRange(1, None), default=6000, show_default=True, help="UNet + text encoder steps (stage b).")
-@click.option("--minutes", type=click.FloatRange(0, None, min_open=True), default=None, help="Wall-clock cap on stage b; it then checkpoints and goes on.")
-@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True, help="Stage b batch size.")
-@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4, show_default=True, help="Stage b learning rate.")
+@click.option("--arch", type=click.Choice(["unet", "mmdit"]), default="unet", show_default=True,
+              help="unet: a Stable Diffusion UNet with DDIM; mmdit: an SD3 transformer with rectified flow (on the UNet teacher's VAE).")
+@click.option("--vae-steps", type=click.IntRange(1, None), default=2000, show_default=True, help="Autoencoder steps (stage a, unet).")
+@click.option("--max-steps", type=click.IntRange(1, None), default=None, help="Denoiser + text encoder steps (default: unet 6000, mmdit 9000).")
+@click.option("--minutes", type=click.FloatRange(0, None, min_open=True), default=None, help="Wall-clock cap on the denoiser's training; it then checkpoints and goes on.")
+@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True, help="Denoiser batch size.")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=3e-4, show_default=True, help="Denoiser learning rate.")
 @click.option("--probe-every", type=click.IntRange(0, None), default=1000, show_default=True, help="Steps between accuracy probes (0 = none).")
 @options.seed()
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="torch CPU threads.")
-def train_teacher(out, vae_steps, max_steps, minutes, batch_size, lr, probe_every, seed, threads) -> None:
-    """Train the toy teacher and save it as a Stable Diffusion pipeline folder in OUT/pipeline."""
+def train_teacher(out, arch, vae_steps, max_steps, minutes, batch_size, lr, probe_every, seed, threads) -> None:
+    """Train the toy teacher and save it as a diffusers pipeline folder in OUT/pipeline (Stable Diffusion or SD3)."""
     import logging
 
-    from loopfree.demo.teacher import TeacherConfig, train_teacher as run
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = TeacherConfig(seed=seed, threads=threads, vae_steps=vae_steps, unet_steps=max_steps, minutes=minutes,
-                           unet_batch=batch_size, unet_lr=lr, probe_every=probe_every)
+    if arch == "mmdit":
+        from loopfree.demo.teacher_mmdit import train_teacher as run
+        from loopfree.toy.settings import MMDiTTeacherConfig
+
+        config = MMDiTTeacherConfig(seed=seed, threads=threads, minutes=minutes, batch=batch_size, lr=lr,
+                                    probe_every=probe_every, **({"steps": max_steps} if max_steps else {}))
+    else:
+        from loopfree.demo.teacher import TeacherConfig, train_teacher as run
+
+        config = TeacherConfig(seed=seed, threads=threads, vae_steps=vae_steps, minutes=minutes, unet_batch=batch_size,
+                               unet_lr=lr, probe_every=probe_every, **({"unet_steps": max_steps} if max_steps else {}))
     report = run(out, config)
     click.echo(json.dumps({g: {k: v for k, v in s.items() if k.startswith(("accuracy", "align"))}
                            for g, s in report["guidance"].items()}, indent=2))

@@ -20,8 +20,10 @@ with one torch thread; with two or more, rows run side by side, one worker proce
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
@@ -98,7 +100,7 @@ def summarise(name: str, runs: list[dict[str, float]]) -> dict:
     """One table row: the mean of each metric over ``runs`` (training seeds) and its spread (sample
     standard deviation; null for a single run)."""
     row: dict = {"name": name, "runs": len(runs)}
-    for key in (*METRICS, "unet_ms_per_image"):
+    for key in (*METRICS, "unet_ms_per_image", *(["train_seconds"] if "train_seconds" in runs[0] else [])):
         values = np.array([r[key] for r in runs], dtype=float)
         row[key] = float(values.mean())
         row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
@@ -211,7 +213,9 @@ def student_row(config: DistillConfig, to_train: bool, scorer: RowScorer, curve:
     if to_train:
         train_run(config, curve)
     student = load_pipeline(config.out)
-    return scorer.row(student, scorer.one_pass(student))
+    scores, images = scorer.row(student, scorer.one_pass(student))
+    timing = json.loads((Path(config.out) / "timing.json").read_text())  # summed over the run's sessions
+    return {**scores, "train_seconds": timing["train_seconds"]}, images
 
 
 def side_by_side(calls: list[tuple[Callable, tuple]], desc: str = "rows") -> list:
@@ -248,10 +252,12 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dic
     size = inspect_pipeline(teacher_path).default_size
     scorer = RowScorer(pool, len(prompts), cfg.images_per_prompt, cfg.seed, size)
     curve = scorer if cfg.eval_every else None
+    started = time.monotonic()
     if not prompts_file.is_file():
         write_atomic(prompts_file, "\n".join(training_prompts(cfg.distill_prompts, pool, cfg.seed)) + "\n")
     for config in todo:  # the teacher pairs of the regression term, once, with every thread
         prepare_teacher_pairs(config)
+    pairs_s = time.monotonic() - started
 
     # -- rows: the teacher's (with guidance; the propagate row: the same DDIM steps with Faster Diffusion's default
     # key steps, the decoder alone elsewhere), then one per student kind and training seed (one pass, its recorded
@@ -290,5 +296,8 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dic
                     for row in rows[: len(teacher_rows)]}
         plot_curves(curves, teachers, out / "curves.png")
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    write_json(out / "metrics.json", {"rows": rows, "settings": dict(settings, teacher=teacher_path), "prompts": prompts})
+    timing = {"name": "timing", "wall_s": time.monotonic() - started, "pairs_s": pairs_s, "threads": torch.get_num_threads(),
+              "trained": len(todo)}  # this command's seconds: teacher pairs (cached after), then the rows side by side
+    write_json(out / "metrics.json", {"rows": rows, "timing": timing, "settings": dict(settings, teacher=teacher_path),
+                                      "prompts": prompts})
     return rows

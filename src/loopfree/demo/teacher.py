@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -40,7 +40,7 @@ from loopfree.utils.seeding import derive_seed
 from loopfree.toy.classifier import load_classifier, matches
 from loopfree.evaluation.toy import evaluate_images
 from loopfree.demo.run import TrainingRun
-from loopfree.toy.settings import TeacherConfig
+from loopfree.toy.settings import MMDiTTeacherConfig, TeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
 from loopfree.toy.world import IMAGE_SIZE, Attributes, ToyWorld, heldout_prompts, make_caption, parse_prompt
 
@@ -176,7 +176,7 @@ def train_vae(run: TrainingRun, cfg: TeacherConfig) -> AutoencoderKL:
     return vae
 
 
-def encode_cache(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list[Attributes]]:
+def encode_cache(run: TrainingRun, cfg: TeacherConfig | MMDiTTeacherConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list[Attributes]]:
     """Scaled latent means of ``latent_cache`` toy images and their attributes (latents stored in
     the checkpoints folder; the images are redrawn from the seed)."""
     world = ToyWorld(derive_seed(cfg.seed, 4, bits=32))
@@ -273,10 +273,13 @@ def train_denoiser(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL, tok
     return pipe, done
 
 
-def save_teacher(folder: Path, pipe: LoopFreePipeline) -> float:
-    """Stage (c): write the pipeline directory; its size in MB. Only safetensors weights are allowed."""
+def save_teacher(folder: Path, pipe: DiffusionPipeline) -> float:
+    """Stage (c): write the pipeline directory (the toy tokenizer in CLIP's files for each); its size in MB. Only
+    safetensors weights are allowed."""
     pipe.save_pretrained(folder, safe_serialization=True)
-    build_tokenizer(folder / "tokenizer", max_length=pipe.tokenizer.model_max_length)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            build_tokenizer(folder / name, max_length=getattr(pipe, name).model_max_length)
     files = [p for p in folder.rglob("*") if p.is_file()]
     unsafe = [str(p) for p in files if p.suffix in WEIGHT_SUFFIXES and p.suffix != ".safetensors"]
     if unsafe:

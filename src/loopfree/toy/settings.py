@@ -1,6 +1,6 @@
 """Settings of the toy-world commands, importable without torch (the CLI reads their defaults).
 
-``TeacherConfig``: ``loopfree toy train-teacher``. ``DemoConfig``, ``STUDENTS``, ``TOY_DISTILL`` and ``DEMO_BUDGET``: ``loopfree demo``.
+``TeacherConfig``: ``loopfree toy train-teacher``; ``MMDiTTeacherConfig``: its ``--arch mmdit``. ``DemoConfig``, ``STUDENTS``, ``TOY_DISTILL`` and ``DEMO_BUDGET``: ``loopfree demo``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,49 @@ class TeacherConfig:
             raise LoopfreeError("unet_cross_attention needs one entry per unet_channels entry")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise LoopfreeError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+
+@dataclass
+class MMDiTTeacherConfig:
+    """Settings of :func:`loopfree.demo.teacher_mmdit.train_teacher`: an SD3-shaped teacher on the UNet teacher's VAE."""
+
+    seed: int = 0
+    threads: int = 2
+    # two CLIP text encoders with projections (SD3's CLIP-L and CLIP-G roles), the sequence from their penultimate layer
+    text_width: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_projection: int = 64  # each pooled embedding; pooled_projection_dim is their sum
+    # SD3Transformer2DModel: 2x2 patches of the 16x16x4 latents (64 image tokens), inner width heads x head_dim
+    layers: int = 8
+    heads: int = 4
+    head_dim: int = 32
+    context_rows: int = 256  # the zero rows StableDiffusion3Pipeline appends without T5 (its max_sequence_length)
+    shift: float = 1.0  # the σ schedule's shift (SD3: 3.0 at 1024², 1.0 at 256²; 64 image tokens here)
+    logit_mean: float = 0.0  # SD3's logit-normal σ sampling (paper: m = 0, s = 1)
+    logit_std: float = 1.0
+    steps: int = 9000  # about an hour on 2 CPU cores (0.37 s a step)
+    batch: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    latent_cache: int = 16384  # toy images encoded once
+    minutes: float | None = None  # wall-clock cap on training; it checkpoints and the run goes on to save and evaluate
+    checkpoint_minutes: float = 5.0
+    log_every: int = 50
+    probe_every: int = 1000  # quick accuracy probe every this many steps (0 = never)
+    probe_prompts: int = 24
+    probe_steps: int = 20
+    max_megabytes: float = 25.0
+    eval_prompts: int = 64
+    eval_images_per_prompt: int = 4
+    eval_steps: int = 50
+    guidance_scales: tuple[float, ...] = (4.5, 2.0)
+
+    def __post_init__(self) -> None:
+        if self.context_rows < 1:
+            raise LoopfreeError(f"context_rows must be at least 1, got {self.context_rows}")
+
 
 #: Student kinds: row name and the DistillConfig keys that make them.
 STUDENTS: dict[str, tuple[str, dict]] = {
