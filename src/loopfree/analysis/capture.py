@@ -10,6 +10,9 @@ decoders call no up block as a module), and are removed on exit::
     with unet_features(unet, tracker.update):
         pipe.denoise("loop", plan, x_T, cond)        # one UNet pass per step
     tracker.mean("encoder"), tracker.mean("decoder")
+
+A transformer's features are its blocks' image-token outputs (:func:`block_features`): the first N blocks are the
+split's shared part ("encoder"), the rest its per-step part ("decoder"), each block one tensor.
 """
 
 from __future__ import annotations
@@ -64,6 +67,34 @@ def unet_features(unet: UNet2DConditionModel, on_step: Callable[[StepFeatures], 
             handle.remove()
 
 
+def denoiser_blocks(pipe) -> list[torch.nn.Module]:
+    """A transformer pipeline's blocks in the order N counts them (FLUX: double-, then single-stream)."""
+    from loopfree.method import split_flux
+
+    model = pipe.transformer
+    return split_flux.blocks(model) if pipe.family == "flux" else list(model.transformer_blocks)
+
+
+@contextmanager
+def block_features(blocks: list[torch.nn.Module], shared_blocks: int, on_step: Callable[[StepFeatures], None]) -> Iterator[None]:
+    """Call ``on_step`` with every transformer pass's block outputs (image tokens; MMDiT blocks return the text
+    stream first), blocks 0..N−1 as ``encoder``, the rest as ``decoder``."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(module, args, out):
+        outputs.append(out[1] if isinstance(out, tuple) else out)
+        if module is blocks[-1]:
+            on_step(StepFeatures(outputs[:shared_blocks], outputs[shared_blocks:]))
+            outputs.clear()
+
+    handles = [block.register_forward_hook(hook) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each row of ``a`` with the same row of ``b``, over all its other dimensions (float64)."""
     a, b = a.flatten(1).double(), b.flatten(1).double()
@@ -90,6 +121,8 @@ class AdjacentSimilarity:
         if self.previous is not None:
             for part in ("encoder", "decoder"):
                 now, before = getattr(step, part), getattr(self.previous, part)
+                if not now:  # a transformer split at N = 0 or L
+                    continue
                 cos = torch.stack([cosine_rows(a, b).sum() for a, b in zip(now, before)]).cpu()
                 self.sums[part] = self.sums.get(part, 0) + cos
                 self.counts[part] = self.counts.get(part, 0) + now[0].shape[0]

@@ -69,15 +69,16 @@ class Run:
 
 
 def start(command: str, model: str | None, bundled_default: str, steps: list[int], setup: AnalysisSetup, out: str,
-          overwrite: bool, clip: str | None = None) -> Run:
-    """Check the model folder (default: the bundled ``bundled_default``), steps, prompts, ``--out`` and the
-    ``clip`` folder (``--clip``, optional) before loading the model; then load it and its quality figure."""
+          overwrite: bool, clip: str | None = None, transformers: bool = False) -> Run:
+    """Check the model folder (default: the bundled ``bundled_default``; a transformer's only with
+    ``transformers``), steps, prompts, ``--out`` and the ``clip`` folder (``--clip``, optional) before loading the
+    model; then load it and its quality figure."""
     from loopfree.utils.devices import resolve_device
     from loopfree.pipelines.loading import inspect_pipeline
     from loopfree.toy.assets import bundled
 
     model = str(Path(model or bundled(bundled_default)).absolute())
-    steps = check_steps(list(steps), inspect_pipeline(model).num_train_timesteps)
+    steps = check_steps(list(steps), inspect_pipeline(model, transformers=transformers).num_train_timesteps)
     prompts = prompt_list(setup)
     clip = str(Path(clip).absolute()) if clip is not None else None
     folder = output_folder(out, command, dict(model=model, steps=steps, **setup.settings(), clip=clip), overwrite)
@@ -139,11 +140,16 @@ def per_image(prompts: list[str], setup: AnalysisSetup) -> list[str]:
     return [p for p in prompts for _ in range(setup.images_per_prompt)]
 
 
+def native_size(pipe) -> int:
+    """The side in pixels the pipeline's denoiser was made for (a UNet's sample size, a transformer's geometry)."""
+    return pipe.geometry.default_size if hasattr(pipe, "geometry") else pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def analysis_latents(pipe, num_prompts: int, setup: AnalysisSetup) -> torch.Tensor:
     """x_T of image i of prompt p from ``image_seed(seed, p, i)`` at the native size: the same noise in every
     analysis and row."""
     seeds = [image_seed(setup.seed, p, i) for p in range(num_prompts) for i in range(setup.images_per_prompt)]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     return initial_latents(pipe, seeds, size, size)
 
 
@@ -158,7 +164,7 @@ def batches(prompts: list[str], x_T: torch.Tensor, setup: AnalysisSetup, bar: tq
 
 def conditioning(pipe, prompts: list[str], guidance: float):
     """(cond, uncond or None) for one image per prompt at the pipeline's native size."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     return pipe.encode_conditioning(prompts, None, 1, guidance != 1.0, pipe.device, (size, size))
 
 
@@ -190,7 +196,7 @@ def is_toy_world(pipe) -> bool:
     from loopfree.toy.world import IMAGE_SIZE, VOCABULARY
 
     vocab = pipe.tokenizer.get_vocab()
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor == IMAGE_SIZE and all(f"{w}</w>" in vocab for w in VOCABULARY)
+    return native_size(pipe) == IMAGE_SIZE and all(f"{w}</w>" in vocab for w in VOCABULARY)
 
 
 def quality_for(pipe, prompts: list[str], clip=None) -> Quality | None:

@@ -8,6 +8,11 @@ For each N the model samples every prompt's images with N-step DDIM (a full UNet
 both halves of the batch); :mod:`loopfree.analysis.capture` records the features at every step and averages
 the cosine similarity of adjacent steps per image and feature tensor. N = 1 has no adjacent steps (null).
 Writes ``features.png`` and ``features.json``.
+
+A transformer (PixArt, SD3, FLUX folders) is analysed per block: N-step sampling is its diffusers pipeline's own
+loop, each block's image-token output is one feature tensor, and the "encoder" / "decoder" means are over the
+split's shared blocks (the first N, the pipeline's ``shared_blocks``) and its per-step blocks. The figure plots
+each block's adjacent-step similarity, one line per N — which blocks could run once for all timesteps.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from loopfree.analysis.capture import AdjacentSimilarity, unet_features
+from contextlib import AbstractContextManager
+
+from loopfree.analysis.capture import AdjacentSimilarity, block_features, denoiser_blocks, unet_features
 from loopfree.analysis.common import (
     Quality, batches, analysis_latents, per_image, progress, denoise_batch, start, to_images,
 )
@@ -25,23 +32,46 @@ from loopfree.analysis.settings import FEATURE_STEPS, FEATURES, AnalysisSetup
 from loopfree.utils.outputs import write_json
 
 
+def is_transformer(pipe) -> bool:
+    return hasattr(pipe, "geometry")
+
+
+def capture(pipe, on_step) -> AbstractContextManager:
+    """The features of every denoiser pass inside: a UNet's encoder and decoder tensors, a transformer's blocks."""
+    if is_transformer(pipe):
+        return block_features(denoiser_blocks(pipe), pipe.num_shared_blocks, on_step)
+    return unet_features(pipe.unet, on_step)
+
+
+@torch.no_grad()
+def sample_loop(pipe, steps: int, prompts: list[str], x_T: torch.Tensor, guidance: float) -> torch.Tensor:
+    """x_0 latents of ``steps``-step sampling in the ``loop`` mode (a transformer: its diffusers pipeline's call)."""
+    if is_transformer(pipe):
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=x_T, mode="loop",
+                    output_type="latent").images
+    return denoise_batch(pipe, "loop", pipe.plan_steps("loop", steps), prompts, x_T, guidance)
+
+
 def similarity_rows(pipe, steps: list[int], setup: AnalysisSetup, prompts: list[str], quality: Quality | None = None,
                     bar=None) -> list[dict]:
-    """Per N: mean adjacent-step cosine similarity of the encoder and decoder features (and per tensor), and
-    ``quality`` of the N-step images if given."""
+    """Per N: mean adjacent-step cosine similarity of the encoder and decoder features (and per tensor; a
+    transformer's also per block), and ``quality`` of the N-step images if given."""
     image_prompts = per_image(prompts, setup)
     x_T = analysis_latents(pipe, len(prompts), setup)
     rows = []
     for n in steps:
-        plan = pipe.plan_steps("loop", n)
         tracker = AdjacentSimilarity()
         latents = []
-        with unet_features(pipe.unet, tracker.update):
+        with capture(pipe, tracker.update):
             for chunk, x in batches(image_prompts, x_T, setup, bar, n):
                 tracker.reset()  # a batch is trajectories of its own
-                latents.append(denoise_batch(pipe, "loop", plan, chunk, x, setup.guidance))
+                latents.append(sample_loop(pipe, n, chunk, x, setup.guidance))
         row = dict(steps=n, encoder_similarity=tracker.mean("encoder"), decoder_similarity=tracker.mean("decoder"),
                    encoder_per_tensor=tracker.per_tensor("encoder"), decoder_per_tensor=tracker.per_tensor("decoder"))
+        if is_transformer(pipe):
+            parts = [row["encoder_per_tensor"], row["decoder_per_tensor"]]
+            row["shared_blocks"] = pipe.num_shared_blocks
+            row["block_similarity"] = None if n == 1 else [v for part in parts if part for v in part]
         if quality is not None:
             row["quality"] = quality(to_images(pipe, torch.cat(latents)), image_prompts)
         rows.append(row)
@@ -60,6 +90,8 @@ def plot(rows: list[dict], title: str):
         if min(values) > 0 and max(values) > 50 * min(values):  # fd falls by orders of magnitude
             ax.set_yscale("log")
     ax = axes[-1]
+    if "block_similarity" in rows[0]:
+        return _plot_blocks(fig, axes, rows, steps, title)
     for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:red")):
         kept = [(r["steps"], r[f"{part}_similarity"]) for r in rows if r[f"{part}_similarity"] is not None]
         ax.plot([n for n, _ in kept], [v for _, v in kept], "o-", color=colour, label=part)
@@ -75,14 +107,36 @@ def plot(rows: list[dict], title: str):
     return fig
 
 
+def _plot_blocks(fig, axes, rows: list[dict], steps: list[int], title: str):
+    """A transformer's figure: quality against N, then each block's adjacent-step similarity, a line per N."""
+    for ax in axes[:-1]:
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(n) for n in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("sampling steps N")
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for row in rows:
+        if row["block_similarity"]:
+            ax.plot(range(len(row["block_similarity"])), row["block_similarity"], "o-", ms=3, label=f"N = {row['steps']}")
+    ax.axvline(rows[0]["shared_blocks"] - 0.5, color="grey", ls="--", lw=1, label="shared | per-step")
+    ax.set_xlabel("block")
+    ax.set_ylabel("cosine similarity of adjacent steps")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
 def run_features(model: str | None = None, steps: list[int] = FEATURE_STEPS, setup: AnalysisSetup = FEATURES,
                  out: str = "analysis/features", overwrite: bool = False, clip: str | None = None) -> Path:
     """Analyse ``model`` (default: the bundled toy teacher) and write features.png/json to ``out``; the folder.
     ``clip``: a local CLIP folder, for the ``clip_score`` of every N."""
-    run = start("features", model, "teacher", steps, setup, out, overwrite, clip)
+    run = start("features", model, "teacher", steps, setup, out, overwrite, clip, transformers=True)
     with run.folder, progress(sum(run.steps) * len(run.prompts) * setup.images_per_prompt, "features") as bar:
         rows = similarity_rows(run.pipe, run.steps, setup, run.prompts, run.quality, bar)
-        save_figure(plot(rows, f"UNet features over DDIM steps: {Path(run.model).name}"), run.folder.path / "features.png")
+        kind = "transformer blocks over sampling steps" if is_transformer(run.pipe) else "UNet features over DDIM steps"
+        save_figure(plot(rows, f"{kind}: {Path(run.model).name}"), run.folder.path / "features.png")
         write_json(run.folder.path / "features.json",
                    dict(model=run.model, steps=run.steps, settings=setup.settings(), prompts=run.prompts, clip=run.clip, rows=rows))
     return run.folder.final
