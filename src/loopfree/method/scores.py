@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -67,7 +67,7 @@ class Routing:
 class TeacherAndFakeScore:
     """ε_ψ and ε_φ on one frozen base UNet; only the LoRA (``params``) trains."""
 
-    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, lora: LoraConfig,
+    def __init__(self, unet: UNet2DConditionModel | SD3Transformer2DModel, schedule: NoiseSchedule, lora: LoraConfig,
                  weight_dtype: torch.dtype = torch.float32, batch_pair: bool = True):
         self.schedule, self.batch_pair = schedule, batch_pair
         base = unet.requires_grad_(False)
@@ -114,11 +114,19 @@ class TeacherAndFakeScore:
         self.base.enable_gradient_checkpointing(checkpointed)
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """The UNet's noise prediction (adapters as currently routed) in float32, v-predictions converted."""
-        unet = model if model is not None else self.base
+        """The network's noise prediction (adapters as currently routed) in float32: v-predictions and flow
+        velocities converted, a flow model called on x_σ = c_t x_t at σ_t·T (the schedule's ``model_input``)."""
+        net = model if model is not None else self.base
         dtype = self.base.dtype
-        out = unet(x_t.to(dtype), t, c.text.to(dtype), added_cond_kwargs=c.added).sample.float()
-        return self.schedule.to_epsilon(out, x_t, t)
+        x, step = self.schedule.model_input(x_t, t).to(dtype), self.schedule.model_timestep(t)
+        if isinstance(self.base, UNet2DConditionModel):
+            out = net(x, step, c.text.to(dtype), added_cond_kwargs=c.added).sample
+        elif isinstance(self.base, SD3Transformer2DModel):  # rectified flow: a velocity
+            out = net(hidden_states=x, timestep=step, encoder_hidden_states=c.text.to(dtype),
+                      pooled_projections=c.added["pooled_projections"].to(dtype)).sample
+        else:
+            raise TypeError(f"scores of a {type(self.base).__name__} are not built yet (UNets and SD3 transformers)")
+        return self.schedule.to_epsilon(out.float(), x_t, t)
 
     def fake(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
              keep: torch.Tensor) -> torch.Tensor:

@@ -123,3 +123,24 @@ def loop_free(
     timesteps = (torch.tensor(sigmas, dtype=torch.float32) * num_train_timesteps).tolist()  # as the scheduler's, in float32
     v = guided_outputs(lambda x, c: predict(model, x, timesteps, c, shared_blocks, hoist), x_T, cond, uncond, guidance_scale)
     return flow.euler_combine(x_T, v, sigmas)
+
+
+class Generator(torch.nn.Module):
+    """The SD3 student as one module, x_T and text → (x_0, ε̂ (K, B, ...)), like :class:`loopfree.method.sampler.Generator`
+    for UNets: :func:`loop_free` over its decoder σ's, N shared blocks, no guidance. The one-step student is K = 1,
+    σ = [1]: x_0 = x_T − v."""
+
+    def __init__(self, model: SD3Transformer2DModel, sigmas: list[float], shared_blocks: int | None = None,
+                 num_train_timesteps: int = 1000, hoist: bool = True):
+        super().__init__()
+        self.model = model
+        self.sigmas, self.shared_blocks = flow.check_sigmas(sigmas), shared_blocks
+        self.num_train_timesteps, self.hoist = num_train_timesteps, hoist
+
+    def forward(self, x_T: torch.Tensor, text: torch.Tensor, added: dict[str, torch.Tensor] | None = None):
+        return loop_free(self.model, x_T, self.sigmas, Conditioning(text, added), shared_blocks=self.shared_blocks,
+                         hoist=self.hoist, num_train_timesteps=self.num_train_timesteps)
+
+    def sample(self, use):
+        """``use()``, run as a forward of this module (as the UNet Generator's)."""
+        return use()
