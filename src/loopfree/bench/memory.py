@@ -225,7 +225,7 @@ def measure_activations(arch: Arch, cfg: DistillConfig, latent: tuple[int, int],
     inputs = [x, text, *(added or {}).values()]
     scheduler = sd21_scheduler()
     schedule = NoiseSchedule.from_scheduler(scheduler)
-    timesteps, final_alpha_cumprod = student_timesteps(cfg, scheduler.config)
+    timesteps, final_alpha_cumprod = student_timesteps(cfg, scheduler)
 
     student = arch.build().train().requires_grad_(True)
     if cfg.gradient_checkpointing:

@@ -80,6 +80,8 @@ class DistillConfig:
         check=_TIMESTEP,
     )
     one_step_timestep: int = _opt("timestep T of the one-step student (SPEC §3: 999)", 999, check=_TIMESTEP)
+    shared_blocks: int | None = _opt("a transformer student's N: its first N blocks run once, at τ_K (default: half)", None,
+                                     check=_NON_NEGATIVE)
     # -- losses
     objective: Literal["vsd", "sid"] = _opt(
         "the student's score loss: vsd (paper) or sid (Score identity Distillation, gradients through both scores)", "vsd"

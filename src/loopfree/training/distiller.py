@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
@@ -32,18 +32,30 @@ from loopfree.training.sharding import (clip_grad_norm, full_weights, load_shard
                                         swapped)
 from loopfree.method.objective import (SiD, VSD, FakeScore, FakeScoreLoss, Noising, StudentLoss, clip_weight_at,
                                        regression_loss)
+from loopfree.method import flow, split_sd3
 from loopfree.method.sampler import Conditioning, Generator
 from loopfree.method.schedule import NoiseSchedule, decoder_timesteps
 from loopfree.method.scores import TeacherAndFakeScore
+from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.timing import Sections
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 T = TypeVar("T")
 
 
-def student_timesteps(cfg: DistillConfig, scheduler_config, recorded: list[int] | None = None) -> tuple[list[int], float | None]:
+def student_timesteps(cfg: DistillConfig, scheduler, recorded: list | None = None) -> tuple[list, float | None]:
     """The student's decoder timesteps and its ā_final override (one-step: [T] and 1.0); a ``recorded`` plan of the
-    initial student (``--student-init``) is kept when ``cfg`` asks for its K and no explicit timesteps."""
+    initial student (``--student-init``) is kept when ``cfg`` asks for its K and no explicit timesteps. A flow
+    teacher's (SD3): decoder σ's, the scheduler's for K (one-step: [1.0], x_0 = x_T − v)."""
+    scheduler_config = scheduler.config
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if cfg.timesteps is not None:
+            raise LoopfreeError("a rectified-flow teacher's student is planned by --steps (decoder sigmas), not --timesteps")
+        if cfg.student == "one-step":
+            return [1.0], None
+        if recorded and len(recorded) == cfg.steps:
+            return list(recorded), None
+        return flow.decoder_sigmas(scheduler_config, cfg.steps), None
     if cfg.student == "one-step":
         return [cfg.one_step_timestep], 1.0
     if cfg.timesteps is None and recorded and len(recorded) == cfg.steps:
@@ -93,14 +105,14 @@ class Batch:
 class Distiller:
     """Teacher ε_ψ, fake score ε_φ (teacher + LoRA), student ε_θ (+ EMA), their optimisers, and one step."""
 
-    def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel, scheduler, accelerator: Accelerator,
+    def __init__(self, cfg: DistillConfig, unet: UNet2DConditionModel | SD3Transformer2DModel, scheduler, accelerator: Accelerator,
                  latent_size: int | tuple[int, int], init: tuple[UNet2DConditionModel, list[int] | None] | None = None):
         """``init``: a distilled student's UNet and recorded decoder timesteps to start from (else the teacher)."""
         self.cfg, self.acc = cfg, accelerator
         self.latent_size = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
         self.latent_channels = unet.config.in_channels
         schedule = NoiseSchedule.from_scheduler(scheduler)
-        self.timesteps, self.final_alpha_cumprod = student_timesteps(cfg, scheduler.config, init[1] if init else None)
+        self.timesteps, self.final_alpha_cumprod = student_timesteps(cfg, scheduler, init[1] if init else None)
 
         # -- student ε_θ: a full trainable copy of the teacher (sharded with cfg.shard), with an EMA
         student = copy.deepcopy(unet)
@@ -123,9 +135,15 @@ class Distiller:
                 fused=accelerator.device.type in ("cpu", "cuda"),
             )
 
-        student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha_cumprod)
-        # sharded: FSDP2's units fire on each block's own forward, which the plain decoder path calls
-        generator = Generator(student, student_schedule, self.timesteps, hoist=not cfg.shard)
+        if isinstance(student, SD3Transformer2DModel):
+            if cfg.shard:
+                raise LoopfreeError("--shard splits a UNet's blocks; a transformer student is data parallel for now")
+            generator = split_sd3.Generator(student, self.timesteps, cfg.shared_blocks,
+                                            scheduler.config.num_train_timesteps)
+        else:
+            student_schedule = NoiseSchedule.from_scheduler(scheduler, self.final_alpha_cumprod)
+            # sharded: FSDP2's units fire on each block's own forward, which the plain decoder path calls
+            generator = Generator(student, student_schedule, self.timesteps, hoist=not cfg.shard)
         if cfg.shard:
             shard_student(generator, weight_dtype)
         self.student_params = list(student.parameters())  # sharded: DTensors, 1/N of each on this process
@@ -259,7 +277,7 @@ class Distiller:
         if self.cfg.shard:
             load_sharded(directory, self.generator, self.opt_student, self.ema.shadow_params)
             return
-        saved = UNet2DConditionModel.from_pretrained(directory / "student", use_safetensors=True)
+        saved = type(self.student).from_pretrained(directory / "student", use_safetensors=True)
         self.student.load_state_dict(saved.state_dict())
         del saved
         ema = load_file(directory / "ema.safetensors")
@@ -290,7 +308,7 @@ class Distiller:
             weights = full_weights(self.generator, self.ema.shadow_params if ema else None, main)
             if not main:
                 return None
-            unet = UNet2DConditionModel.from_config(self.student.config)
+            unet = type(self.student).from_config(self.student.config)
             unet.load_state_dict(weights)
             return unet.to(self.acc.device)
         if not main:
