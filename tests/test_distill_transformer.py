@@ -65,3 +65,79 @@ def test_a_sharded_transformer_student_is_refused(tmp_path):
         distiller(tmp_path, shard=True)
 
 
+
+
+# -- loopfree distill end to end on a tiny SD3 folder (two toy CLIPs, no T5)
+
+@pytest.fixture(scope="module")
+def sd3_teacher(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    from loopfree.demo.teacher import save_teacher
+    from loopfree.demo.teacher_mmdit import build_pipeline
+    from loopfree.toy.assets import bundled
+    from loopfree.toy.settings import MMDiTTeacherConfig
+    from loopfree.toy.tokenizer import build_tokenizer
+    from loopfree.toy.world import heldout_prompts
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd3-teacher")
+    cfg = MMDiTTeacherConfig(text_width=16, text_layers=2, text_heads=2, text_projection=8, layers=2, heads=2, head_dim=8)
+    pipe = build_pipeline(cfg, AutoencoderKL.from_pretrained(bundled("teacher") / "vae"), build_tokenizer())
+    pipe.vae.register_to_config(shift_factor=0.1)
+    save_teacher(root / "pipe", pipe)
+    (root / "prompts.txt").write_text("\n".join(heldout_prompts(8, seed=1)) + "\n")
+    return root
+
+
+def distill_args(root, out, *extra):
+    return ["distill", "--teacher", str(root / "pipe"), "--prompts", str(root / "prompts.txt"), "--out", str(out),
+            "--batch-size", "2", "--steps", "2", "--lora-rank", "4", "--max-steps", "2", "--checkpoint-every", "1",
+            "--log-with", "none", "--shared-blocks", "1", *extra]
+
+
+def test_distill_publishes_an_sd3_student_that_plain_diffusers_loads(sd3_teacher, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from diffusers import StableDiffusion3Pipeline
+
+    from loopfree.cli import main
+    from loopfree.pipelines.loading import load_pipeline
+    from loopfree.pipelines.pipeline_sd3 import LoopFreeSD3Pipeline
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, distill_args(sd3_teacher, out, "--validate-every", "1"))
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((out / "loopfree.json").read_text())
+    assert recorded["shared_blocks"] == 1
+    assert recorded["decoder_sigmas"] == pytest.approx(flow.decoder_sigmas(SCHEDULER.from_pretrained(
+        sd3_teacher / "pipe" / "scheduler").config, 2))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-00000001.png", "step-00000002.png"]
+    plain = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)
+    teacher = StableDiffusion3Pipeline.from_pretrained(sd3_teacher / "pipe", text_encoder_3=None, tokenizer_3=None)
+    moved = [not torch.equal(a, b) for a, b in zip(plain.transformer.parameters(), teacher.transformer.parameters())]
+    assert any(moved)  # the student's weights, not the teacher's
+    student = load_pipeline(out)
+    assert isinstance(student, LoopFreeSD3Pipeline) and student.decoder_sigmas == recorded["decoder_sigmas"]
+    image = student("a red circle", output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 64, 64)
+    # resumed to 3 steps from its last checkpoint
+    r = CliRunner().invoke(main, distill_args(sd3_teacher, out, "--resume", "latest", "--max-steps", "3"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "timing.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--regression-weight", "1"], "--regression-weight (teacher pairs) is not built for an SD3"),
+    (["--timesteps", "751,1"], "not --timesteps"),
+])
+def test_distill_refuses_what_an_sd3_student_lacks_in_one_line(sd3_teacher, tmp_path, extra, message):
+    from click.testing import CliRunner
+
+    from loopfree.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, distill_args(sd3_teacher, out, *extra))
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (out / "model_index.json").exists()

@@ -20,7 +20,7 @@ def distill(config, **overrides) -> None:
     from loopfree.training.config import load_config
 
     cfg = load_config(config, overrides)
-    refuse_transformer(cfg.teacher, "teacher", "distillation")  # before torch loads: a transformer teacher's student does not exist yet
+    refuse_transformer(cfg.teacher, "teacher", "distillation", ("sd3",))  # before torch loads: PixArt's and FLUX's students don't exist yet
 
     from accelerate import PartialState
 

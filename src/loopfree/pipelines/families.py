@@ -68,10 +68,11 @@ def folder_family(path: str | os.PathLike) -> str | None:
     return family_of(components, path) if isinstance(components, dict) else None
 
 
-def refuse_transformer(path: str | os.PathLike, role: str, command: str) -> None:
+def refuse_transformer(path: str | os.PathLike, role: str, command: str, allowed: tuple[str, ...] = ()) -> None:
     """A one-line LoopfreeError if the folder ``path`` (the command's ``role``, e.g. its teacher) holds a
-    transformer pipeline, which ``command`` does not take yet."""
+    transformer pipeline, which ``command`` does not take yet (but for the families ``allowed``)."""
     family = folder_family(path)
-    if family is not None:
+    if family is not None and family not in allowed:
+        takes = " and ".join(["Stable Diffusion (UNet)", *(FAMILIES[f].name for f in allowed)])
         raise LoopfreeError(f"{role} {str(path)!r} is a {FAMILIES[family].name} pipeline (a transformer denoiser): "
-                            f"{command} takes Stable Diffusion (UNet) pipelines only so far")
+                            f"{command} takes {takes} pipelines only so far")

@@ -26,6 +26,14 @@ class LoopFreeSD3Pipeline(TransformerPipelineMixin, StableDiffusion3Pipeline):
     _plain_class = StableDiffusion3Pipeline
     family = "sd3"
 
+    def encode_conditioning(self, prompt, negative_prompt, n, guide, device, size):
+        """(cond, uncond or None): the CLIP (+ T5) sequence and the pooled embeddings, as the SD3 pipeline encodes them."""
+        text, neg, pooled, neg_pooled = self.encode_prompt(
+            prompt, None, None, device=device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
+            negative_prompt=negative_prompt)
+        return (Conditioning(text, {"pooled_projections": pooled}),
+                Conditioning(neg, {"pooled_projections": neg_pooled}) if guide else None)
+
     def _one_pass(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
         guide = guidance_scale > 1.0
         text, neg, pooled, neg_pooled = self.encode_prompt(

@@ -66,9 +66,21 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     """Everything that can be wrong with the user's input, checked before anything is loaded or written; the
     image size, the prompts, the output folder and the (verified) checkpoint to resume from."""
     try:
-        info = inspect_pipeline(cfg.teacher)
+        info = inspect_pipeline(cfg.teacher, transformers=True)
     except LoopfreeError as e:
         raise LoopfreeError(f"teacher: {e}") from None
+    if info.family == "sd3":  # what an SD3 student does not have yet, refused before anything loads
+        unbuilt = {"--student-init": cfg.student_init, "--regression-weight (teacher pairs)": cfg.regression_weight > 0,
+                   "--clip-margin": cfg.clip_margin > 0}
+        for flag, given in unbuilt.items():
+            if given:
+                raise LoopfreeError(f"{flag} is not built for an SD3 (rectified-flow) teacher yet")
+        if cfg.timesteps is not None:
+            raise LoopfreeError("a rectified-flow teacher's student is planned by --steps (decoder sigmas), not --timesteps")
+    elif info.family != "sd":
+        raise LoopfreeError(f"teacher: a {info.family} teacher's distillation is not built yet (SD and SD3 teachers are)")
+    elif cfg.shared_blocks is not None:
+        raise LoopfreeError("--shared-blocks is a transformer student's setting; a UNet's encoder is its shared part")
     if cfg.student_init:
         try:
             student = inspect_pipeline(cfg.student_init)
@@ -156,7 +168,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).to(acc.device)
     encode = PromptEncoder(pipe, acc.device, resolution, cfg.prompt_cache_mb if cfg.cache_prompt_embeds else 0)
-    latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    latent_shape = (pipe.denoiser.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     pairs = None  # every process makes its share of the teacher's pairs, before the fake score's LoRA joins its UNet
     if cfg.regression_weight > 0:
         pairs = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device,
@@ -165,7 +177,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     if cfg.student_init:
         student = load_pipeline(cfg.student_init)
         init = student.unet, student.decoder_timesteps
-    distiller = Distiller(cfg, pipe.unet, pipe.scheduler, acc, resolution // pipe.vae_scale_factor, init)
+    distiller = Distiller(cfg, pipe.denoiser, pipe.scheduler, acc, resolution // pipe.vae_scale_factor, init)
     set_seed(cfg.seed, device_specific=True)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
 
@@ -294,7 +306,11 @@ def check_replicas_agree(distiller: Distiller, acc: Accelerator) -> None:
 
 def student_pipeline(pipe, distiller: Distiller, unet):
     """A pipeline of the teacher's components with ``unet``, the student (:meth:`Distiller.with_student`,
-    :meth:`Distiller.full_student`)."""
+    :meth:`Distiller.full_student`); a transformer student's records its decoder σ's and N."""
+    if hasattr(pipe, "geometry"):  # a transformer pipeline (SD3)
+        student = type(pipe)(**{**pipe.components, "transformer": unet})
+        student.decoder_sigmas, student.shared_blocks = distiller.timesteps, distiller.cfg.shared_blocks
+        return student
     student = type(pipe)(**{**pipe.components, "unet": unet})
     student.decoder_timesteps = distiller.timesteps
     student.final_alpha_cumprod = distiller.final_alpha_cumprod
