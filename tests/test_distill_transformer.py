@@ -129,7 +129,7 @@ def test_distill_publishes_an_sd3_student_that_plain_diffusers_loads(sd3_teacher
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--regression-weight", "1"], "--regression-weight (teacher pairs) is not built for an SD3"),
+    (["--student-init", "somewhere"], "--student-init is not built for an SD3"),
     (["--timesteps", "751,1"], "not --timesteps"),
 ])
 def test_distill_refuses_what_an_sd3_student_lacks_in_one_line(sd3_teacher, tmp_path, extra, message):
@@ -141,3 +141,27 @@ def test_distill_refuses_what_an_sd3_student_lacks_in_one_line(sd3_teacher, tmp_
     r = CliRunner().invoke(main, distill_args(sd3_teacher, out, *extra))
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (out / "model_index.json").exists()
+
+
+def test_distill_with_teacher_pairs_regresses_on_sd3s_own_euler_samples(sd3_teacher, tmp_path):
+    from click.testing import CliRunner
+    from diffusers import StableDiffusion3Pipeline
+
+    from loopfree.cli import main
+    from loopfree.training.pairs import PairCache
+
+    pairs = tmp_path / "pairs"
+    r = CliRunner().invoke(main, distill_args(sd3_teacher, tmp_path / "run", "--regression-weight", "1",
+                                              "--regression-pairs", "3", "--regression-steps", "2",
+                                              "--regression-cache", str(pairs)))
+    assert r.exit_code == 0, r.output
+    (folder,) = [p for p in pairs.iterdir() if p.is_dir()]
+    cache = PairCache(pairs, {}, 3)
+    cache.path = folder
+    x_T, x0 = cache.load()
+    # pair 0 is the teacher's 2-step guided Euler from its x_T, as StableDiffusion3Pipeline samples it
+    plain = StableDiffusion3Pipeline.from_pretrained(sd3_teacher / "pipe", text_encoder_3=None, tokenizer_3=None)
+    plain.set_progress_bar_config(disable=True)
+    prompt = (sd3_teacher / "prompts.txt").read_text().splitlines()[0]
+    ref = plain(prompt, num_inference_steps=2, guidance_scale=4.5, latents=x_T[:1], output_type="latent").images
+    torch.testing.assert_close(x0[:1], ref, rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from loopfree.method import flow
 from loopfree.method.hoist import tile
@@ -123,6 +123,28 @@ def loop_free(
     timesteps = (torch.tensor(sigmas, dtype=torch.float32) * num_train_timesteps).tolist()  # as the scheduler's, in float32
     v = guided_outputs(lambda x, c: predict(model, x, timesteps, c, shared_blocks, hoist), x_T, cond, uncond, guidance_scale)
     return flow.euler_combine(x_T, v, sigmas)
+
+
+@torch.no_grad()
+def euler_loop(model: SD3Transformer2DModel, scheduler, x_T: torch.Tensor, num_steps: int, cond: Conditioning,
+               uncond: Conditioning | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """SD3's own sampler, a model call per step (the teacher's pairs): ``num_steps`` Euler steps of
+    ``FlowMatchEulerDiscreteScheduler`` set as StableDiffusion3Pipeline sets it, with classifier-free guidance above 1.
+    ``scheduler`` lends its configuration only."""
+    guide = uncond is not None and guidance_scale > 1.0
+    c = Conditioning.cat([uncond, cond]) if guide else cond
+    euler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    euler.set_timesteps(num_steps, device=x_T.device)
+    x = x_T
+    for t in euler.timesteps:
+        xin = torch.cat([x, x]) if guide else x
+        v = model(hidden_states=xin, timestep=t.expand(xin.shape[0]), encoder_hidden_states=c.text,
+                  pooled_projections=c.added["pooled_projections"]).sample
+        if guide:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        x = euler.step(v, t, x).prev_sample
+    return x
 
 
 class Generator(torch.nn.Module):

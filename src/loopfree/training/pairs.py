@@ -1,4 +1,4 @@
-"""Teacher pairs for the regression term (DMD): (prompt, x_T) → the teacher's multi-step DDIM x_0, made once, cached.
+"""Teacher pairs for the regression term (DMD): (prompt, x_T) → the teacher's multi-step DDIM (SD3: Euler) x_0, made once, cached.
 
 Pair i is training prompt ``i mod len(prompts)`` with the initial noise of :func:`pair_seed` (the run's seed, i)
 (:func:`~loopfree.utils.seeding.initial_noise`), so runs with other training seeds regress onto other pairs. The cache is a folder named by what decides the pairs (teacher, prompts, steps, guidance, latent
@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers import SD3Transformer2DModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from loopfree.method import split_sd3
 from loopfree.method.sampler import ddim_loop
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.training.config import DistillConfig
@@ -154,11 +156,15 @@ def pair_prompts(prompts: list[str], indices: list[int]) -> list[str]:
 @torch.no_grad()
 def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encode: Callable[[list[str]], tuple],
                   latent_shape: tuple[int, int, int], device: torch.device, rank: int = 0, world: int = 1) -> PairCache:
-    """The run's pair cache, filled with ``cfg.regression_steps``-step guided DDIM of the teacher ``unet``
+    """The run's pair cache, filled with ``cfg.regression_steps``-step guided DDIM of the teacher ``unet`` (an SD3
+    transformer: its Euler sampler)
     (``encode(prompts) -> (cond, uncond)`` as the trainer encodes them): process ``rank`` of the launch's ``world``
     makes its share (:meth:`PairCache.fill`) and returns when the cache is whole."""
     used = pair_prompts(prompts, list(range(min(cfg.regression_pairs, len(prompts)))))
-    identity = {"teacher": os.path.abspath(cfg.teacher), "weights": weights_stamp(Path(cfg.teacher) / "unet"),
+    flow_teacher = isinstance(unet, SD3Transformer2DModel)
+    sample = split_sd3.euler_loop if flow_teacher else ddim_loop  # the teacher's own sampler: SD3's Euler, else DDIM
+    folder = Path(cfg.teacher) / ("transformer" if flow_teacher else "unet")
+    identity = {"teacher": os.path.abspath(cfg.teacher), "weights": weights_stamp(folder),
                 "prompts": hashlib.sha256("\n".join(used).encode()).hexdigest(), "steps": cfg.regression_steps,
                 "guidance": cfg.regression_guidance, "latent_shape": list(latent_shape), "count": cfg.regression_pairs,
                 "seed": cfg.seed}
@@ -167,7 +173,7 @@ def teacher_pairs(cfg: DistillConfig, unet, scheduler, prompts: list[str], encod
     def make(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x_T = initial_noise([pair_seed(cfg.seed, i) for i in indices], latent_shape, device)
         cond, uncond = encode(pair_prompts(prompts, indices))
-        return x_T, ddim_loop(unet, scheduler, x_T, cfg.regression_steps, cond, uncond, cfg.regression_guidance)
+        return x_T, sample(unet, scheduler, x_T, cfg.regression_steps, cond, uncond, cfg.regression_guidance)
 
     cache.fill(make, rank, world, progress=rank == 0)
     return cache
@@ -182,5 +188,5 @@ def prepare_teacher_pairs(cfg: DistillConfig) -> None:
     resolution = cfg.resolution or inspect_pipeline(cfg.teacher).default_size
     encode = PromptEncoder(pipe, torch.device("cpu"), resolution)
     scale = pipe.vae_scale_factor
-    teacher_pairs(cfg, pipe.unet, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
-                  (pipe.unet.config.in_channels, resolution // scale, resolution // scale), torch.device("cpu"))
+    teacher_pairs(cfg, pipe.denoiser, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
+                  (pipe.denoiser.config.in_channels, resolution // scale, resolution // scale), torch.device("cpu"))

@@ -70,8 +70,7 @@ def check_inputs(cfg: DistillConfig) -> tuple[int, list[str], OutputFolder, Path
     except LoopfreeError as e:
         raise LoopfreeError(f"teacher: {e}") from None
     if info.family == "sd3":  # what an SD3 student does not have yet, refused before anything loads
-        unbuilt = {"--student-init": cfg.student_init, "--regression-weight (teacher pairs)": cfg.regression_weight > 0,
-                   "--clip-margin": cfg.clip_margin > 0}
+        unbuilt = {"--student-init": cfg.student_init, "--clip-margin": cfg.clip_margin > 0}
         for flag, given in unbuilt.items():
             if given:
                 raise LoopfreeError(f"{flag} is not built for an SD3 (rectified-flow) teacher yet")
@@ -171,7 +170,7 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     latent_shape = (pipe.denoiser.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     pairs = None  # every process makes its share of the teacher's pairs, before the fake score's LoRA joins its UNet
     if cfg.regression_weight > 0:
-        pairs = teacher_pairs(cfg, pipe.unet, pipe.scheduler, prompts, encode, latent_shape, acc.device,
+        pairs = teacher_pairs(cfg, pipe.denoiser, pipe.scheduler, prompts, encode, latent_shape, acc.device,
                               acc.process_index, acc.num_processes)
     init = None
     if cfg.student_init:
