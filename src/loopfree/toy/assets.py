@@ -1,4 +1,4 @@
-"""The toy world's files shipped inside the package: classifier, teacher and student."""
+"""The toy world's files shipped inside the package: classifier, teacher, student and the MMDiT teacher."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from loopfree.utils.errors import LoopfreeError
 
 #: Shipped folders under ``loopfree/assets``.
-ASSETS = ("classifier", "teacher", "student")
+ASSETS = ("classifier", "teacher", "student", "teacher-mmdit")
 
 
 def asset_path(name: str) -> Path:
