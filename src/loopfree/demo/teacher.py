@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -245,22 +246,13 @@ def train_denoiser(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL, tok
         ema.step(params)
         return loss.item()
 
-    classifier = load_classifier()
-    probe_prompts = heldout_prompts(cfg.probe_prompts, seed=derive_seed(cfg.seed, 7, bits=32))
-
-    def probe(done: int) -> None:
-        if not cfg.probe_every or done % cfg.probe_every:
-            return
-        ema.store(params)
-        ema.copy_to(params)
+    def draw(prompts: list[str]) -> torch.Tensor:
         unet.eval()
-        images = _sample(pipe, probe_prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed)
+        images = _sample(pipe, prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed)
         unet.train()
-        ema.restore(params)
-        hits = matches(classifier.predict(images), [parse_prompt(p) for p in probe_prompts])
-        scores = {name: float(h.mean()) for name, h in hits.items()}
-        run.log({"stage": "probe", "step": done, "guidance": cfg.guidance_scales[0], **scores})
-        tqdm.write(f"probe @ {done}: {_format(scores)}")
+        return images
+
+    probe = attribute_probe(run, cfg, ema, params, draw)
 
     deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes is not None else None
     unet.train()
@@ -294,13 +286,41 @@ def evaluate_teacher(path: str | Path, config: TeacherConfig) -> dict:
     pipeline at ``path`` on ``eval_prompts`` held-out prompts."""
     pipe = load_pipeline(path)
     pipe.set_progress_bar_config(disable=True)
-    prompts = heldout_prompts(config.eval_prompts, seed=config.seed)
-    aligned = [p for p in prompts for _ in range(config.eval_images_per_prompt)]
+    return evaluate_guidance(config, lambda prompts, guidance: _sample(
+        pipe, prompts, config.eval_images_per_prompt, config.eval_steps, guidance, config.seed))
+
+
+def attribute_probe(run: TrainingRun, cfg: TeacherConfig | MMDiTTeacherConfig, ema: EMAModel, params: list,
+                    draw: Callable[[list[str]], torch.Tensor]) -> Callable[[int], None]:
+    """The denoiser stage's step hook: every ``probe_every`` steps, ``draw(prompts)``'s images of ``probe_prompts``
+    held-out prompts with the EMA weights swapped in, their per-attribute accuracy logged."""
+    classifier = load_classifier()
+    prompts = heldout_prompts(cfg.probe_prompts, seed=derive_seed(cfg.seed, 7, bits=32))
+
+    def probe(done: int) -> None:
+        if not cfg.probe_every or done % cfg.probe_every:
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        images = draw(prompts)
+        ema.restore(params)
+        hits = matches(classifier.predict(images), [parse_prompt(p) for p in prompts])
+        scores = {name: float(h.mean()) for name, h in hits.items()}
+        run.log({"stage": "probe", "step": done, "guidance": cfg.guidance_scales[0], **scores})
+        tqdm.write(f"probe @ {done}: {_format(scores)}")
+
+    return probe
+
+
+def evaluate_guidance(cfg: TeacherConfig | MMDiTTeacherConfig,
+                      draw: Callable[[list[str], float], torch.Tensor]) -> dict:
+    """Per guidance scale, the toy-world scores of ``draw(prompts, guidance)``'s images (``eval_images_per_prompt``
+    consecutive ones per prompt) of ``eval_prompts`` held-out prompts."""
+    prompts = heldout_prompts(cfg.eval_prompts, seed=cfg.seed)
+    aligned = [p for p in prompts for _ in range(cfg.eval_images_per_prompt)]
     results = {}
-    for guidance in tqdm(config.guidance_scales, desc="evaluate"):
-        images = _sample(pipe, prompts, config.eval_images_per_prompt, config.eval_steps, guidance, config.seed)
-        scores = evaluate_images(images, aligned, seed=config.seed)
-        results[str(guidance)] = scores
+    for guidance in tqdm(cfg.guidance_scales, desc="evaluate"):
+        results[str(guidance)] = scores = evaluate_images(draw(prompts, guidance), aligned, seed=cfg.seed)
         tqdm.write(f"guidance {guidance}: {_format({k: v for k, v in scores.items() if k.startswith(('accuracy', 'align'))})}")
     return results
 

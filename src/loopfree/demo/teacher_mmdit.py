@@ -26,18 +26,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from loopfree.demo.run import TrainingRun
-from loopfree.demo.teacher import _format, _megabytes, encode_cache, save_teacher
-from loopfree.evaluation.toy import evaluate_images
+from loopfree.demo.teacher import _megabytes, attribute_probe, encode_cache, evaluate_guidance, save_teacher
 from loopfree.method.repeated_tokens import RepeatedTokenJointAttention
 from loopfree.toy.assets import bundled
-from loopfree.toy.classifier import load_classifier, matches
 from loopfree.toy.settings import MMDiTTeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
-from loopfree.toy.world import IMAGE_SIZE, heldout_prompts, make_caption, parse_prompt
+from loopfree.toy.world import IMAGE_SIZE, make_caption
 from loopfree.utils.devices import cpu_threads
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import write_json
@@ -142,20 +139,8 @@ def train_transformer(run: TrainingRun, cfg: MMDiTTeacherConfig, pipe: StableDif
         ema.step(params)
         return loss.item()
 
-    classifier = load_classifier()
-    probe_prompts = heldout_prompts(cfg.probe_prompts, seed=derive_seed(cfg.seed, 7, bits=32))
-
-    def probe(done: int) -> None:
-        if not cfg.probe_every or done % cfg.probe_every:
-            return
-        ema.store(params)
-        ema.copy_to(params)
-        images = sample(pipe, probe_prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed)
-        ema.restore(params)
-        hits = matches(classifier.predict(images), [parse_prompt(p) for p in probe_prompts])
-        scores = {name: float(h.mean()) for name, h in hits.items()}
-        run.log({"stage": "probe", "step": done, "guidance": cfg.guidance_scales[0], **scores})
-        tqdm.write(f"probe @ {done}: {_format(scores)}")
+    probe = attribute_probe(run, cfg, ema, params,
+                            lambda prompts: sample(pipe, prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed))
 
     deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes is not None else None
     for m in (model, *encoders):
@@ -175,14 +160,8 @@ def evaluate_teacher(path: str | Path, cfg: MMDiTTeacherConfig) -> dict:
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
     pipe.transformer.set_attn_processor(RepeatedTokenJointAttention(cfg.context_rows))
     pipe.set_progress_bar_config(disable=True)
-    prompts = heldout_prompts(cfg.eval_prompts, seed=cfg.seed)
-    aligned = [p for p in prompts for _ in range(cfg.eval_images_per_prompt)]
-    results = {}
-    for guidance in tqdm(cfg.guidance_scales, desc="evaluate"):
-        images = sample(pipe, prompts, cfg.eval_images_per_prompt, cfg.eval_steps, guidance, cfg.seed)
-        results[str(guidance)] = scores = evaluate_images(images, aligned, seed=cfg.seed)
-        tqdm.write(f"guidance {guidance}: {_format({k: v for k, v in scores.items() if k.startswith(('accuracy', 'align'))})}")
-    return results
+    return evaluate_guidance(cfg, lambda prompts, guidance: sample(
+        pipe, prompts, cfg.eval_images_per_prompt, cfg.eval_steps, guidance, cfg.seed))
 
 
 def train_teacher(out_dir: str | Path, config: MMDiTTeacherConfig | None = None) -> dict:
