@@ -79,7 +79,8 @@ def similarity_rows(pipe, steps: list[int], setup: AnalysisSetup, prompts: list[
 
 
 def plot(rows: list[dict], title: str):
-    """Quality against N (one panel per score, if any) and encoder/decoder similarity against N."""
+    """Quality against N (one panel per score, if any), then encoder/decoder similarity against N — a transformer's
+    each block's similarity instead, a line per N."""
     scores = list(rows[0].get("quality", {}))
     fig, axes = figure(len(scores) + 1)
     steps = [r["steps"] for r in rows]
@@ -89,41 +90,27 @@ def plot(rows: list[dict], title: str):
         ax.set_ylabel(score)
         if min(values) > 0 and max(values) > 50 * min(values):  # fd falls by orders of magnitude
             ax.set_yscale("log")
+    blocks = "block_similarity" in rows[0]
     ax = axes[-1]
-    if "block_similarity" in rows[0]:
-        return _plot_blocks(fig, axes, rows, steps, title)
-    for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:red")):
-        kept = [(r["steps"], r[f"{part}_similarity"]) for r in rows if r[f"{part}_similarity"] is not None]
-        ax.plot([n for n, _ in kept], [v for _, v in kept], "o-", color=colour, label=part)
+    if blocks:
+        for row in rows:
+            if row["block_similarity"]:
+                ax.plot(range(len(row["block_similarity"])), row["block_similarity"], "o-", ms=3, label=f"N = {row['steps']}")
+        ax.axvline(rows[0]["shared_blocks"] - 0.5, color="grey", ls="--", lw=1, label="shared | per-step")
+        ax.set_xlabel("block")
+        ax.grid(alpha=0.3)
+    else:
+        for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:red")):
+            kept = [(r["steps"], r[f"{part}_similarity"]) for r in rows if r[f"{part}_similarity"] is not None]
+            ax.plot([n for n, _ in kept], [v for _, v in kept], "o-", color=colour, label=part)
     ax.set_ylabel("cosine similarity of adjacent steps")
-    ax.legend()
-    for ax in axes:
+    ax.legend(fontsize=7 if blocks else None)
+    for ax in axes[:-1] if blocks else axes:  # axes over N
         ax.set_xscale("log")
         ax.set_xticks(steps, [str(n) for n in steps])
         ax.minorticks_off()
-        ax.set_xlabel("DDIM steps N")
+        ax.set_xlabel("sampling steps N" if blocks else "DDIM steps N")
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    return fig
-
-
-def _plot_blocks(fig, axes, rows: list[dict], steps: list[int], title: str):
-    """A transformer's figure: quality against N, then each block's adjacent-step similarity, a line per N."""
-    for ax in axes[:-1]:
-        ax.set_xscale("log")
-        ax.set_xticks(steps, [str(n) for n in steps])
-        ax.minorticks_off()
-        ax.set_xlabel("sampling steps N")
-        ax.grid(alpha=0.3)
-    ax = axes[-1]
-    for row in rows:
-        if row["block_similarity"]:
-            ax.plot(range(len(row["block_similarity"])), row["block_similarity"], "o-", ms=3, label=f"N = {row['steps']}")
-    ax.axvline(rows[0]["shared_blocks"] - 0.5, color="grey", ls="--", lw=1, label="shared | per-step")
-    ax.set_xlabel("block")
-    ax.set_ylabel("cosine similarity of adjacent steps")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
     fig.suptitle(title)
     return fig
 
