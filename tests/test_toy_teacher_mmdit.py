@@ -32,21 +32,18 @@ def test_one_zero_row_counted_256_times_equals_256_zero_rows(qk_norm):
                                   qk_norm=qk_norm).eval()
     x, clip, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 12), torch.randn(2, 6)
     context = torch.cat([clip, torch.zeros(2, 256, 12)], dim=1)
-    run = lambda c: model(x, encoder_hidden_states=c, pooled_projections=pooled, timestep=torch.tensor([900.0, 250.0])).sample  # noqa: E731
+    run = lambda c, kw=None: model(x, encoder_hidden_states=c, pooled_projections=pooled,  # noqa: E731
+                                   timestep=torch.tensor([900.0, 250.0]), joint_attention_kwargs=kw).sample
     with torch.no_grad():
         plain, plain_short = run(context), run(context[:, :6])
-        model.set_attn_processor(RepeatedTokenJointAttention(256))
-        counted = run(context[:, :6])
-        model.set_attn_processor(RepeatedTokenJointAttention(1))
+        model.set_attn_processor(RepeatedTokenJointAttention())
+        counted = run(context[:, :6], {"repeats": 256})
         once = run(context[:, :6])
+        with pytest.raises(ValueError, match="repeated 0 times"):
+            run(context[:, :6], {"repeats": 0})
     torch.testing.assert_close(counted, plain, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(once, plain_short, atol=2e-6, rtol=1e-5)  # count 1: diffusers' own processor
+    torch.testing.assert_close(once, plain_short, atol=2e-6, rtol=1e-5)  # no repeats: diffusers' own processor
     assert (counted - plain_short).abs().max() > 1e-2  # the 255 missing rows do matter
-
-
-def test_a_count_below_one_is_refused():
-    with pytest.raises(ValueError, match="repeated 0 times"):
-        RepeatedTokenJointAttention(0)
 
 
 def test_encode_is_the_sd3_pipelines_prompt_encoding():
@@ -100,8 +97,8 @@ def test_plain_diffusers_default_call_samples_what_the_teacher_trained_on(run):
     plain.set_progress_bar_config(disable=True)
     default = plain(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=4.5,
                     generator=torch.Generator().manual_seed(3), output_type="pt").images * 2 - 1
-    plain.transformer.set_attn_processor(RepeatedTokenJointAttention(256))
-    counted = sample(plain, ["a red circle", "a blue square"], 1, 3, 4.5, seed=3)
+    plain.transformer.set_attn_processor(RepeatedTokenJointAttention())
+    counted = sample(plain, ["a red circle", "a blue square"], 1, 3, 4.5, seed=3, context_rows=256)
     torch.testing.assert_close(counted, default, atol=1e-5, rtol=1e-4)
 
 

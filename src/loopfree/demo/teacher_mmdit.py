@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from loopfree.demo.run import TrainingRun
 from loopfree.demo.teacher import _megabytes, attribute_probe, encode_cache, evaluate_guidance, save_teacher
-from loopfree.method.repeated_tokens import RepeatedTokenJointAttention
+from loopfree.method.repeated_tokens import use_repeated_tokens
 from loopfree.toy.assets import bundled
 from loopfree.toy.settings import MMDiTTeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
@@ -81,17 +81,19 @@ def build_pipeline(cfg: MMDiTTeacherConfig, vae: AutoencoderKL, tokenizer: CLIPT
         transformer=make_transformer(cfg), scheduler=make_scheduler(cfg), vae=vae,
         text_encoder=make_text_encoder(cfg, tokenizer), tokenizer=tokenizer,
         text_encoder_2=make_text_encoder(cfg, tokenizer), tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
-    pipe.transformer.set_attn_processor(RepeatedTokenJointAttention(cfg.context_rows))
+    use_repeated_tokens(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def sample(pipe: StableDiffusion3Pipeline, prompts: list[str], per_prompt: int, steps: int, guidance: float,
-           seed: int) -> torch.Tensor:
+           seed: int, context_rows: int) -> torch.Tensor:
     """Euler samples (N, 3, 64, 64) in [-1, 1], ``per_prompt`` consecutive images per prompt; the transformer must
-    carry :class:`RepeatedTokenJointAttention` (its one zero row stands for the pipeline's 256)."""
+    carry :class:`~loopfree.method.repeated_tokens.RepeatedTokenJointAttention` (one zero row stands for
+    ``context_rows``, the pipeline's 256)."""
     images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=per_prompt,
-                  generator=torch.Generator().manual_seed(seed), output_type="pt", max_sequence_length=1).images
+                  generator=torch.Generator().manual_seed(seed), output_type="pt", max_sequence_length=1,
+                  joint_attention_kwargs={"repeats": context_rows}).images
     return images * 2.0 - 1.0
 
 
@@ -129,7 +131,7 @@ def train_transformer(run: TrainingRun, cfg: MMDiTTeacherConfig, pipe: StableDif
         s = sigma.view(-1, 1, 1, 1)
         context, pooled = encode(encoders, ids)
         v = model((1 - s) * z + s * noise, encoder_hidden_states=context, pooled_projections=pooled,
-                  timestep=sigma * 1000).sample
+                  timestep=sigma * 1000, joint_attention_kwargs={"repeats": cfg.context_rows}).sample
         loss = F.mse_loss(v, noise - z)  # rectified flow: the velocity dx/dσ = ε − z
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,8 +141,8 @@ def train_transformer(run: TrainingRun, cfg: MMDiTTeacherConfig, pipe: StableDif
         ema.step(params)
         return loss.item()
 
-    probe = attribute_probe(run, cfg, ema, params,
-                            lambda prompts: sample(pipe, prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed))
+    probe = attribute_probe(run, cfg, ema, params, lambda prompts: sample(
+        pipe, prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed, cfg.context_rows))
 
     deadline = time.monotonic() + 60 * cfg.minutes if cfg.minutes is not None else None
     for m in (model, *encoders):
@@ -158,10 +160,10 @@ def evaluate_teacher(path: str | Path, cfg: MMDiTTeacherConfig) -> dict:
     """Per guidance scale, the toy-world scores of ``eval_steps``-step Euler samples of the pipeline at ``path`` on
     ``eval_prompts`` held-out prompts, ``eval_images_per_prompt`` each."""
     pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
-    pipe.transformer.set_attn_processor(RepeatedTokenJointAttention(cfg.context_rows))
+    use_repeated_tokens(pipe.transformer)
     pipe.set_progress_bar_config(disable=True)
     return evaluate_guidance(cfg, lambda prompts, guidance: sample(
-        pipe, prompts, cfg.eval_images_per_prompt, cfg.eval_steps, guidance, cfg.seed))
+        pipe, prompts, cfg.eval_images_per_prompt, cfg.eval_steps, guidance, cfg.seed, cfg.context_rows))
 
 
 def train_teacher(out_dir: str | Path, config: MMDiTTeacherConfig | None = None) -> dict:

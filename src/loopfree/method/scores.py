@@ -27,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.checkpoint import checkpoint
 
+from loopfree.method import repeated_tokens
 from loopfree.method.sampler import Conditioning
 from loopfree.method.schedule import NoiseSchedule
 
@@ -121,9 +122,10 @@ class TeacherAndFakeScore:
         x, step = self.schedule.model_input(x_t, t).to(dtype), self.schedule.model_timestep(t)
         if isinstance(self.base, UNet2DConditionModel):
             out = net(x, step, c.text.to(dtype), added_cond_kwargs=c.added).sample
-        elif isinstance(self.base, SD3Transformer2DModel):  # rectified flow: a velocity
+        elif isinstance(self.base, SD3Transformer2DModel):  # rectified flow: a velocity; zero text rows run as one
+            c, attention = repeated_tokens.compact_zero_rows(self.base, c)
             out = net(hidden_states=x, timestep=step, encoder_hidden_states=c.text.to(dtype),
-                      pooled_projections=c.added["pooled_projections"].to(dtype)).sample
+                      pooled_projections=c.added["pooled_projections"].to(dtype), joint_attention_kwargs=attention).sample
         else:
             raise TypeError(f"scores of a {type(self.base).__name__} are not built yet (UNets and SD3 transformers)")
         return self.schedule.to_epsilon(out.float(), x_t, t)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from loopfree.method import flow
+from loopfree.method import flow, repeated_tokens
 from loopfree.method.hoist import tile
 from loopfree.method.sampler import Conditioning
 from loopfree.method.transformer_split import check_shared_blocks, guided_outputs, run_block, unpatchify
@@ -39,6 +39,7 @@ class SharedFeatures:
     pooled: torch.Tensor  # pooled text embeddings as given, (B, P)
     shared_blocks: int  # N
     grid: tuple[int, int]  # patch grid h, w
+    attention: dict | None = None  # the blocks' joint_attention_kwargs (repeated_tokens.compact_zero_rows)
 
 
 def run_shared(
@@ -48,8 +49,10 @@ def run_shared(
     encoder_hidden_states: torch.Tensor,
     pooled_projections: torch.Tensor,
     shared_blocks: int | None = None,
+    joint_attention_kwargs: dict | None = None,
 ) -> SharedFeatures:
-    """Shared pass S(x, τ, c): patch embedding, context projection, the first N joint blocks at τ (None: L // 2)."""
+    """Shared pass S(x, τ, c): patch embedding, context projection, the first N joint blocks at τ (None: L // 2);
+    ``joint_attention_kwargs`` go to every block's attention, here and in :func:`run_per_step`."""
     n = check_shared_blocks(shared_blocks, len(model.transformer_blocks))
     B, p = sample.shape[0], model.config.patch_size
     hidden = model.pos_embed(sample).contiguous()
@@ -57,12 +60,14 @@ def run_shared(
     temb = model.time_text_embed(t, pooled_projections)
     context = model.context_embedder(encoder_hidden_states)
     for block in model.transformer_blocks[:n]:
-        context, hidden = _block(model, block, hidden, context, temb)
-    return SharedFeatures(hidden, context, pooled_projections, n, (sample.shape[-2] // p, sample.shape[-1] // p))
+        context, hidden = _block(model, block, hidden, context, temb, joint_attention_kwargs)
+    return SharedFeatures(hidden, context, pooled_projections, n, (sample.shape[-2] // p, sample.shape[-1] // p),
+                          joint_attention_kwargs)
 
 
-def _block(model, block, hidden, context, temb) -> tuple[torch.Tensor | None, torch.Tensor]:
-    return run_block(model, block, hidden_states=hidden, encoder_hidden_states=context, temb=temb, joint_attention_kwargs=None)
+def _block(model, block, hidden, context, temb, attention) -> tuple[torch.Tensor | None, torch.Tensor]:
+    return run_block(model, block, hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                     joint_attention_kwargs=attention)
 
 
 def _temb(model: SD3Transformer2DModel, feats: SharedFeatures, timesteps: torch.Tensor, hoist: bool) -> torch.Tensor:
@@ -88,7 +93,7 @@ def run_per_step(
     hidden = tile(feats.hidden, K)
     context = None if feats.context is None else tile(feats.context, K)
     for block in model.transformer_blocks[feats.shared_blocks :]:
-        context, hidden = _block(model, block, hidden, context, temb)
+        context, hidden = _block(model, block, hidden, context, temb, feats.attention)
     hidden = model.proj_out(model.norm_out(hidden, temb))
     out = unpatchify(hidden, feats.grid, model.config.patch_size, model.out_channels)
     return out.reshape(K, B, *out.shape[1:])
@@ -102,9 +107,11 @@ def predict(
     shared_blocks: int | None = None,
     hoist: bool = True,
 ) -> torch.Tensor:
-    """The K velocities of one pass, (K, B, C, H, W): S at τ_K, P batched. ``cond.added``: pooled_projections."""
-    pooled = cond.added["pooled_projections"]
-    return run_per_step(model, run_shared(model, x, timesteps[0], cond.text, pooled, shared_blocks), timesteps, hoist)
+    """The K velocities of one pass, (K, B, C, H, W): S at τ_K, P batched. ``cond.added``: pooled_projections. Trailing
+    zero text rows (SD3 without T5) run as one (:func:`~loopfree.method.repeated_tokens.compact_zero_rows`, exact)."""
+    cond, attention = repeated_tokens.compact_zero_rows(model, cond)
+    feats = run_shared(model, x, timesteps[0], cond.text, cond.added["pooled_projections"], shared_blocks, attention)
+    return run_per_step(model, feats, timesteps, hoist)
 
 
 def loop_free(
@@ -129,17 +136,17 @@ def loop_free(
 def euler_loop(model: SD3Transformer2DModel, scheduler, x_T: torch.Tensor, num_steps: int, cond: Conditioning,
                uncond: Conditioning | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """SD3's own sampler, a model call per step (the teacher's pairs): ``num_steps`` Euler steps of
-    ``FlowMatchEulerDiscreteScheduler`` set as StableDiffusion3Pipeline sets it, with classifier-free guidance above 1.
-    ``scheduler`` lends its configuration only."""
+    ``FlowMatchEulerDiscreteScheduler`` set as StableDiffusion3Pipeline sets it, with classifier-free guidance above 1
+    (trailing zero text rows run as one, as in :func:`predict`). ``scheduler`` lends its configuration only."""
     guide = uncond is not None and guidance_scale > 1.0
-    c = Conditioning.cat([uncond, cond]) if guide else cond
+    c, attention = repeated_tokens.compact_zero_rows(model, Conditioning.cat([uncond, cond]) if guide else cond)
     euler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     euler.set_timesteps(num_steps, device=x_T.device)
     x = x_T
     for t in euler.timesteps:
         xin = torch.cat([x, x]) if guide else x
         v = model(hidden_states=xin, timestep=t.expand(xin.shape[0]), encoder_hidden_states=c.text,
-                  pooled_projections=c.added["pooled_projections"]).sample
+                  pooled_projections=c.added["pooled_projections"], joint_attention_kwargs=attention).sample
         if guide:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_cond - v_uncond)
