@@ -11,6 +11,7 @@ from loopfree.cli import main
 from loopfree.demo.lock import lock_path
 from loopfree.demo.study import load_plan, markdown_table, run_study
 from loopfree.utils.errors import LoopfreeError
+from test_distill_transformer import sd3_teacher  # noqa: F401 - a fixture
 
 PLAN = """
 max_steps: 2
@@ -97,6 +98,24 @@ def test_a_fine_tuning_plan_sets_its_own_budget_and_scores_an_untrained_student_
         load_plan(tmp_path / "bad.yaml")
 
 
+def test_a_study_of_an_sd3_teacher_scores_its_euler_rows_and_its_students_sigmas(sd3_teacher, tmp_path):
+    plan = PLAN.replace("variants:\n  vsd: {}\n  sid-zero-cfg: {objective: sid, guidance: 1.0, guidance_fake: 0.0}\n", "") + (
+        f"teacher: {sd3_teacher / 'pipe'}\nvariants:\n  n1: {{shared_blocks: 1, lora_targets: [to_q, to_v]}}\n")
+    (tmp_path / "plan.yaml").write_text(plan)
+    rows = run_study(load_plan(tmp_path / "plan.yaml"), tmp_path / "plan.lock.yaml", tmp_path / "s")
+    assert [r["name"] for r in rows] == ["teacher 2-step Euler", "n1"]
+    recorded = json.loads((tmp_path / "s" / "runs" / "n1" / "seed0" / "loopfree.json").read_text())
+    assert recorded["shared_blocks"] == 1 and len(recorded["decoder_sigmas"]) == 4  # TOY_DISTILL's K, one pass
+    assert all(0 <= r["alignment"] <= 1 and r["fd"] > 0 for r in rows)
+
+
+def test_a_plan_names_a_bundled_teacher():
+    from loopfree.toy.assets import bundled, model_folder
+
+    assert model_folder("teacher-mmdit", "teacher") == bundled("teacher-mmdit")
+    assert model_folder(None, "teacher") == bundled("teacher") and model_folder("some/folder") == Path("some/folder")
+
+
 def test_the_committed_plans_are_locked_and_keep_the_regression_weight_their_tables_were_made_with(tmp_path):
     """TOY_DISTILL's λ_reg has moved (0 → 0.25 → 1.0): each committed plan pins the λ_reg it ran with, and its committed
     lock holds every variant's full settings (probe.yaml's "vsd" had silently become VSD + regression)."""
@@ -105,7 +124,8 @@ def test_the_committed_plans_are_locked_and_keep_the_regression_weight_their_tab
 
     made_with = {"probe.yaml": {"vsd": 0.0, "vsd-reg": 0.25, "sid": 0.0}, "recipe.yaml": {"tiue": 0.25, "one-step": 0.25},
                  "ablations.yaml": {"tiue-fake2": 0.25, "tiue-no-reg": 0.0}, "fd-probe.yaml": {"tiue-no-kl": 0.25, "tiue-reg1": 1.0},
-                 "demo-budget.yaml": {"tiue": 0.25}, "recipe-reg1.yaml": {"tiue-reg1": 1.0, "one-step-reg1": 1.0}}
+                 "demo-budget.yaml": {"tiue": 0.25}, "recipe-reg1.yaml": {"tiue-reg1": 1.0, "one-step-reg1": 1.0},
+                 "mmdit.yaml": {"tiue-n4": 1.0, "one-step": 1.0}}
     studies = Path(__file__).resolve().parents[1] / "studies"
     assert {p.name for p in studies.glob("*.yaml") if not p.name.endswith(".lock.yaml")} == set(made_with) | {"finetune.yaml"}
     for name, weights in made_with.items():

@@ -40,11 +40,13 @@ def lock_path(plan_path: str | Path) -> Path:
 
 
 def model_sha256(folder: str | Path) -> str:
-    """SHA-256 of a pipeline folder's UNet weights and its ``loopfree.json`` (the decoder timesteps), in name order."""
+    """SHA-256 of a pipeline folder's denoiser weights (its UNet or transformer) and its ``loopfree.json`` (the decoder
+    steps), in name order."""
     root = Path(folder)
-    files = sorted((root / "unet").glob("*.safetensors")) + [p for p in [root / "loopfree.json"] if p.is_file()]
+    denoiser = root / "unet" if (root / "unet").is_dir() else root / "transformer"
+    files = sorted(denoiser.glob("*.safetensors")) + [p for p in [root / "loopfree.json"] if p.is_file()]
     if not files:
-        raise LoopfreeError(f"{short(str(folder))} has no UNet weights to hash")
+        raise LoopfreeError(f"{short(str(folder))} has no UNet or transformer weights to hash")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

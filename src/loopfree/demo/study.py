@@ -23,11 +23,11 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, finished, side_by_side, summarise, train_run
+from loopfree.demo.demo import RowScorer, decoder_count, finished, side_by_side, summarise, train_run
 from loopfree.demo.lock import OWNED, locked, model_sha256, sampled_model, settings_key
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
-from loopfree.toy.assets import bundled
+from loopfree.toy.assets import model_folder
 from loopfree.toy.settings import EVAL_POOL
 from loopfree.toy.world import heldout_prompts, training_prompts
 from loopfree.training.config import DistillConfig
@@ -51,7 +51,8 @@ class StudyPlan:
     images_per_prompt: int = 4
     curve_prompts: int = 16  # prompts of the learning curves (scored every eval_every steps: kept cheap)
     base: dict = field(default_factory=dict)  # distill settings of every variant, over TOY_DISTILL
-    teacher_steps: list[int] = field(default_factory=lambda: [4, 50])  # the teacher rows: guided DDIM with these steps
+    teacher: str | None = None  # a bundled teacher's name (teacher-mmdit) or a folder; default the bundled UNet teacher
+    teacher_steps: list[int] = field(default_factory=lambda: [4, 50])  # the teacher rows: its guided sampler (DDIM; SD3: Euler)
     guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5)
     distill_prompts: int = 4000  # training prompt count
     seed: int = 0  # evaluation prompts and x_T
@@ -113,12 +114,13 @@ def _cached(path: Path, compute) -> dict:
 def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: str | None = None, train: bool = True) -> list[dict]:
     """Train what is missing (unless not ``train``: a study in progress tabulated), score what is new; writes
     study.json, table.md and curves.png. ``lock_file``: the plan's lock (:func:`~loopfree.demo.lock.lock_path`),
-    extended with what is new. The table's rows."""
-    teacher_path = os.path.abspath(teacher) if teacher else str(bundled("teacher"))
+    extended with what is new. ``teacher``: instead of the plan's. The table's rows."""
+    teacher_path = os.path.abspath(model_folder(teacher or plan.teacher, "teacher"))
     try:
-        size = inspect_pipeline(teacher_path).default_size
+        info = inspect_pipeline(teacher_path, transformers=True)
     except LoopfreeError as e:
-        raise LoopfreeError(f"--teacher: {e}") from None
+        raise LoopfreeError(f"teacher: {e}") from None
+    size = info.default_size
     identity = dict(teacher=teacher_path, seed=plan.seed, distill_prompts=plan.distill_prompts, num_prompts=plan.num_prompts,
                     images_per_prompt=plan.images_per_prompt, curve_prompts=plan.curve_prompts, guidance=plan.guidance)
     folder = OutputFolder(out, "study", identity, resumable=True)
@@ -136,10 +138,11 @@ def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: 
             for config in todo:  # the teacher pairs of the regression term, once, with every thread
                 prepare_teacher_pairs(config)
             side_by_side([(train_run, (c, curve)) for c in todo], "runs")
-        return _score(plan, lock, root, teacher_path, size, pool, configs)
+        return _score(plan, lock, root, teacher_path, "Euler" if info.family == "sd3" else "DDIM", size, pool, configs)
 
 
-def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, size: int, pool: list[str], configs: dict) -> list[dict]:
+def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: str, size: int, pool: list[str],
+           configs: dict) -> list[dict]:
     scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size)
     (root / "scores").mkdir(exist_ok=True)
     rows = []
@@ -147,13 +150,13 @@ def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, size: int
     def scored(path: str | Path, mode: str, steps: int | None, guidance: float) -> dict:
         """The scores of the pipeline at ``path`` sampled in ``mode`` with ``steps`` (None: its own decoders)."""
         pipe = load_pipeline(path)
-        return scorer.row(pipe, Sampling(size, size, mode, steps or len(pipe.decoder_timesteps), None, guidance))[0]
+        return scorer.row(pipe, Sampling(size, size, mode, steps or decoder_count(pipe), None, guidance))[0]
 
     teacher_sha = model_sha256(teacher_path)
     for steps in plan.teacher_steps:
         key = settings_key(teacher_sha, steps, plan.guidance)
         scores = _cached(root / "scores" / f"teacher-{steps}step-{key}.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))
-        rows.append({**summarise(f"teacher {steps}-step DDIM", [scores]), "train_minutes": None})
+        rows.append({**summarise(f"teacher {steps}-step {sampler}", [scores]), "train_minutes": None})
     for name, row in plan.sampled.items():
         key = settings_key(lock["sampled"][name]["sha256"], row["steps"])
         scores = _cached(root / "scores" / f"sampled-{name}-{key}.json", lambda: scored(sampled_model(row), "loop_free", row["steps"], 1.0))

@@ -185,7 +185,7 @@ def prepare_teacher_pairs(cfg: DistillConfig) -> None:
     if cfg.regression_weight <= 0:
         return
     pipe = load_pipeline(cfg.teacher)
-    resolution = cfg.resolution or inspect_pipeline(cfg.teacher).default_size
+    resolution = cfg.resolution or inspect_pipeline(cfg.teacher, transformers=True).default_size
     encode = PromptEncoder(pipe, torch.device("cpu"), resolution)
     scale = pipe.vae_scale_factor
     teacher_pairs(cfg, pipe.denoiser, pipe.scheduler, load_prompts(cfg.prompts, cfg.prompt_field).prompts, encode,
