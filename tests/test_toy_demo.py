@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from diffusers import StableDiffusionPipeline
 from PIL import Image
@@ -100,6 +101,27 @@ def test_demo_writes_grid_metrics_and_students(short_demo):
     for kind in ("one-step", "tiue"):
         student = StableDiffusionPipeline.from_pretrained(out / "students" / f"{kind}-seed0", safety_checker=None)
         assert student.unet.config.sample_size == 16
+
+
+def test_the_mmdit_demo_distils_the_bundled_transformer_teacher(tmp_path):
+    """``--teacher-arch mmdit``: the bundled SD3-shaped teacher, its Euler rows (no propagate row), students with the
+    translated recipe (LoRA on the joint blocks' attention and MLP projections) sharing --shared-blocks."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from loopfree.toy.settings import MMDIT_DISTILL
+
+    out = tmp_path / "run"
+    r = run("demo", "--teacher-arch", "mmdit", "--out", out, "--max-steps", "2", "--num-prompts", "3", "--images-per-prompt",
+            "2", "--teacher-steps", "3", "--shared-blocks", "2", "--regression-pairs", "8", "--regression-steps", "2",
+            "--threads", "1")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "metrics.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["teacher 3-step Euler", "teacher 4-step Euler", "one-step VSD", "TiUE"]
+    assert report["settings"]["teacher"] == str(bundled("teacher-mmdit"))
+    tiue = out / "students" / "tiue-seed0"
+    assert json.loads((tiue / "loopfree.json").read_text())["shared_blocks"] == 2
+    assert yaml.safe_load((tiue / "distill_config.yaml").read_text())["lora_targets"] == MMDIT_DISTILL["lora_targets"]
+    assert StableDiffusion3Pipeline.from_pretrained(tiue, text_encoder_3=None, tokenizer_3=None).transformer.config.num_layers == 8
 
 
 def test_learning_curves_end_at_the_rows_scores(short_demo):

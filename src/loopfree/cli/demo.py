@@ -13,7 +13,7 @@ import click
 from loopfree.cli import options
 from loopfree.cli.config_options import config_options
 from loopfree.training.config import DistillConfig
-from loopfree.toy.settings import DEMO_BUDGET, DEMO_DISTILL_KEYS, STUDENTS, TOY_DISTILL, DemoConfig
+from loopfree.toy.settings import DEMO_BUDGET, DEMO_DISTILL_KEYS, STUDENTS, TEACHER_ARCHS, TOY_DISTILL, DemoConfig
 
 _DEMO = DemoConfig()
 
@@ -28,15 +28,18 @@ _DEMO = DemoConfig()
               help="Train each student this many times; the table gives mean ± spread.")
 @click.option("--num-prompts", type=int, default=_DEMO.num_prompts, show_default=True, help="Held-out evaluation prompts.")
 @options.images_per_prompt(_DEMO.images_per_prompt)
-@click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher).")
-@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="DDIM steps of the reference teacher rows (DDIM loop and encoder propagation).")
+@click.option("--teacher", default=None, type=click.Path(), help="Teacher pipeline folder (default: the bundled toy teacher of --teacher-arch).")
+@click.option("--teacher-arch", type=click.Choice(list(TEACHER_ARCHS)), default=_DEMO.teacher_arch, show_default=True,
+              help="The bundled teacher: unet (Stable Diffusion-shaped, DDIM) or mmdit (SD3-shaped, rectified flow; its "
+                   "students share --shared-blocks of its 8 blocks, default half).")
+@click.option("--teacher-steps", type=click.IntRange(1, 1000), default=_DEMO.teacher_steps, show_default=True, help="Steps of the reference teacher rows (DDIM loop and encoder propagation; an MMDiT's Euler).")
 @options.threads()
 @click.option("--eval-every", type=click.IntRange(0, None), default=0, show_default=True,
               help="Learning curves: score every student every N steps on the evaluation prompts (curves.png, curves.json).")
 @config_options(DistillConfig, only=DEMO_DISTILL_KEYS, defaults={**TOY_DISTILL, **DEMO_BUDGET})
-def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_steps, threads,
-         eval_every, **distill) -> None:
-    """Distil the bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table.
+def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_per_prompt, teacher, teacher_arch, teacher_steps,
+         threads, eval_every, **distill) -> None:
+    """Distil a bundled toy teacher and compare teacher and students: grid.png, metrics.json, a table.
 
     Every distillation setting below overrides the toy recipe (TOY_DISTILL, with the demo's short-budget lr and
     teacher-pair steps: DEMO_BUDGET) for all students; the rest are the paper's. Each set of settings needs its own
@@ -50,7 +53,7 @@ def demo(out, overwrite, max_steps, students, train_seeds, num_prompts, images_p
 
     cfg = DemoConfig(out=out, max_steps=max_steps, students=tuple(s.strip() for s in students.split(",") if s.strip()),
                      train_seeds=train_seeds, num_prompts=num_prompts, images_per_prompt=images_per_prompt, teacher=teacher,
-                     teacher_steps=teacher_steps, eval_every=eval_every,
+                     teacher_arch=teacher_arch, teacher_steps=teacher_steps, eval_every=eval_every,
                      distill={k: v for k, v in distill.items() if v is not None})
     bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # loading and saving bars would bury the demo's own

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from loopfree.toy.assets import MODELS
 from loopfree.utils.vocabulary import DTYPES, MAX_SEED, MODES
 
 F = Callable[..., Any]
@@ -71,8 +72,8 @@ def model(help: str = "A local diffusers Stable Diffusion (XL) pipeline folder (
 
 
 #: --model of the commands that sample transformer pipelines too (generate, eval, serve)
-ANY_MODEL = ("A local diffusers pipeline folder: Stable Diffusion (XL), PixArt-α, SD3 or FLUX (default: the bundled "
-             "toy student).")
+ANY_MODEL = ("A local diffusers pipeline folder: Stable Diffusion (XL), PixArt-α, SD3 or FLUX, or a bundled model's name "
+             f"({', '.join(MODELS)}; default: the bundled toy student).")
 
 
 def out(default: str | None = None, help: str = "Output folder.") -> F:

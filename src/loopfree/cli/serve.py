@@ -16,7 +16,7 @@ SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve
 
 @click.command()
 @options.model("The student to serve: a local diffusers pipeline folder, Stable Diffusion (XL), PixArt-α, SD3 or "
-               "FLUX (default: the bundled toy student).")
+               f"FLUX, or a bundled model's name ({', '.join(options.MODELS)}; default: the bundled toy student).")
 @click.option("--teacher", type=click.Path(), default=None,
               help="A teacher folder for the page's side-by-side (default: the bundled toy teacher when --model is not given).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")

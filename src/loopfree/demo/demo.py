@@ -40,12 +40,13 @@ from loopfree.evaluation.generation import Job, Sampling, batches, plan_jobs
 from loopfree.evaluation.generation import generate_jobs
 from loopfree.evaluation.scores import distribution_scores
 from loopfree.utils.images import image_grid
+from loopfree.pipelines.families import FAMILIES
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.utils.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
 from loopfree.demo.curves import plot_curves, seed_curves
 from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
-from loopfree.toy.settings import DEMO_BUDGET, EVAL_POOL, STUDENTS, TOY_DISTILL, DemoConfig
+from loopfree.toy.settings import DEMO_BUDGET, EVAL_POOL, MMDIT_DISTILL, STUDENTS, TEACHER_ARCHS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
 from loopfree.training.pairs import prepare_teacher_pairs
 from loopfree.training.trainer import distill
@@ -61,12 +62,14 @@ GRID_SCALE = 3  # 192-pixel cells: room for each column's attributes above it
 BATCH = 64  # images per pipeline call (``loopfree eval --batch-size 64`` reproduces a row bit for bit)
 
 
-def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path) -> DistillConfig:
-    """The ``loopfree distill`` configuration of one student run."""
+def student_config(cfg: DemoConfig, kind: str, seed: int, teacher: str, prompts_file: Path, family: str = "sd") -> DistillConfig:
+    """The ``loopfree distill`` configuration of one student run (of a ``family`` teacher: an SD3 one's recipe is
+    translated, ``MMDIT_DISTILL``)."""
+    recipe = MMDIT_DISTILL if family == "sd3" else {}
     return DistillConfig(
         teacher=teacher, prompts=str(prompts_file), out=str(Path(os.path.abspath(cfg.out)) / "students" / f"{kind}-seed{seed}"),
         max_steps=cfg.max_steps, seed=seed, eval_every=cfg.eval_every,
-        **{"guidance": cfg.guidance, **TOY_DISTILL, **DEMO_BUDGET, **cfg.distill, **STUDENTS[kind][1]},
+        **{"guidance": cfg.guidance, **TOY_DISTILL, **DEMO_BUDGET, **recipe, **cfg.distill, **STUDENTS[kind][1]},
     )
 
 
@@ -128,11 +131,13 @@ def format_table(rows: list[dict], num_images: int = PRDC_MIN_IMAGES) -> str:
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     """Train, sample, score; writes ``grid.png`` and ``metrics.json`` into ``cfg.out``; the table rows."""
-    teacher_path = os.path.abspath(cfg.teacher) if cfg.teacher else str(bundled("teacher"))
+    teacher_path = os.path.abspath(cfg.teacher) if cfg.teacher else str(bundled(TEACHER_ARCHS[cfg.teacher_arch]))
     try:
-        inspect_pipeline(teacher_path)
+        info = inspect_pipeline(teacher_path, transformers=True)
     except LoopfreeError as e:
         raise LoopfreeError(f"--teacher: {e}") from None
+    if info.family not in ("sd", "sd3"):
+        raise LoopfreeError(f"--teacher: the demo distils Stable Diffusion and SD3 teachers, not {FAMILIES[info.family].name}")
     # what decides the students: a rerun with these settings continues the folder, others are refused
     identity = dict(teacher=teacher_path, seed=cfg.seed, guidance=cfg.guidance, distill_prompts=cfg.distill_prompts,
                     distill=cfg.distill)
@@ -141,7 +146,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     pool = heldout_prompts(EVAL_POOL, seed=cfg.seed)
     prompts = pool[: cfg.num_prompts]
     prompts_file = out / f"distill_prompts-{cfg.distill_prompts}-seed{cfg.seed}.txt"
-    configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file) for s in range(cfg.train_seeds)]
+    configs = {kind: [student_config(cfg, kind, s, teacher_path, prompts_file, info.family) for s in range(cfg.train_seeds)]
                for kind in cfg.students}
     todo = [c for group in configs.values() for c in group if not (folder.resuming and finished(c))]  # checked before writing
     lacking = [c.out for group in configs.values() for c in group if cfg.eval_every and c not in todo
@@ -149,7 +154,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> list[dict]:
     if lacking:
         raise LoopfreeError(f"{lacking[0]} was trained without --eval-every: its learning curve needs another --out")
     with folder:
-        return _train_and_score(cfg, folder.final, teacher_path, configs, todo, prompts, pool, prompts_file)
+        return _train_and_score(cfg, folder.final, teacher_path, info, configs, todo, prompts, pool, prompts_file)
 
 
 class RowScorer:
@@ -181,14 +186,19 @@ class RowScorer:
         return {**self.scores(images), "unet_ms_per_image": ms}, images
 
     def one_pass(self, pipe) -> Sampling:
-        """A student's sampling: one pass with its recorded decoder timesteps, no guidance."""
-        return Sampling(self.size, self.size, "loop_free", len(pipe.decoder_timesteps), None, 1.0)
+        """A student's sampling: one pass with its recorded decoder timesteps (σ's), no guidance."""
+        return Sampling(self.size, self.size, "loop_free", decoder_count(pipe), None, 1.0)
 
     def __call__(self, pipe, step: int) -> dict[str, float]:
         """The EMA student's scores during distillation (``eval.jsonl``): the rows' images, fd alone of the
         distribution scores."""
         pipe.set_progress_bar_config(disable=True)
         return self.scores(sample_images(pipe, self.jobs, self.one_pass(pipe))[0], ("fid",))
+
+
+def decoder_count(pipe) -> int:
+    """K: how many decoder steps a student pipeline recorded (timesteps, or an SD3 student's σ's)."""
+    return len(getattr(pipe, "decoder_sigmas", None) or pipe.decoder_timesteps)
 
 
 def _worker_started(counter) -> None:
@@ -247,9 +257,9 @@ def side_by_side(calls: list[tuple[Callable, tuple]], desc: str = "rows") -> lis
             return [f.result() for f in futures]
 
 
-def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dict, todo: list, prompts: list[str],
+def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, info, configs: dict, todo: list, prompts: list[str],
                      pool: list[str], prompts_file: Path) -> list[dict]:
-    size = inspect_pipeline(teacher_path).default_size
+    size = info.default_size
     scorer = RowScorer(pool, len(prompts), cfg.images_per_prompt, cfg.seed, size)
     curve = scorer if cfg.eval_every else None
     started = time.monotonic()
@@ -259,13 +269,15 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, configs: dic
         prepare_teacher_pairs(config)
     pairs_s = time.monotonic() - started
 
-    # -- rows: the teacher's (with guidance; the propagate row: the same DDIM steps with Faster Diffusion's default
-    # key steps, the decoder alone elsewhere), then one per student kind and training seed (one pass, its recorded
-    # timesteps, no guidance). Students still to train go first, the costliest (most decoders) first, so the
+    # -- rows: the teacher's (with guidance; the propagate row, UNets only: the same DDIM steps with Faster Diffusion's
+    # default key steps, the decoder alone elsewhere), then one per student kind and training seed (one pass, its
+    # recorded timesteps, no guidance). Students still to train go first, the costliest (most decoders) first, so the
     # teacher rows fill the worker that the cheaper student frees.
-    teacher_rows = {f"teacher {cfg.teacher_steps}-step DDIM": Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance),
-                    f"teacher {cfg.teacher_steps}-step propagate": Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance),
-                    "teacher 4-step DDIM": Sampling(size, size, "loop", 4, None, cfg.guidance)}
+    sampler = "Euler" if info.family == "sd3" else "DDIM"  # the teacher's own loop
+    teacher_rows = {f"teacher {cfg.teacher_steps}-step {sampler}": Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)}
+    if info.family == "sd":
+        teacher_rows[f"teacher {cfg.teacher_steps}-step propagate"] = Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance)
+    teacher_rows[f"teacher 4-step {sampler}"] = Sampling(size, size, "loop", 4, None, cfg.guidance)
     students = {(kind, c.out): c for kind, group in configs.items() for c in group}
     calls = {name: (teacher_row, (teacher_path, sampling, scorer)) for name, sampling in teacher_rows.items()}
     calls |= {key: (student_row, (c, c in todo, scorer, curve)) for key, c in students.items()}

@@ -81,9 +81,9 @@ def _inspect(flag: str, path: str, height: int | None = None, width: int | None 
 def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     """Check the options every process can check, and derive the jobs (no weights loaded, nothing written)."""
     from loopfree.utils.devices import resolve_dtype
-    from loopfree.toy.assets import bundled
+    from loopfree.toy.assets import model_folder
 
-    model = os.path.abspath(cfg.model) if cfg.model else str(bundled("student"))
+    model = os.path.abspath(model_folder(cfg.model))
     info = _inspect("--model", model, *(cfg.resolution or (None, None)))
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs

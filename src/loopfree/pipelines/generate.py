@@ -31,9 +31,9 @@ def generate_images(
     from loopfree.utils.devices import resolve_device, resolve_dtype
     from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
     from loopfree.method.runtime import prepare_pipeline
-    from loopfree.toy.assets import bundled
+    from loopfree.toy.assets import model_folder
 
-    model = str(model) if model is not None else str(bundled("student"))
+    model = str(model_folder(model))
     info = inspect_pipeline(model, transformers=True)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)

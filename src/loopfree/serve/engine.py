@@ -22,7 +22,7 @@ from loopfree.utils.devices import resolve_device, resolve_dtype
 from loopfree.utils.errors import LoopfreeError
 from loopfree.pipelines.loading import PipelineInfo, check_tiny_vae, inspect_pipeline, load_pipeline
 from loopfree.utils.seeding import initial_latents
-from loopfree.toy.assets import bundled
+from loopfree.toy.assets import model_folder
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,8 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
     another; a given ``model`` gets a teacher only when ``teacher`` names one."""
-    student_path = Path(model) if model is not None else bundled("student")
-    teacher_path = Path(teacher) if teacher is not None else (bundled("teacher") if model is None else None)
+    student_path = model_folder(model)
+    teacher_path = model_folder(teacher, "teacher") if teacher is not None or model is None else None
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     student = inspect_pipeline(student_path, transformers=True)

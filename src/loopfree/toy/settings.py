@@ -115,7 +115,7 @@ STUDENTS: dict[str, tuple[str, dict]] = {
 }
 
 #: DistillConfig keys that ``loopfree demo`` takes as flags (training settings; the run's plumbing is its own).
-DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "one_step_timestep", "objective", "sid_alpha", "guidance",
+DEMO_DISTILL_KEYS = ("batch_size", "steps", "timesteps", "shared_blocks", "one_step_timestep", "objective", "sid_alpha", "guidance",
                      "guidance_fake", "t_min", "t_max", "kl_weight", "kl_reduction", "regression_weight",
                      "regression_pairs", "regression_steps", "regression_guidance", "fake_cfg_dropout", "lora_rank",
                      "lora_alpha", "lora_targets", "lr_student", "lr_fake", "lr_schedule", "lr_fake_schedule",
@@ -143,6 +143,10 @@ TOY_DISTILL = dict(
     cache_prompt_embeds=True,  # a few thousand short captions
     log_with="none",
 )
+#: The recipe translated for the toy MMDiT teacher (studies/mmdit.yaml): its LoRA on every attention and MLP
+#: projection of the joint blocks, as the UNet's is on every attention and resnet projection
+MMDIT_DISTILL = dict(lora_targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                   "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"])
 #: The demo's short budget (DemoConfig.max_steps, 5 min on 2 cores) over the recipe: a doubled student lr, 8-step
 #: teacher pairs (the teacher's 8-step DDIM scores as its 25 steps do) and DMD's λ_reg 0.25, the settings checked at
 #: 3 training seeds at this budget (studies/demo-budget.yaml, docs/toy-world.md)
@@ -151,6 +155,10 @@ DEMO_BUDGET = dict(lr_student=6e-5, regression_steps=8, regression_weight=0.25)
 PRDC_K = 5
 #: Evaluation prompts are drawn from this many held-out attribute combinations, never distilled on.
 EVAL_POOL = 64
+
+
+#: ``loopfree demo --teacher-arch``: the bundled teacher of each architecture
+TEACHER_ARCHS = {"unet": "teacher", "mmdit": "teacher-mmdit"}
 
 
 @dataclass
@@ -163,8 +171,9 @@ class DemoConfig:
     train_seeds: int = 1  # each student is trained this many times (seeds 0..N-1)
     num_prompts: int = 16  # held-out evaluation prompts (distinct attribute combinations), at most EVAL_POOL
     images_per_prompt: int = 4  # images per evaluation prompt
-    teacher: str | None = None  # default: the bundled toy teacher
-    teacher_steps: int = 50  # DDIM steps of the reference teacher rows (loop and propagate)
+    teacher: str | None = None  # default: the bundled toy teacher of teacher_arch
+    teacher_arch: str = "unet"  # the bundled teacher: unet (DDIM) or mmdit (SD3-shaped, rectified flow)
+    teacher_steps: int = 50  # steps of the reference teacher rows (DDIM loop and propagate; an MMDiT's Euler)
     guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5); distillation's is in ``distill``
     distill_prompts: int = 4000  # distillation prompt file length
     seed: int = 0  # evaluation prompts and x_T
@@ -172,6 +181,8 @@ class DemoConfig:
     eval_every: int = 0  # learning curves: score each student every N steps (0: off)
 
     def __post_init__(self) -> None:
+        if self.teacher_arch not in TEACHER_ARCHS:
+            raise LoopfreeError(f"--teacher-arch must be one of {', '.join(TEACHER_ARCHS)}, got {self.teacher_arch!r}")
         unknown = [s for s in self.students if s not in STUDENTS]
         if unknown or not self.students:
             raise LoopfreeError(f"--students must name some of {', '.join(STUDENTS)}, got {','.join(self.students) or 'none'}")
