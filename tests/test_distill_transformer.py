@@ -60,11 +60,6 @@ def test_checkpointed_weights_load_back(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(d.ema.shadow_params, fresh.ema.shadow_params))
 
 
-def test_a_sharded_transformer_student_is_refused(tmp_path):
-    with pytest.raises(LoopfreeError, match="data parallel for now"):
-        distiller(tmp_path, shard=True)
-
-
 
 
 # -- loopfree distill end to end on a tiny SD3 folder (two toy CLIPs, no T5)

@@ -25,6 +25,7 @@ from loopfree.training.data import load_prompts
 from loopfree.training.pairs import teacher_pairs
 from loopfree.training.prompt_encoder import PromptEncoder
 from loopfree.utils.errors import LoopfreeError
+from test_distill_transformer import sd3_teacher  # noqa: F401 - a fixture
 from tiny import distill_config, make_teacher_folder
 
 HOOKS = Path(__file__).parent / "distill_hooks.py"
@@ -66,6 +67,22 @@ def test_sharded_run_equals_data_parallel_and_resumes_exactly(teacher, tmp_path)
     pipe = StableDiffusionPipeline.from_pretrained(runs["sharded"])
     assert all(torch.equal(v, sharded[k]) for k, v in pipe.unet.state_dict().items())
     assert isinstance(UNet2DConditionModel.from_pretrained(runs["sharded"] / "unet"), UNet2DConditionModel)
+
+
+def test_a_sharded_sd3_student_equals_data_parallel_and_loads_in_plain_diffusers(sd3_teacher, tmp_path):
+    """FSDP2 per joint block: the SD3 student of two sharded processes is the data-parallel one within fp32 rounding."""
+    from diffusers import StableDiffusion3Pipeline
+
+    runs = {name: tmp_path / name for name in ("dp", "sharded")}
+    for name, extra in [("dp", []), ("sharded", ["--shard"])]:
+        p = launch(sd3_teacher, runs[name], 2, "--max-steps", "2", "--shared-blocks", "1", "--steps", "2", *extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+    dp, sharded = (load_file(runs[n] / "transformer" / "diffusion_pytorch_model.safetensors") for n in ("dp", "sharded"))
+    teacher = load_file(sd3_teacher / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert dp.keys() == sharded.keys() == teacher.keys() and max((dp[k] - teacher[k]).abs().max().item() for k in dp) > 1e-3
+    assert max((dp[k] - sharded[k]).abs().max().item() for k in dp) < 1e-4
+    pipe = StableDiffusion3Pipeline.from_pretrained(runs["sharded"], text_encoder_3=None, tokenizer_3=None)
+    assert all(torch.equal(v, sharded[k]) for k, v in pipe.transformer.state_dict().items())
 
 
 def test_shard_needs_several_processes_and_no_fp16(teacher, tmp_path):

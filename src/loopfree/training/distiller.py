@@ -135,9 +135,7 @@ class Distiller:
                 fused=accelerator.device.type in ("cpu", "cuda"),
             )
 
-        if isinstance(student, SD3Transformer2DModel):
-            if cfg.shard:
-                raise LoopfreeError("--shard splits a UNet's blocks; a transformer student is data parallel for now")
+        if isinstance(student, SD3Transformer2DModel):  # sharded: a unit per joint block, whose own forward the split calls
             generator = split_sd3.Generator(student, self.timesteps, cfg.shared_blocks,
                                             scheduler.config.num_train_timesteps)
         else:

@@ -4,10 +4,11 @@ split across the processes of the launch instead of replicated on each.
     torchrun --nproc_per_node 8 -m loopfree distill --config distill.yaml --shard
     accelerate launch --multi_gpu --num_processes 8 -m loopfree distill --config distill.yaml --shard
 
-Each UNet block (every down block, the mid block, every up block) is one ``fully_shard`` unit and the student's
-other layers (conv_in, the time and added embeddings, conv_out) the root unit on its
-:class:`~loopfree.method.sampler.Generator`: the loop-free forward — encoder once, the K decoders as one batch —
-gathers each block once per call and frees it after. Blocks are gathered in the compute dtype (the teacher's), and
+Each UNet block (every down block, the mid block, every up block) — an SD3 transformer's: each joint block — is one
+``fully_shard`` unit and the student's other layers (conv_in, the time and added embeddings, conv_out; the patch,
+text and time embeddings, the final norm and projection) the root unit on its generator
+(:class:`~loopfree.method.sampler.Generator`, :class:`~loopfree.method.split_sd3.Generator`): the loop-free forward —
+the shared part once, the K per-step parts as one batch — gathers each block once per call and frees it after. Blocks are gathered in the compute dtype (the teacher's), and
 gradients reduced in fp32. The frozen teacher and the small LoRA fake score stay replicated (data parallel).
 
 Validation and scoring sample with the sharded student itself (:func:`sample_sharded`: every process runs the same
@@ -42,21 +43,29 @@ def _plain_decoders(unet, feats: split.EncoderFeatures, timesteps, hoist: bool =
     return split.run_decoders(unet, feats, timesteps, hoist=False)
 
 
+def _student(generator: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The student network in ``generator`` and its attribute name: a UNet Generator's ``unet``, an SD3 one's ``model``."""
+    name = "unet" if hasattr(generator, "unet") else "model"
+    return name, getattr(generator, name)
+
+
 def shard_student(generator: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Shard ``generator`` (a Generator around the student UNet) in place: one unit per UNet block, the rest at the
-    root. Collective: every process calls it, with the same (identically initialised) weights."""
+    """Shard ``generator`` (a generator around the student UNet or SD3 transformer) in place: one unit per block, the
+    rest at the root. Collective: every process calls it, with the same (identically initialised) weights."""
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    unet = generator.unet
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    name, student = _student(generator)
+    unet = name == "unet"
+    for block in [*student.down_blocks, student.mid_block, *student.up_blocks] if unet else student.transformer_blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(generator, mp_policy=policy)
     register_fsdp_forward_method(generator, "sample")  # sample_sharded: the root's layers gathered around a sampling
-    setattr(unet, PASSES_ATTR, Passes(split.run_encoder, _plain_decoders))  # any one-pass call on it, pipelines' too
+    if unet:  # any one-pass call on it, pipelines' too (the SD3 split calls each block's own forward already)
+        setattr(student, PASSES_ATTR, Passes(split.run_encoder, _plain_decoders))
 
 
 def sample_sharded(generator: torch.nn.Module, use: Callable[[], T]) -> T:
-    """``use()`` sampling the sharded student ``generator.unet`` as if it were a plain UNet (a pipeline around it, any
-    mode): the root unit's layers (conv_in, embeddings, conv_out) gathered around the call, each block by its own
+    """``use()`` sampling the sharded student in ``generator`` as if it were a plain one (a pipeline around it, any
+    mode): the root unit's layers (conv_in, embeddings, conv_out, or their transformer kin) gathered around the call, each block by its own
     unit while it runs, all in the compute dtype; resharded after. Collective: every process makes the same calls."""
     try:
         return generator.sample(use)
@@ -108,14 +117,18 @@ def load_sharded(directory: Path, generator: torch.nn.Module, optimizer: torch.o
 
 
 def full_weights(generator: torch.nn.Module, ema: list[torch.Tensor] | None, main: bool) -> dict[str, torch.Tensor] | None:
-    """The student's whole weights on the CPU of the main process (None elsewhere), keyed like its UNet's state dict;
+    """The student's whole weights on the CPU of the main process (None elsewhere), keyed like its own state dict;
     with ``ema`` (one shadow per parameter, in order), the EMA's instead of the live ones. Collective."""
+    prefix = _student(generator)[0] + "."
     if ema is None:
         full = get_model_state_dict(generator, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("unet."): v for k, v in full.items()} if main else None
+        return {k.removeprefix(prefix): v for k, v in full.items()} if main else None
     gathered = {}
     for (name, _), shadow in zip(generator.named_parameters(), ema):  # one whole tensor at a time on the device
         whole = shadow.full_tensor().cpu() if isinstance(shadow, DTensor) else shadow.cpu()
         if main:
-            gathered[name.removeprefix("unet.")] = whole
+            gathered[name.removeprefix(prefix)] = whole
+    if main:  # the persistent buffers (an SD3 transformer's position embedding): replicated, not sharded
+        keys = _student(generator)[1].state_dict().keys()
+        gathered |= {k: b.cpu() for k, b in ((n.removeprefix(prefix), b) for n, b in generator.named_buffers()) if k in keys}
     return gathered if main else None
