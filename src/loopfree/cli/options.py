@@ -76,6 +76,11 @@ ANY_MODEL = ("A local diffusers pipeline folder: Stable Diffusion (XL), PixArt-Î
              f"({', '.join(MODELS)}; default: the bundled toy student).")
 
 
+def lora() -> F:
+    return click.option("--lora", type=click.Path(), default=None,
+                        help="A LoRA student's folder (distill --student-lora-rank) on --model, its base: samples as that student.")
+
+
 def out(default: str | None = None, help: str = "Output folder.") -> F:
     return click.option("--out", type=click.Path(), default=default, required=default is None, show_default=default is not None, help=help)
 

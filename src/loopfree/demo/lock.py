@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from loopfree.pipelines.files import denoiser_sha256
 from loopfree.toy.assets import bundled
 from loopfree.toy.settings import TOY_DISTILL
 from loopfree.training.config import DistillConfig
@@ -42,18 +43,10 @@ def lock_path(plan_path: str | Path) -> Path:
 def model_sha256(folder: str | Path) -> str:
     """SHA-256 of a pipeline folder's denoiser weights (its UNet or transformer) and its ``loopfree.json`` (the decoder
     steps), in name order."""
-    root = Path(folder)
-    denoiser = root / "unet" if (root / "unet").is_dir() else root / "transformer"
-    files = sorted(denoiser.glob("*.safetensors")) + [p for p in [root / "loopfree.json"] if p.is_file()]
-    if not files:
+    digest = denoiser_sha256(folder, with_record=True)
+    if digest is None:
         raise LoopfreeError(f"{short(str(folder))} has no UNet or transformer weights to hash")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(4 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def settings_key(*parts: object) -> str:

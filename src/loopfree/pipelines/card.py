@@ -31,6 +31,21 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _use(folder: Path, recorded: dict, base: str) -> list[str]:
+    if recorded.get("base_sha256"):  # a LoRA student
+        return [f'pipe = load_pipeline("{base}", lora="{folder.name}")   # its base with the adapter, its decoder timesteps']
+    return [f'pipe = load_pipeline("{folder.name}")              # samples its recorded decoder timesteps']
+
+
+def _plain(folder: Path, recorded: dict, base: str) -> list[str]:
+    if recorded.get("base_sha256"):
+        return ["A LoRA in diffusers' format on the denoiser of its base (sha256 of the base's denoiser weights: "
+                f"`{recorded['base_sha256']}`); plain diffusers loads it onto the base "
+                f'(`pipe.load_lora_weights("{folder.name}")`), as an ordinary multi-step model.']
+    return ["Plain diffusers loads it too, as an ordinary multi-step model "
+            f'(`StableDiffusionPipeline.from_pretrained("{folder.name}")`).']
+
+
 def render_card(folder: Path) -> str:
     """The card's text for the student in ``folder``."""
     recorded = _read(folder / "loopfree.json")
@@ -44,11 +59,8 @@ def render_card(folder: Path) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {folder.name}", "",
              f"A {kind} student distilled with loopfree from `{base}`: its UNet encoder runs once "
              "and its decoder for every decoder timestep in parallel, so an image costs about one UNet pass.", "",
-             "## Use", "", "```python", "from loopfree import load_pipeline", "",
-             f'pipe = load_pipeline("{folder.name}")              # samples its recorded decoder timesteps',
-             'image = pipe(["a photo of a cat"]).images[0]', "```", "",
-             "Plain diffusers loads it too, as an ordinary multi-step model "
-             f'(`StableDiffusionPipeline.from_pretrained("{folder.name}")`).', "",
+             "## Use", "", "```python", "from loopfree import load_pipeline", "", *_use(folder, recorded, base),
+             'image = pipe(["a photo of a cat"]).images[0]', "```", "", *_plain(folder, recorded, base), "",
              f"Decoder timesteps: `{timesteps}`" + (f"; fine-tuned from `{recorded['distilled_from']}`" if recorded.get("distilled_from") else ""),
              ""]
     if config:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -75,3 +76,21 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
         raise LoopfreeError(f"{folder} holds only pickled weights ({pickles[0]}); loopfree loads safetensors only — "
                             f"convert them with diffusers/transformers save_pretrained(safe_serialization=True)")
     raise LoopfreeError(f"{single} is missing")
+
+
+def denoiser_sha256(folder: str | Path, with_record: bool = False) -> str | None:
+    """SHA-256 of a pipeline folder's denoiser weights (its UNet's or transformer's safetensors) and, ``with_record``,
+    its ``loopfree.json`` (the decoder steps), in name order; None if it has neither."""
+    root = Path(folder)
+    denoiser = root / "unet" if (root / "unet").is_dir() else root / "transformer"
+    record = [root / "loopfree.json"] if with_record else []
+    files = sorted(denoiser.glob("*.safetensors")) + [p for p in record if p.is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(4 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -12,6 +12,7 @@ PixArt-α, SD3 and FLUX folders (:mod:`~loopfree.pipelines.families`) as their t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from loopfree.method.schedule import check_timesteps
 from loopfree.method.transformer_split import check_shared_blocks
 from loopfree.pipelines.families import FAMILIES, family_of, present
 from loopfree.pipelines.files import check_safetensors, read_json, weight_files
-from loopfree.pipelines.pipeline import SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
+from loopfree.pipelines.pipeline import LORA_WEIGHTS, SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
 from loopfree.pipelines.transformer_pipeline import Geometry, geometry, plan_transformer_steps
 from loopfree.utils.errors import LoopfreeError, first_line
 
@@ -126,9 +127,28 @@ def _inspect_transformer(root: Path, components: dict, family: str) -> PipelineI
     return PipelineInfo(root, False, vae_scale, size.default_size, scheduler, timesteps, None, family, size, sigmas, n, absent)
 
 
-def inspect_pipeline(path: str | os.PathLike, transformers: bool = False) -> PipelineInfo:
+def inspect_pipeline(path: str | os.PathLike, transformers: bool = False, lora: str | os.PathLike | None = None) -> PipelineInfo:
     """Check that ``path`` is a complete local Stable Diffusion (XL) pipeline folder with safetensors weights —
-    or, with ``transformers``, a PixArt-α, SD3 or FLUX one; without, such a folder gets a one-line refusal."""
+    or, with ``transformers``, a PixArt-α, SD3 or FLUX one; without, such a folder gets a one-line refusal. With
+    ``lora`` (a LoRA student's folder) the info is of the base with that student's recorded decoder steps."""
+    info = _inspect(path, transformers)
+    if lora is None:
+        return info
+    recorded = check_lora(lora)
+    try:
+        if recorded.get("decoder_timesteps") is not None:
+            check_timesteps(recorded["decoder_timesteps"], info.num_train_timesteps)
+        if recorded.get("decoder_sigmas") is not None:
+            check_sigmas(recorded["decoder_sigmas"])
+    except LoopfreeError as e:
+        raise LoopfreeError(f"{Path(lora) / SIDECAR}: {e}") from None
+    return dataclasses.replace(info, decoder_timesteps=recorded.get("decoder_timesteps"),
+                               final_alpha_cumprod=recorded.get("final_alpha_cumprod"),
+                               decoder_sigmas=recorded.get("decoder_sigmas"),
+                               shared_blocks=recorded.get("shared_blocks", info.shared_blocks))
+
+
+def _inspect(path: str | os.PathLike, transformers: bool) -> PipelineInfo:
     root = Path(path)
     if not root.exists():
         raise LoopfreeError(f"model folder {str(path)!r} does not exist")
@@ -191,12 +211,27 @@ def _transformer_class(family: str) -> type:
     return {"pixart": LoopFreePixArtPipeline, "sd3": LoopFreeSD3Pipeline, "flux": LoopFreeFluxPipeline}[family]
 
 
-def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None):
+def check_lora(path: str | os.PathLike) -> dict:
+    """The record (``loopfree.json``) of a LoRA student's folder (``distill --student-lora-rank``), else a LoopfreeError."""
+    root = Path(path)
+    if not (root / LORA_WEIGHTS).is_file():
+        raise LoopfreeError(f"{str(path)!r} holds no LoRA student ({LORA_WEIGHTS} is missing)")
+    check_safetensors(root / LORA_WEIGHTS)
+    recorded = read_json(root / SIDECAR)
+    if not isinstance(recorded, dict) or "base_sha256" not in recorded:
+        raise LoopfreeError(f"{root / SIDECAR} does not record a LoRA student's decoder steps and base")
+    return recorded
+
+
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None,
+                  lora: str | os.PathLike | None = None):
     """Load a local pipeline folder as the matching loop-free pipeline (safetensors only): Stable Diffusion (XL),
     PixArt-α, SD3 or FLUX; ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE
-    (fast, approximate)."""
+    (fast, approximate); ``lora``: a LoRA student's folder, loaded onto this base (diffusers' ``load_lora_weights``),
+    which then samples as that student (its recorded decoder steps)."""
     info = inspect_pipeline(path, transformers=True)
     tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
+    recorded = check_lora(lora) if lora is not None else None
     if info.family in FAMILIES:
         cls = _transformer_class(info.family)
     else:
@@ -213,4 +248,10 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
         raise LoopfreeError(f"cannot load the model in {str(path)!r}: {first}") from None
     if tiny is not None:
         pipe.vae = load_tiny_vae(tiny, dtype or torch.float32)
+    if recorded is not None:
+        try:
+            pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise LoopfreeError(f"cannot load the LoRA in {str(lora)!r} onto {str(path)!r}: {first_line(e)}") from None
+        pipe.use_record(recorded)
     return pipe

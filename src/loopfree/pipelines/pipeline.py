@@ -34,6 +34,7 @@ from loopfree.method.schedule import NoiseSchedule, check_timesteps, decoder_tim
 logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA student's adapter, in diffusers' LoRA format
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
 
@@ -178,20 +179,29 @@ class _LoopFreeMixin:
         sidecar = os.path.join(str(pretrained_model_name_or_path), SIDECAR)
         if os.path.isfile(sidecar):
             with open(sidecar) as f:
-                recorded = json.load(f)
-            pipe.decoder_timesteps = recorded["decoder_timesteps"]
-            pipe.final_alpha_cumprod = recorded.get("final_alpha_cumprod")
-            pipe.distilled_from = recorded.get("distilled_from")
+                pipe.use_record(json.load(f))
         return pipe
+
+    def use_record(self, recorded: dict) -> None:
+        """Sample as the student that ``recorded`` (a ``loopfree.json``'s content) describes."""
+        self.decoder_timesteps = recorded["decoder_timesteps"]
+        self.final_alpha_cumprod = recorded.get("final_alpha_cumprod")
+        self.distilled_from = recorded.get("distilled_from")
+
+    def record(self) -> dict | None:
+        """What ``loopfree.json`` holds of this pipeline: the decoder timesteps and ā_final (None: a teacher's)."""
+        if self.decoder_timesteps is None:
+            return None
+        recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
+        if self.distilled_from is not None:
+            recorded["distilled_from"] = self.distilled_from
+        return recorded
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
         name_plain_class(save_directory, self._plain_class)
-        if self.decoder_timesteps is not None:
-            recorded = {"decoder_timesteps": list(self.decoder_timesteps), "final_alpha_cumprod": self.final_alpha_cumprod}
-            if self.distilled_from is not None:
-                recorded["distilled_from"] = self.distilled_from
-            write_json(os.path.join(save_directory, SIDECAR), recorded)
+        if self.record() is not None:
+            write_json(os.path.join(save_directory, SIDECAR), self.record())
 
     @property
     def denoiser(self) -> torch.nn.Module:

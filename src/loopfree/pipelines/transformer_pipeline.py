@@ -132,20 +132,27 @@ class TransformerPipelineMixin:
         sidecar = os.path.join(str(pretrained_model_name_or_path), SIDECAR)
         if os.path.isfile(sidecar):
             with open(sidecar) as f:
-                recorded = json.load(f)
-            pipe.decoder_timesteps = recorded.get("decoder_timesteps")
-            pipe.decoder_sigmas = recorded.get("decoder_sigmas")
-            pipe.shared_blocks = recorded.get("shared_blocks")
+                pipe.use_record(json.load(f))
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        name_plain_class(save_directory, self._plain_class)
+    def use_record(self, recorded: dict) -> None:
+        """Sample as the student that ``recorded`` (a ``loopfree.json``'s content) describes."""
+        self.decoder_timesteps = recorded.get("decoder_timesteps")
+        self.decoder_sigmas = recorded.get("decoder_sigmas")
+        self.shared_blocks = recorded.get("shared_blocks")
+
+    def record(self) -> dict:
+        """What ``loopfree.json`` holds of this pipeline: N and any decoder timesteps or σ's."""
         recorded: dict[str, Any] = {"shared_blocks": self.num_shared_blocks}
         for key in ("decoder_timesteps", "decoder_sigmas"):
             if getattr(self, key) is not None:
                 recorded[key] = list(getattr(self, key))
-        write_json(os.path.join(save_directory, SIDECAR), recorded)
+        return recorded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        name_plain_class(save_directory, self._plain_class)
+        write_json(os.path.join(save_directory, SIDECAR), self.record())
 
     @property
     def denoiser(self) -> torch.nn.Module:

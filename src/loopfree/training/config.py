@@ -72,6 +72,11 @@ class DistillConfig:
         "recorded decoder timesteps are kept unless --steps/--timesteps ask for others",
         None,
     )
+    student_lora_rank: int = _opt(
+        "TiUE as a LoRA: the student is the frozen teacher plus a LoRA of this rank, published in diffusers' LoRA format "
+        "(0: a full student, the paper's)", 0, check=_NON_NEGATIVE)
+    student_lora_alpha: float | None = _opt("LoRA alpha of the student's adapter (default: its rank)", None, check=_POSITIVE)
+    student_lora_targets: list[str] | None = _opt("layers given the student's LoRA, comma-separated (default: --lora-targets)", None)
     steps: int = _opt("K, the TiUE student's decoder timesteps (its sampling steps; paper: 4)", 4, check=_AT_LEAST_1)
     timesteps: list[int] | None = _opt(
         "τ_K > … > τ_1, comma-separated (default: the teacher scheduler's DDIM timesteps for K steps, "
@@ -240,8 +245,10 @@ class DistillConfig:
             raise LoopfreeError("clip_margin > 0 needs a CLIP folder (--clip DIR) and a tiny VAE (--tiny-vae DIR)")
         if self.shard and self.dtype == "fp16":
             raise LoopfreeError("shard trains in fp32 or bf16 (fp16 would need a sharded gradient scaler): use --dtype bf16")
-        if not self.lora_targets:
-            raise LoopfreeError("lora_targets is empty")
+        if not self.lora_targets or self.student_lora_targets == []:
+            raise LoopfreeError(f"{'lora_targets' if not self.lora_targets else 'student_lora_targets'} is empty")
+        if self.student_lora_rank and self.shard:
+            raise LoopfreeError("a LoRA student (student_lora_rank) trains only its adapter, data parallel: drop --shard")
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from loopfree.training.clip_loss import ClipAlignment
 from loopfree.training.config import DistillConfig
+from loopfree.training.student_lora import adapter_state, add_student_lora, load_adapter_state
 from loopfree.training.sharding import (clip_grad_norm, full_weights, load_sharded, sample_sharded, save_sharded, shard_student,
                                         swapped)
 from loopfree.method.objective import (SiD, VSD, FakeScore, FakeScoreLoss, Noising, StudentLoss, clip_weight_at,
@@ -114,14 +115,19 @@ class Distiller:
         schedule = NoiseSchedule.from_scheduler(scheduler)
         self.timesteps, self.final_alpha_cumprod = student_timesteps(cfg, scheduler, init[1] if init else None)
 
-        # -- student ε_θ: a full trainable copy of the teacher (sharded with cfg.shard), with an EMA
+        # -- student ε_θ: a full trainable copy of the teacher (sharded with cfg.shard), or a frozen copy with a LoRA
+        # (cfg.student_lora_rank: only the adapter trains), with an EMA of what trains
+        weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
         student = copy.deepcopy(unet)
         if init is not None:
             student.load_state_dict(init[0].state_dict())
-        student = student.to(accelerator.device).train().requires_grad_(True)
+        student = student.to(accelerator.device).train()
+        if cfg.student_lora_rank:
+            add_student_lora(student, cfg, weight_dtype)
+        else:
+            student.requires_grad_(True)
         # -- teacher ε_ψ and fake score ε_φ on the same frozen weights
         lora = fake_lora(cfg)
-        weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
         self.scores = TeacherAndFakeScore(unet.to(accelerator.device), schedule, lora, weight_dtype, cfg.batch_teacher_fake)
         if cfg.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -144,7 +150,7 @@ class Distiller:
             generator = Generator(student, student_schedule, self.timesteps, hoist=not cfg.shard)
         if cfg.shard:
             shard_student(generator, weight_dtype)
-        self.student_params = list(student.parameters())  # sharded: DTensors, 1/N of each on this process
+        self.student_params = [p for p in student.parameters() if p.requires_grad]  # sharded: DTensors, 1/N of each here
         opt_student, opt_fake = adam(self.student_params, cfg.lr_student), adam(self.lora_params, cfg.lr_fake)
         if cfg.shard:  # the student is ours to keep; accelerate wraps only the replicated fake score
             self.generator, self.opt_student = generator, opt_student
@@ -262,10 +268,18 @@ class Distiller:
         if not self.acc.is_main_process:
             return
         save_file(self.scores.lora_state_dict(), directory / "fake_lora.safetensors")
-        if not self.cfg.shard:
+        if self.cfg.shard:
+            return
+        if self.cfg.student_lora_rank:
+            save_file(adapter_state(self.student), directory / "student_lora.safetensors")
+        else:
             self.student.save_pretrained(directory / "student", safe_serialization=True, max_shard_size=max_shard_size)
-            named = dict(zip((n for n, _ in self.student.named_parameters()), self.ema.shadow_params))
-            save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
+        named = dict(zip(self._trained_names(), self.ema.shadow_params, strict=True))
+        save_file({k: v.contiguous() for k, v in named.items()}, directory / "ema.safetensors")
+
+    def _trained_names(self) -> list[str]:
+        """The names of the student's trained parameters (all of them, or its adapter's), as ``student_params``."""
+        return [n for n, p in self.student.named_parameters() if p.requires_grad]
 
     def load_weights(self, directory: Path, ema_step: int) -> None:
         """Inverse of :meth:`save_weights`; the student through diffusers' own loading (any sharding). Every process
@@ -275,11 +289,14 @@ class Distiller:
         if self.cfg.shard:
             load_sharded(directory, self.generator, self.opt_student, self.ema.shadow_params)
             return
-        saved = type(self.student).from_pretrained(directory / "student", use_safetensors=True)
-        self.student.load_state_dict(saved.state_dict())
-        del saved
+        if self.cfg.student_lora_rank:
+            load_adapter_state(self.student, load_file(directory / "student_lora.safetensors"))
+        else:
+            saved = type(self.student).from_pretrained(directory / "student", use_safetensors=True)
+            self.student.load_state_dict(saved.state_dict())
+            del saved
         ema = load_file(directory / "ema.safetensors")
-        for (name, _), shadow in zip(self.student.named_parameters(), self.ema.shadow_params):
+        for name, shadow in zip(self._trained_names(), self.ema.shadow_params, strict=True):
             shadow.data.copy_(ema[name])
 
     def with_student(self, use: Callable[[UNet2DConditionModel], T], ema: bool) -> T | None:
@@ -314,5 +331,5 @@ class Distiller:
         if not ema:
             return self.student
         unet = copy.deepcopy(self.student)
-        self.ema.copy_to(unet.parameters())
+        self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
         return unet

@@ -35,6 +35,7 @@ from loopfree.training.data import PromptStream, load_prompts
 from loopfree.training.distiller import Batch, Distiller
 from loopfree.training.pairs import pair_prompts, teacher_pairs
 from loopfree.training.prompt_encoder import PromptEncoder
+from loopfree.training.student_lora import publish_student_lora
 from loopfree.utils.devices import tf32
 from loopfree.utils.errors import Interrupted, LoopfreeError
 from loopfree.utils.seeding import derive_seed, preserved_rng
@@ -273,7 +274,10 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
     unet = distiller.full_student(ema=cfg.save_ema)  # every process: a sharded student is gathered once, here
     if main:
         write_json(out / "timing.json", {"steps": step, "train_seconds": seconds})
-        publish_pipeline(student_pipeline(pipe, distiller, unet), out)
+        if cfg.student_lora_rank:  # the adapter in diffusers' LoRA format, for its base
+            publish_student_lora(student_pipeline(pipe, distiller, unet), out, cfg.teacher)
+        else:
+            publish_pipeline(student_pipeline(pipe, distiller, unet), out)
         write_card(out)  # README.md: the Hub's model card, from the folder's own records
     acc.wait_for_everyone()
     acc.end_training()
