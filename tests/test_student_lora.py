@@ -1,6 +1,6 @@
 """TiUE as a LoRA (``distill --student-lora-rank``): only the adapter trains (the base and the teacher unchanged bit for
 bit), resume is exact, and the published adapter loads in plain diffusers and in ``load_pipeline(base, lora=run)``,
-which reproduces the run's validation images."""
+which reproduces the run's validation images; generate, eval and serve take it with ``--lora``."""
 
 import json
 import subprocess
@@ -106,3 +106,32 @@ def test_a_lora_folder_is_checked_before_loading(teacher, tmp_path):
         load_pipeline(teacher / "pipe", lora=tmp_path)
     with pytest.raises(LoopfreeError, match="drop --shard"):
         load_config(None, dict(teacher="t", prompts="p", out="o", student_lora_rank=4, shard=True))
+
+
+@pytest.fixture(scope="module")
+def toy_lora(tmp_path_factory):
+    """A LoRA student of the bundled toy teacher, two steps."""
+    from loopfree.toy.assets import bundled
+
+    root = tmp_path_factory.mktemp("toy-lora")
+    (root / "prompts.txt").write_text("a red circle\na blue square on the left\n")
+    cfg = load_config(None, dict(teacher=str(bundled("teacher")), prompts=str(root / "prompts.txt"), out=str(root / "run"),
+                                 batch_size=2, lora_rank=4, log_with="none", checkpoint_every=0, max_steps=2,
+                                 student_lora_rank=4))
+    return bundled("teacher"), distill(cfg)
+
+
+def test_eval_and_serve_take_a_lora_student(toy_lora, tmp_path):
+    from loopfree.serve.engine import check_serve_models, load_engine
+
+    base, run = toy_lora
+    r = CliRunner().invoke(main, ["eval", "--features", "toy", "--num-prompts", "2", "--images-per-prompt", "2",
+                                  "--metrics", "alignment", "--model", str(base), "--lora", str(run), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["settings"]["lora"] == str(run) and results["sampling"]["timesteps"] == [751, 501, 251, 1]
+    assert "lora/pytorch_lora_weights.safetensors" in results["weights"]
+    spec = check_serve_models(base, None, "cpu", "fp32", lora=run)
+    assert spec.models[0][0] == run.name and spec.models[0][1].decoder_timesteps == [751, 501, 251, 1]
+    engine = load_engine(spec)
+    assert engine.student.pipe.decoder_timesteps == [751, 501, 251, 1] and engine.teacher is None

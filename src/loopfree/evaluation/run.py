@@ -67,11 +67,11 @@ def weights_hashes(folder: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
-def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None):
+def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None, lora: str | None = None):
     from loopfree.pipelines.loading import inspect_pipeline
 
     try:
-        info = inspect_pipeline(path, transformers=True)
+        info = inspect_pipeline(path, transformers=True, lora=lora)
         info.check_size(height or info.default_size, width or info.default_size)
         return info
     except LoopfreeError as e:
@@ -84,7 +84,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     from loopfree.toy.assets import model_folder
 
     model = os.path.abspath(model_folder(cfg.model))
-    info = _inspect("--model", model, *(cfg.resolution or (None, None)))
+    info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora)
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
     if cfg.tiny_vae is not None:
@@ -112,10 +112,10 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
                 resolve_dtype(cfg.dtype, device))
 
 
-def _load(path: str, plan: Plan, tiny_vae: str | None = None):
+def _load(path: str, plan: Plan, tiny_vae: str | None = None, lora: str | None = None):
     from loopfree.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae).to(plan.device)
+    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae, lora=lora).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -123,7 +123,7 @@ def _load(path: str, plan: Plan, tiny_vae: str | None = None):
 def identity(plan: Plan, weights: dict[str, str]) -> dict:
     """The output folder's settings: exactly what decides the images."""
     c, s = plan.cfg, plan.sampling
-    return dict(model=plan.model, weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
+    return dict(model=plan.model, lora=c.lora and os.path.abspath(c.lora), weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
                 images_per_prompt=c.images_per_prompt, seed=c.seed, height=s.height, width=s.width, steps=c.steps,
                 timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype,
                 tiny_vae=c.tiny_vae and os.path.abspath(c.tiny_vae))
@@ -162,6 +162,8 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
     cfg = plan.cfg
     weights = weights_hashes(plan.model)
+    if cfg.lora:  # the adapter's files beside the base's
+        weights |= {f"lora/{k}": v for k, v in weights_hashes(cfg.lora).items()}
     folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True)
     extractor = None
     if cfg.needs_reference or "alignment" in cfg.metrics:
@@ -177,7 +179,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
         clip = ClipScorer(cfg.clip, plan.device)
     reference = _reference(plan, extractor)
-    pipe = _load(plan.model, plan, plan.cfg.tiny_vae)
+    pipe = _load(plan.model, plan, plan.cfg.tiny_vae, plan.cfg.lora)
     steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)
     stack.enter_context(folder)  # the lock, the marker: from here on the folder is ours
     images = plan.out / IMAGES
@@ -278,7 +280,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
         held, (todo, reference_folder, reference_todo) = on_main(state, lambda: setup(plan, stack))
         rank, world = state.process_index, state.num_processes
         if todo:
-            pipe = held.pipe if held else _load(plan.model, plan, cfg.tiny_vae)
+            pipe = held.pipe if held else _load(plan.model, plan, cfg.tiny_vae, cfg.lora)
             generate(pipe, plan.out / IMAGES, [plan.jobs[k] for k in todo], plan.sampling, cfg.batch_size, device, rank, world)
         if reference_todo:
             generate(_load(os.path.abspath(cfg.reference_model), plan), Path(reference_folder), [plan.jobs[k] for k in reference_todo],
