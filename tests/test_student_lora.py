@@ -135,3 +135,18 @@ def test_eval_and_serve_take_a_lora_student(toy_lora, tmp_path):
     assert spec.models[0][0] == run.name and spec.models[0][1].decoder_timesteps == [751, 501, 251, 1]
     engine = load_engine(spec)
     assert engine.student.pipe.decoder_timesteps == [751, 501, 251, 1] and engine.teacher is None
+
+
+def test_a_fused_lora_student_samples_as_the_unfused_one(toy_lora, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    base, run = toy_lora
+    plain, fused = load_pipeline(base, lora=run), load_pipeline(base, lora=run, fuse=True)
+    assert any(isinstance(m, LoraLayer) for m in plain.unet.modules())
+    assert not any(isinstance(m, LoraLayer) for m in fused.unet.modules()) and fused.decoder_timesteps == plain.decoder_timesteps
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    a, b = (p(["a red circle", "a blue square"], latents=x_T, output_type="latent").images for p in (plain, fused))
+    assert (a - b).abs().max() < 1e-4 and (a - plain(["a red circle", "a blue square"], latents=x_T, output_type="latent",
+                                                      mode="loop", num_inference_steps=4).images).abs().max() > 1e-3
+    r = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(base), "--fuse", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "give --lora" in r.output

@@ -30,8 +30,9 @@ from loopfree.utils.errors import LoopfreeError
 @click.option("--tiny-vae", type=click.Path(), default=None,
               help="A local diffusers AutoencoderTiny (TAESD) folder that decodes instead of the model's VAE: fast, approximate.")
 @options.lora()
+@options.fuse()
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
-             key_steps, guidance, device, dtype, compile_, tiny_vae, lora) -> None:
+             key_steps, guidance, device, dtype, compile_, tiny_vae, lora, fuse) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion, PixArt-α, SD3 or FLUX pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -41,6 +42,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
     folder = generate_images(
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
         timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device,
-        dtype=dtype, compile=compile_, tiny_vae=tiny_vae, lora=lora,
+        dtype=dtype, compile=compile_, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

@@ -81,6 +81,10 @@ def lora() -> F:
                         help="A LoRA student's folder (distill --student-lora-rank) on --model, its base: samples as that student.")
 
 
+def fuse() -> F:
+    return click.option("--fuse", is_flag=True, help="Fold the --lora student into its base's weights: no LoRA layers, as fast as a full student.")
+
+
 def out(default: str | None = None, help: str = "Output folder.") -> F:
     return click.option("--out", type=click.Path(), default=default, required=default is None, show_default=default is not None, help=help)
 

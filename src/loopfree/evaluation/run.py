@@ -85,6 +85,8 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
 
     model = os.path.abspath(model_folder(cfg.model))
     info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora)
+    if cfg.fuse and not cfg.lora:
+        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
     if cfg.tiny_vae is not None:
@@ -115,7 +117,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
 def _load(path: str, plan: Plan, tiny_vae: str | None = None, lora: str | None = None):
     from loopfree.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae, lora=lora).to(plan.device)
+    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae, lora=lora, fuse=bool(lora) and plan.cfg.fuse).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -123,7 +125,8 @@ def _load(path: str, plan: Plan, tiny_vae: str | None = None, lora: str | None =
 def identity(plan: Plan, weights: dict[str, str]) -> dict:
     """The output folder's settings: exactly what decides the images."""
     c, s = plan.cfg, plan.sampling
-    return dict(model=plan.model, lora=c.lora and os.path.abspath(c.lora), weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
+    lora = {"lora": os.path.abspath(c.lora), "fuse": c.fuse} if c.lora else {}  # only when given: older folders still match
+    return dict(model=plan.model, **lora, weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
                 images_per_prompt=c.images_per_prompt, seed=c.seed, height=s.height, width=s.width, steps=c.steps,
                 timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype,
                 tiny_vae=c.tiny_vae and os.path.abspath(c.tiny_vae))

@@ -27,6 +27,7 @@ class EvalConfig:
     out: str
     model: str | None = None  # default: the bundled toy student
     lora: str | None = None  # a LoRA student's folder on ``model``, its base
+    fuse: bool = False  # the LoRA folded into the base's weights
     prompts: str | None = None  # default (toy features only): the toy world's held-out prompts
     prompt_field: str | None = None
     num_prompts: int | None = None  # a seeded subset of the source; None: all

@@ -21,13 +21,14 @@ def generate_images(
     prompt: str, *, model: str | None = None, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
-    key_steps: list[int] | None = None, tiny_vae: str | None = None, lora: str | None = None,
+    key_steps: list[int] | None = None, tiny_vae: str | None = None, lora: str | None = None, fuse: bool = False,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
     ``model``: a Stable Diffusion (XL), PixArt-α, SD3 or FLUX pipeline folder (default: the bundled toy student).
 
     ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``tiny_vae``: an AutoencoderTiny folder decodes; ``compile``: ``torch.compile`` the encoder and the decoder
-    (:func:`loopfree.method.runtime.prepare_pipeline`); ``lora``: a LoRA student's folder on ``model``, its base."""
+    (:func:`loopfree.method.runtime.prepare_pipeline`); ``lora``: a LoRA student's folder on ``model``, its base
+    (``fuse``: folded into its weights)."""
     from loopfree.utils.devices import resolve_device, resolve_dtype
     from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
     from loopfree.method.runtime import prepare_pipeline
@@ -42,14 +43,17 @@ def generate_images(
         raise LoopfreeError("--compile compiles a UNet's encoder and decoder: transformer pipelines run eagerly so far")
     if tiny_vae is not None:
         tiny_vae = os.path.abspath(check_tiny_vae(tiny_vae))
+    if fuse and lora is None:
+        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     lora = os.path.abspath(lora) if lora is not None else None
-    settings = dict(prompt=prompt, model=os.path.abspath(model), lora=lora, images_per_prompt=images_per_prompt, seed=seed,
+    adapter = {"lora": lora, "fuse": fuse} if lora else {}
+    settings = dict(prompt=prompt, model=os.path.abspath(model), **adapter, images_per_prompt=images_per_prompt, seed=seed,
                     mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile, tiny_vae=tiny_vae)
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
 
-    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype, tiny_vae=tiny_vae, lora=lora), dev, compile)
+    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype, tiny_vae=tiny_vae, lora=lora, fuse=fuse), dev, compile)
     pipe.set_progress_bar_config(disable=True)
     seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:

@@ -224,11 +224,12 @@ def check_lora(path: str | os.PathLike) -> dict:
 
 
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None,
-                  lora: str | os.PathLike | None = None):
+                  lora: str | os.PathLike | None = None, fuse: bool = False):
     """Load a local pipeline folder as the matching loop-free pipeline (safetensors only): Stable Diffusion (XL),
     PixArt-α, SD3 or FLUX; ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE
     (fast, approximate); ``lora``: a LoRA student's folder, loaded onto this base (diffusers' ``load_lora_weights``),
-    which then samples as that student (its recorded decoder steps)."""
+    which then samples as that student (its recorded decoder steps); ``fuse``: folded into the base's weights (no
+    LoRA layers left: as fast as a full student)."""
     info = inspect_pipeline(path, transformers=True)
     tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
     recorded = check_lora(lora) if lora is not None else None
@@ -254,4 +255,9 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             raise LoopfreeError(f"cannot load the LoRA in {str(lora)!r} onto {str(path)!r}: {first_line(e)}") from None
         pipe.use_record(recorded)
+        if fuse:
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # the fused weights stay; the adapter's layers go
+    elif fuse:
+        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     return pipe

@@ -82,12 +82,12 @@ def _drained_signal_ends_cleanly() -> Iterator[None]:
 def serve(model: str | Path | None = None, teacher: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
           device: str | None = None, dtype: str = "fp32", max_batch: int = 8, max_queue: int = 64,
           threads: int | None = None, on_ready: Callable[[str], None] = print, tiny_vae: str | Path | None = None,
-          lora: str | Path | None = None) -> None:
+          lora: str | Path | None = None, fuse: bool = False) -> None:
     """Check the model folders and the address, load the models, then serve until SIGTERM/SIGINT; ``on_ready``
     gets the URL once requests are answered. Without ``model``: the bundled toy student and teacher; ``lora``: a LoRA
-    student on ``model``.
+    student on ``model`` (``fuse``: folded into its weights).
     ``threads``: torch's CPU threads while serving (None: torch's default)."""
-    spec = check_serve_models(model, teacher, device, dtype, tiny_vae, lora)  # bad folders fail here, before anything starts
+    spec = check_serve_models(model, teacher, device, dtype, tiny_vae, lora, fuse)  # bad folders fail here, before anything starts
     if max_batch < 1 or max_queue < 1:
         raise LoopfreeError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
     sock = listen(host, port)

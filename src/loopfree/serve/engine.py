@@ -63,6 +63,7 @@ class EngineSpec:
     dtype: torch.dtype
     tiny_vae: Path | None = None  # an AutoencoderTiny folder that decodes for every served model
     lora: Path | None = None  # the student's LoRA (distill --student-lora-rank), on models[0]: its base
+    fuse: bool = False  # the LoRA folded into the base's weights
 
 
 @dataclass
@@ -77,12 +78,14 @@ class Model:
 
 
 def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str,
-                       tiny_vae: str | Path | None = None, lora: str | Path | None = None) -> EngineSpec:
+                       tiny_vae: str | Path | None = None, lora: str | Path | None = None, fuse: bool = False) -> EngineSpec:
     """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
     another; a given ``model`` gets a teacher only when ``teacher`` names one. With ``lora`` the student is that LoRA
-    student on ``model``, its base, named after the LoRA's folder."""
+    student on ``model``, its base, named after the LoRA's folder (``fuse``: folded into its weights)."""
+    if fuse and lora is None:
+        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     student_path = model_folder(model)
     teacher_path = model_folder(teacher, "teacher") if teacher is not None or model is None else None
     dev = resolve_device(device)
@@ -97,7 +100,7 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
         name = teacher_path.resolve().name
         models.append((name if name != models[0][0] else f"{name}-teacher", info))
     return EngineSpec(models, dev, torch_dtype, check_tiny_vae(tiny_vae) if tiny_vae is not None else None,
-                      Path(lora) if lora is not None else None)
+                      Path(lora) if lora is not None else None, fuse)
 
 
 class Engine:
@@ -136,7 +139,8 @@ def load_engine(spec: EngineSpec) -> Engine:
     process pays for kernel set-up; no request should)."""
     models = []
     for i, (name, info) in enumerate(spec.models):
-        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, lora=spec.lora if i == 0 else None)
+        lora = spec.lora if i == 0 else None
+        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, lora=lora, fuse=lora is not None and spec.fuse)
         pipe.to(spec.device)
         pipe.set_progress_bar_config(disable=True)
         models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
