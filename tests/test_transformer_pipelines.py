@@ -93,19 +93,21 @@ def test_loop_mode_is_the_diffusers_pipeline_on_the_same_x_T(family, kind):
     pipe, _ = family(kind)
     plain = CLASSES[kind][1](**pipe.components)
     x = torch.randn(2, *pipe.latent_shape(16, 16), generator=torch.Generator().manual_seed(4))
+    # SD3 without T5: our loop runs its 256 zero text rows as one (exact but for float rounding)
+    tol = dict(atol=3e-5, rtol=1e-4) if kind == "sd3" else dict(atol=1e-6, rtol=1e-5)
     for output_type in ("latent", "np"):
         ours = pipe(PROMPTS, **SIZE, latents=x, mode="loop", num_inference_steps=3, output_type=output_type, **guidance(kind)).images
         ref = plain(PROMPTS, **SIZE, latents=as_plain(kind, pipe, x), num_inference_steps=3, output_type=output_type,
                     **guidance(kind), **plain_kwargs(kind)).images
         if output_type == "latent" and kind.startswith("flux"):
             ref = pipe._unpack(ref, 16, 16)
-        assert torch.allclose(torch.as_tensor(ours), torch.as_tensor(ref), atol=1e-6, rtol=1e-5)
+        assert torch.allclose(torch.as_tensor(ours), torch.as_tensor(ref), **tol)
     # and the same generator draws the same x_T as the plain pipeline
     ours = pipe(PROMPTS[:1], **SIZE, mode="loop", num_inference_steps=2, output_type="latent",
                 generator=torch.Generator().manual_seed(7)).images
     ref = plain(PROMPTS[:1], **SIZE, num_inference_steps=2, output_type="latent", guidance_scale=1.0,
                 generator=torch.Generator().manual_seed(7), **plain_kwargs(kind)).images
-    assert torch.allclose(ours, pipe._unpack(ref, 16, 16) if kind.startswith("flux") else ref, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(ours, pipe._unpack(ref, 16, 16) if kind.startswith("flux") else ref, **tol)
 
 
 @pytest.mark.parametrize("kind", ALL)

@@ -3,7 +3,7 @@
 ``mode="loop_free"``: the prompt encoded once (two CLIPs, and T5 where the folder has it — ``text_encoder_3`` may be
 None, as in diffusers), :func:`loopfree.method.split_sd3.loop_free` — the shared part at σ_K, the K per-step parts
 batched, Euler over the decoder σ's (recorded, or the scheduler's for K, shifted as the pipeline shifts them);
-``mode="loop"``: ``StableDiffusion3Pipeline.__call__`` itself::
+``mode="loop"``: ``StableDiffusion3Pipeline.__call__`` itself (the trailing zero text rows run as one, exactly)::
 
     pipe = LoopFreeSD3Pipeline.from_pretrained("models/sd3-medium", text_encoder_3=None, tokenizer_3=None)
     image = pipe("a red cat", num_inference_steps=4, guidance_scale=4.5).images[0]
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from loopfree.method import flow, split_sd3
+from loopfree.method import flow, repeated_tokens, split_sd3
 from loopfree.method.sampler import Conditioning
 from loopfree.pipelines.pipeline import StepPlan
 from loopfree.pipelines.transformer_pipeline import TransformerPipelineMixin
@@ -48,6 +48,17 @@ class LoopFreeSD3Pipeline(TransformerPipelineMixin, StableDiffusion3Pipeline):
                                    self.shared_blocks, num_train_timesteps=self.scheduler.config.num_train_timesteps)[0]
 
     def _loop(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
+        """``StableDiffusion3Pipeline.__call__`` on the prompts encoded here, their trailing zero text rows (no T5) run
+        as one (:func:`~loopfree.method.repeated_tokens.compact_zero_rows`, exact)."""
+        guide = guidance_scale > 1.0
+        text, neg, pooled, neg_pooled = self.encode_prompt(
+            prompts, None, None, device=self._execution_device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
+            negative_prompt=negatives)
+        both = torch.cat([neg, text]) if guide else text  # one count for both halves of the guided batch
+        both, attention = repeated_tokens.compact_zero_rows(self.transformer, Conditioning(both))
+        neg, text = both.text.split(len(text)) if guide else (None, both.text)
         return StableDiffusion3Pipeline.__call__(
-            self, prompts, negative_prompt=negatives, height=height, width=width, num_inference_steps=plan.num_steps,
-            guidance_scale=guidance_scale, num_images_per_prompt=n, latents=x_T, output_type="latent").images
+            self, prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=neg_pooled if guide else None, height=height, width=width,
+            num_inference_steps=plan.num_steps, guidance_scale=guidance_scale, latents=x_T, output_type="latent",
+            joint_attention_kwargs=attention).images
