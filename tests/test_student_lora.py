@@ -150,3 +150,14 @@ def test_a_fused_lora_student_samples_as_the_unfused_one(toy_lora, tmp_path):
                                                       mode="loop", num_inference_steps=4).images).abs().max() > 1e-3
     r = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(base), "--fuse", "--out", str(tmp_path / "g")])
     assert r.exit_code == 2 and "give --lora" in r.output
+
+
+def test_runs_made_before_lora_students_existed_still_resume(teacher, tmp_path):
+    """Their saved identity lacks the student-LoRA settings: a full student's identity must match it (a default of 0
+    for the rank refused every older run's resume)."""
+    from loopfree.training.trainer import run_identity
+    from loopfree.utils.outputs import changed_keys
+
+    now = run_identity(config(teacher, tmp_path))
+    older = {k: v for k, v in now.items() if not k.startswith("student_lora")}
+    assert changed_keys(older, now) == []
