@@ -1,4 +1,4 @@
-"""The toy world's files shipped inside the package: classifier, teacher, student and the MMDiT teacher."""
+"""The toy world's files shipped inside the package: classifier, teacher, student, and the MMDiT teacher and student."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from loopfree.utils.errors import LoopfreeError
 
 #: Shipped folders under ``loopfree/assets``.
-ASSETS = ("classifier", "teacher", "student", "teacher-mmdit")
+ASSETS = ("classifier", "teacher", "student", "teacher-mmdit", "student-mmdit")
 #: The shipped pipelines, which ``--model`` (and a study's ``teacher``) may name
 MODELS = tuple(a for a in ASSETS if a != "classifier")
 
