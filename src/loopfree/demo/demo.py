@@ -196,6 +196,11 @@ class RowScorer:
         return self.scores(sample_images(pipe, self.jobs, self.one_pass(pipe))[0], ("fid",))
 
 
+def teacher_sampler(family: str) -> str:
+    """The name of a teacher's own loop, as its table rows give it: SD3's Euler, else DDIM."""
+    return "Euler" if family == "sd3" else "DDIM"
+
+
 def decoder_count(pipe) -> int:
     """K: how many decoder steps a student pipeline recorded (timesteps, or an SD3 student's σ's)."""
     return len(getattr(pipe, "decoder_sigmas", None) or pipe.decoder_timesteps)
@@ -273,7 +278,7 @@ def _train_and_score(cfg: DemoConfig, out: Path, teacher_path: str, info, config
     # default key steps, the decoder alone elsewhere), then one per student kind and training seed (one pass, its
     # recorded timesteps, no guidance). Students still to train go first, the costliest (most decoders) first, so the
     # teacher rows fill the worker that the cheaper student frees.
-    sampler = "Euler" if info.family == "sd3" else "DDIM"  # the teacher's own loop
+    sampler = teacher_sampler(info.family)
     teacher_rows = {f"teacher {cfg.teacher_steps}-step {sampler}": Sampling(size, size, "loop", cfg.teacher_steps, None, cfg.guidance)}
     if info.family == "sd":
         teacher_rows[f"teacher {cfg.teacher_steps}-step propagate"] = Sampling(size, size, "propagate", cfg.teacher_steps, None, cfg.guidance)

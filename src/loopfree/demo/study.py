@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, decoder_count, finished, side_by_side, summarise, train_run
+from loopfree.demo.demo import RowScorer, decoder_count, finished, side_by_side, summarise, teacher_sampler, train_run
 from loopfree.demo.lock import OWNED, locked, model_sha256, sampled_model, settings_key
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
@@ -138,7 +138,7 @@ def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: 
             for config in todo:  # the teacher pairs of the regression term, once, with every thread
                 prepare_teacher_pairs(config)
             side_by_side([(train_run, (c, curve)) for c in todo], "runs")
-        return _score(plan, lock, root, teacher_path, "Euler" if info.family == "sd3" else "DDIM", size, pool, configs)
+        return _score(plan, lock, root, teacher_path, teacher_sampler(info.family), size, pool, configs)
 
 
 def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: str, size: int, pool: list[str],

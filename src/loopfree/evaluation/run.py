@@ -67,11 +67,12 @@ def weights_hashes(folder: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
-def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None, lora: str | None = None):
+def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None, lora: str | None = None,
+             fuse: bool = False):
     from loopfree.pipelines.loading import inspect_pipeline
 
     try:
-        info = inspect_pipeline(path, transformers=True, lora=lora)
+        info = inspect_pipeline(path, transformers=True, lora=lora, fuse=fuse)
         info.check_size(height or info.default_size, width or info.default_size)
         return info
     except LoopfreeError as e:
@@ -84,9 +85,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     from loopfree.toy.assets import model_folder
 
     model = os.path.abspath(model_folder(cfg.model))
-    info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora)
-    if cfg.fuse and not cfg.lora:
-        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
+    info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora, fuse=cfg.fuse)
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
     if cfg.tiny_vae is not None:

@@ -65,20 +65,26 @@ class Routing:
     lora_grad: bool = True  # False: the LoRA takes no gradient (the student's loss)
 
 
+def add_frozen_adapter(model: torch.nn.Module, lora: LoraConfig, name: str, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Freeze ``model`` in ``weight_dtype`` (the compute dtype) and give it the LoRA adapter ``name`` in float32; the
+    adapter's parameters, the only ones that train."""
+    model.requires_grad_(False)
+    if weight_dtype != torch.float32:
+        model.to(weight_dtype)
+    model.add_adapter(lora, name)
+    cast_training_params(model, dtype=torch.float32)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class TeacherAndFakeScore:
     """ε_ψ and ε_φ on one frozen base UNet; only the LoRA (``params``) trains."""
 
     def __init__(self, unet: UNet2DConditionModel | SD3Transformer2DModel, schedule: NoiseSchedule, lora: LoraConfig,
                  weight_dtype: torch.dtype = torch.float32, batch_pair: bool = True):
         self.schedule, self.batch_pair = schedule, batch_pair
-        base = unet.requires_grad_(False)
-        if weight_dtype != torch.float32:
-            base.to(weight_dtype)  # the frozen weights in the compute dtype; the LoRA stays float32
-        base.add_adapter(lora, FAKE)
-        cast_training_params(base, dtype=torch.float32)
-        self.base = base
-        self.trainable: torch.nn.Module = base  # the fake score for training steps (the trainer wraps it for DDP)
-        self.params = [p for p in base.parameters() if p.requires_grad]
+        self.params = add_frozen_adapter(unet, lora, FAKE, weight_dtype)
+        self.base = unet
+        self.trainable: torch.nn.Module = unet  # the fake score for training steps (the trainer wraps it for DDP)
         self.routing = Routing()
 
     @contextmanager

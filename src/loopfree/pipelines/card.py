@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from loopfree.pipelines.pipeline import BASE_RECORD
 from loopfree.utils.outputs import write_atomic, write_json
 
 CARD_RESULTS = "card_results.json"
@@ -32,15 +33,15 @@ def _read(path: Path) -> dict:
 
 
 def _use(folder: Path, recorded: dict, base: str) -> list[str]:
-    if recorded.get("base_sha256"):  # a LoRA student
+    if recorded.get(BASE_RECORD):  # a LoRA student
         return [f'pipe = load_pipeline("{base}", lora="{folder.name}")   # its base with the adapter, its decoder timesteps']
     return [f'pipe = load_pipeline("{folder.name}")              # samples its recorded decoder timesteps']
 
 
 def _plain(folder: Path, recorded: dict, base: str) -> list[str]:
-    if recorded.get("base_sha256"):
+    if recorded.get(BASE_RECORD):
         return ["A LoRA in diffusers' format on the denoiser of its base (sha256 of the base's denoiser weights: "
-                f"`{recorded['base_sha256']}`); plain diffusers loads it onto the base "
+                f"`{recorded[BASE_RECORD]}`); plain diffusers loads it onto the base "
                 f'(`pipe.load_lora_weights("{folder.name}")`), as an ordinary multi-step model.']
     return ["Plain diffusers loads it too, as an ordinary multi-step model "
             f'(`StableDiffusionPipeline.from_pretrained("{folder.name}")`).']

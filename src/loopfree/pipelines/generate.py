@@ -35,7 +35,7 @@ def generate_images(
     from loopfree.toy.assets import model_folder
 
     model = str(model_folder(model))
-    info = inspect_pipeline(model, transformers=True, lora=lora)  # cheap checks first: nothing is loaded or written if they fail
+    info = inspect_pipeline(model, transformers=True, lora=lora, fuse=fuse)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
     plan = info.plan_steps(mode, steps, timesteps, key_steps)
@@ -43,8 +43,6 @@ def generate_images(
         raise LoopfreeError("--compile compiles a UNet's encoder and decoder: transformer pipelines run eagerly so far")
     if tiny_vae is not None:
         tiny_vae = os.path.abspath(check_tiny_vae(tiny_vae))
-    if fuse and lora is None:
-        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     lora = os.path.abspath(lora) if lora is not None else None

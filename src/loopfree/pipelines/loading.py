@@ -25,7 +25,7 @@ from loopfree.method.schedule import check_timesteps
 from loopfree.method.transformer_split import check_shared_blocks
 from loopfree.pipelines.families import FAMILIES, family_of, present
 from loopfree.pipelines.files import check_safetensors, read_json, weight_files
-from loopfree.pipelines.pipeline import LORA_WEIGHTS, SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
+from loopfree.pipelines.pipeline import BASE_RECORD, LORA_WEIGHTS, SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
 from loopfree.pipelines.transformer_pipeline import Geometry, geometry, plan_transformer_steps
 from loopfree.utils.errors import LoopfreeError, first_line
 
@@ -127,12 +127,16 @@ def _inspect_transformer(root: Path, components: dict, family: str) -> PipelineI
     return PipelineInfo(root, False, vae_scale, size.default_size, scheduler, timesteps, None, family, size, sigmas, n, absent)
 
 
-def inspect_pipeline(path: str | os.PathLike, transformers: bool = False, lora: str | os.PathLike | None = None) -> PipelineInfo:
+def inspect_pipeline(path: str | os.PathLike, transformers: bool = False, lora: str | os.PathLike | None = None,
+                     fuse: bool = False) -> PipelineInfo:
     """Check that ``path`` is a complete local Stable Diffusion (XL) pipeline folder with safetensors weights —
     or, with ``transformers``, a PixArt-α, SD3 or FLUX one; without, such a folder gets a one-line refusal. With
-    ``lora`` (a LoRA student's folder) the info is of the base with that student's recorded decoder steps."""
+    ``lora`` (a LoRA student's folder) the info is of the base with that student's recorded decoder steps; ``fuse``
+    (folding it into the base) needs one."""
     info = _inspect(path, transformers)
     if lora is None:
+        if fuse:
+            raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
         return info
     recorded = check_lora(lora)
     try:
@@ -218,7 +222,7 @@ def check_lora(path: str | os.PathLike) -> dict:
         raise LoopfreeError(f"{str(path)!r} holds no LoRA student ({LORA_WEIGHTS} is missing)")
     check_safetensors(root / LORA_WEIGHTS)
     recorded = read_json(root / SIDECAR)
-    if not isinstance(recorded, dict) or "base_sha256" not in recorded:
+    if not isinstance(recorded, dict) or BASE_RECORD not in recorded:
         raise LoopfreeError(f"{root / SIDECAR} does not record a LoRA student's decoder steps and base")
     return recorded
 
@@ -230,7 +234,7 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
     (fast, approximate); ``lora``: a LoRA student's folder, loaded onto this base (diffusers' ``load_lora_weights``),
     which then samples as that student (its recorded decoder steps); ``fuse``: folded into the base's weights (no
     LoRA layers left: as fast as a full student)."""
-    info = inspect_pipeline(path, transformers=True)
+    info = inspect_pipeline(path, transformers=True, lora=lora, fuse=fuse)
     tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
     recorded = check_lora(lora) if lora is not None else None
     if info.family in FAMILIES:
@@ -258,6 +262,4 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
         if fuse:
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # the fused weights stay; the adapter's layers go
-    elif fuse:
-        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     return pipe

@@ -35,6 +35,7 @@ logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA student's adapter, in diffusers' LoRA format
+BASE_RECORD = "base_sha256"  # a LoRA student's loopfree.json: the hash of the denoiser weights it was distilled on
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)
 
@@ -200,8 +201,9 @@ class _LoopFreeMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
         name_plain_class(save_directory, self._plain_class)
-        if self.record() is not None:
-            write_json(os.path.join(save_directory, SIDECAR), self.record())
+        recorded = self.record()
+        if recorded is not None:
+            write_json(os.path.join(save_directory, SIDECAR), recorded)
 
     @property
     def denoiser(self) -> torch.nn.Module:

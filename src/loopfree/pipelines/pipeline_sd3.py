@@ -35,30 +35,22 @@ class LoopFreeSD3Pipeline(TransformerPipelineMixin, StableDiffusion3Pipeline):
                 Conditioning(neg, {"pooled_projections": neg_pooled}) if guide else None)
 
     def _one_pass(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
-        guide = guidance_scale > 1.0
-        text, neg, pooled, neg_pooled = self.encode_prompt(
-            prompts, None, None, device=self._execution_device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
-            negative_prompt=negatives)
-        cond = Conditioning(text, {"pooled_projections": pooled})
-        uncond = Conditioning(neg, {"pooled_projections": neg_pooled}) if guide else None
+        cond, uncond = self.encode_conditioning(prompts, negatives, n, guidance_scale > 1.0, self._execution_device, None)
         p = self.transformer.config.patch_size
         sigmas = plan.sigmas or flow.decoder_sigmas(self.scheduler.config, plan.num_steps,
                                                     image_seq_len=(x_T.shape[-2] // p) * (x_T.shape[-1] // p))
-        return split_sd3.loop_free(self.transformer, x_T.to(text.dtype), sigmas, cond, uncond, guidance_scale,
+        return split_sd3.loop_free(self.transformer, x_T.to(cond.text.dtype), sigmas, cond, uncond, guidance_scale,
                                    self.shared_blocks, num_train_timesteps=self.scheduler.config.num_train_timesteps)[0]
 
     def _loop(self, prompts, negatives, height, width, plan: StepPlan, guidance_scale, n, x_T) -> torch.Tensor:
         """``StableDiffusion3Pipeline.__call__`` on the prompts encoded here, their trailing zero text rows (no T5) run
         as one (:func:`~loopfree.method.repeated_tokens.compact_zero_rows`, exact)."""
-        guide = guidance_scale > 1.0
-        text, neg, pooled, neg_pooled = self.encode_prompt(
-            prompts, None, None, device=self._execution_device, num_images_per_prompt=n, do_classifier_free_guidance=guide,
-            negative_prompt=negatives)
-        both = torch.cat([neg, text]) if guide else text  # one count for both halves of the guided batch
-        both, attention = repeated_tokens.compact_zero_rows(self.transformer, Conditioning(both))
-        neg, text = both.text.split(len(text)) if guide else (None, both.text)
+        cond, uncond = self.encode_conditioning(prompts, negatives, n, guidance_scale > 1.0, self._execution_device, None)
+        both = Conditioning.cat([uncond, cond]) if uncond is not None else cond  # one count for both halves of the guided batch
+        both, attention = repeated_tokens.compact_zero_rows(self.transformer, both)
+        neg, text = both.text.split(len(cond.text)) if uncond is not None else (None, both.text)
         return StableDiffusion3Pipeline.__call__(
-            self, prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
-            negative_pooled_prompt_embeds=neg_pooled if guide else None, height=height, width=width,
+            self, prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=cond.added["pooled_projections"],
+            negative_pooled_prompt_embeds=uncond.added["pooled_projections"] if uncond is not None else None, height=height, width=width,
             num_inference_steps=plan.num_steps, guidance_scale=guidance_scale, latents=x_T, output_type="latent",
             joint_attention_kwargs=attention).images

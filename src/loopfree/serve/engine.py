@@ -84,13 +84,11 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
     another; a given ``model`` gets a teacher only when ``teacher`` names one. With ``lora`` the student is that LoRA
     student on ``model``, its base, named after the LoRA's folder (``fuse``: folded into its weights)."""
-    if fuse and lora is None:
-        raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
     student_path = model_folder(model)
     teacher_path = model_folder(teacher, "teacher") if teacher is not None or model is None else None
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    student = inspect_pipeline(student_path, transformers=True, lora=lora)
+    student = inspect_pipeline(student_path, transformers=True, lora=lora, fuse=fuse)
     models = [(Path(lora or student_path).resolve().name, student)]
     if teacher_path is not None:
         info = inspect_pipeline(teacher_path, transformers=True)

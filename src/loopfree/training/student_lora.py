@@ -16,18 +16,17 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from loopfree.method.scores import add_frozen_adapter
 from loopfree.pipelines.files import denoiser_sha256
-from loopfree.pipelines.pipeline import LORA_WEIGHTS, SIDECAR
+from loopfree.pipelines.pipeline import BASE_RECORD, LORA_WEIGHTS, SIDECAR
 from loopfree.training.config import DistillConfig
 from loopfree.utils.outputs import write_json
 
 STUDENT = "loop_free"  # the student's adapter name
-BASE_RECORD = "base_sha256"  # loopfree.json: the hash of the denoiser weights the adapter was distilled on
 
 
 def student_lora(cfg: DistillConfig) -> LoraConfig:
@@ -39,12 +38,7 @@ def student_lora(cfg: DistillConfig) -> LoraConfig:
 def add_student_lora(model: torch.nn.Module, cfg: DistillConfig, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Freeze ``model`` (in ``weight_dtype``) and give it the student's adapter in float32; the adapter's parameters.
     A fresh adapter changes nothing (its B is zero): the student starts as the teacher."""
-    model.requires_grad_(False)
-    if weight_dtype != torch.float32:
-        model.to(weight_dtype)
-    model.add_adapter(student_lora(cfg), STUDENT)
-    cast_training_params(model, dtype=torch.float32)
-    return [p for p in model.parameters() if p.requires_grad]
+    return add_frozen_adapter(model, student_lora(cfg), STUDENT, weight_dtype)
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
