@@ -194,7 +194,17 @@ def _reflect_padded() -> UNet2DConditionModel:
     return unet
 
 
+def _unfused_conv_lora() -> UNet2DConditionModel:
+    """A LoRA student's UNet as loaded, unfused: peft wraps conv1 (its weight is no longer all it computes)."""
+    from peft import LoraConfig
+
+    unet = make_unet("sd")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["conv1"], init_lora_weights=False))
+    return unet
+
+
 UNSUPPORTED = {
+    "not a plain Conv2d": _unfused_conv_lora,  # before: an AttributeError (peft's Conv2d has no .groups)
     "ResnetUpsampleBlock2D": lambda: _unet_with(up_block_types=("ResnetUpsampleBlock2D", "CrossAttnUpBlock2D")),
     "SimpleCrossAttnUpBlock2D": lambda: _unet_with(up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D")),
     "FreeU": _freeu,

@@ -189,6 +189,34 @@ def test_sharding_divides_the_students_state_and_adds_the_gathered_blocks():
     assert total(fsdp) < total(one) < total(ddp)
 
 
+def test_a_lora_student_holds_its_frozen_base_and_the_adapters_state_only(tiny_fp32):
+    from loopfree.training.student_lora import add_student_lora
+
+    targets = ["to_q", "to_v", "conv1"]
+    n = parameter_counts(TINY, config(student_lora_rank=8, student_lora_targets=targets))
+    unet = TINY.build()
+    by_hand = sum(8 * (m.in_features + m.out_features) for name, m in unet.named_modules()
+                  if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_v")))
+    by_hand += sum(8 * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels) for name, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Conv2d) and name.endswith("conv1"))
+    assert n["student_lora"] == by_hand > 0 and parameter_counts(TINY, config())["student_lora"] == 0
+    act = Activations(student_fixed=0, student_per=GIB, fake_fixed=0, fake_per=GIB, guided_per=GIB)
+    full = {r.name: r.gib for r in memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act, processes=8)}
+    lora = {r.name: r.gib for r in memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act, processes=8, student_lora_rank=16)}
+    r16 = parameter_counts(TINY, config(student_lora_rank=16))["student_lora"] * 4 / GIB
+    assert lora["student's frozen base (a copy of the teacher, bf16)"] == full["teacher weights (frozen, bf16)"]
+    assert lora["student LoRA (r 16) weights (fp32)"] == lora["student LoRA (r 16) EMA (fp32)"] == lora["DDP gradient buckets (fp32)"] == r16
+    assert lora["student LoRA (r 16) AdamW moments (2 × fp32)"] == 2 * r16
+    assert "student weights (fp32)" not in lora
+    assert lora["total: held + the largest peak"] < full["total: held + the largest peak"]
+    with pytest.raises(ValueError, match="not sharded"):
+        memory_rows(TINY, (64, 64), "bf16", measured=lambda *a: act, processes=8, shard=True, student_lora_rank=16)
+    # measured: the frozen base saves no input for a weight gradient, so the LoRA student's graph is no bigger
+    plain = tiny_fp32[False]
+    adapted = measure_activations(TINY, config(student_lora_rank=16), (8, 8))
+    assert 0 < adapted.student <= plain.student
+
+
 def run(*args):
     return CliRunner().invoke(main, ["bench", *map(str, args)])
 

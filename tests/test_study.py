@@ -2,9 +2,11 @@
 curves are written, and a grown plan trains only what is new."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from loopfree.cli import main
@@ -58,7 +60,7 @@ def test_a_study_trains_scores_and_reruns_only_what_is_new(tmp_path):
     ("variants: {a: {seed: 3}}", "a sets seed, which a variant cannot set"),
     ("variants: {a: {nonsense: 3}}", "a sets nonsense"),
     ("variants: {}", "no variants"),
-    ("max_steps: 3", "no `variants:`"),
+    ("max_steps: 3", "no `variants:` and no `sampled:`"),
     ("variants: {a: {}}\nbudget: 3", "unknown key(s) budget"),
     ("variants: {a: {}}\nnum_prompts: 65", "at most 64"),
 ])
@@ -125,7 +127,8 @@ def test_the_committed_plans_are_locked_and_keep_the_regression_weight_their_tab
     made_with = {"probe.yaml": {"vsd": 0.0, "vsd-reg": 0.25, "sid": 0.0}, "recipe.yaml": {"tiue": 0.25, "one-step": 0.25},
                  "ablations.yaml": {"tiue-fake2": 0.25, "tiue-no-reg": 0.0}, "fd-probe.yaml": {"tiue-no-kl": 0.25, "tiue-reg1": 1.0},
                  "demo-budget.yaml": {"tiue": 0.25}, "recipe-reg1.yaml": {"tiue-reg1": 1.0, "one-step-reg1": 1.0},
-                 "mmdit.yaml": {"tiue-n4": 1.0, "one-step": 1.0}}
+                 "mmdit.yaml": {"tiue-n4": 1.0, "one-step": 1.0}, "student-lora-lr.yaml": {"lr3e-5": 1.0, "lr3e-3": 1.0},
+                 "student-lora.yaml": {"lora-r4": 1.0, "lora-r64": 1.0}, "style-lora.yaml": {}}
     studies = Path(__file__).resolve().parents[1] / "studies"
     assert {p.name for p in studies.glob("*.yaml") if not p.name.endswith(".lock.yaml")} == set(made_with) | {"finetune.yaml"}
     for name, weights in made_with.items():
@@ -169,5 +172,33 @@ def test_a_sampled_model_is_locked_by_its_weights(tmp_path):
     plan = load_plan(tmp_path / "plan.yaml")
     locked(plan, tmp_path / "plan.lock.yaml")
     (model / "loopfree.json").write_text((model / "loopfree.json").read_text().replace("751", "801"))  # another model there
+    with pytest.raises(LoopfreeError, match="sampled row s: .* holds other weights than the plan was locked with"):
+        locked(plan, tmp_path / "plan.lock.yaml")
+
+
+def test_sampled_rows_take_lists_of_models_and_loras_and_lock_the_loras_too(tmp_path):
+    import shutil
+
+    from loopfree.demo.lock import locked, sampled_items
+    from loopfree.toy.assets import bundled
+
+    items = sampled_items({"model": "m", "lora": ["a", "b"], "steps": 4})
+    assert [(i["model"], i["lora"]) for i in items] == [(os.path.abspath("m"), os.path.abspath("a")), (os.path.abspath("m"), os.path.abspath("b"))]
+    with pytest.raises(LoopfreeError, match="2 models but 3 LoRAs"):
+        sampled_items({"model": ["m", "n"], "lora": ["a", "b", "c"], "steps": 4})
+    style = tmp_path / "style"
+    style.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, style / "pytorch_lora_weights.safetensors")
+    models = [tmp_path / "s0", tmp_path / "s1"]
+    for m in models:
+        shutil.copytree(bundled("student"), m)
+    (tmp_path / "plan.yaml").write_text(f"variants: {{a: {{}}}}\nsampled: {{s: {{model: [{models[0]}, {models[1]}], "
+                                        f"style_lora: {style}, style_scale: 0.5, steps: 4}}}}\n")
+    plan = load_plan(tmp_path / "plan.yaml")
+    lock = locked(plan, tmp_path / "plan.lock.yaml")
+    assert len(lock["sampled"]["s"]["sha256"]) == 2  # one per model, each with the style LoRA's file
+    save_file({"unet.x.lora_A.weight": torch.ones(2, 2)}, style / "pytorch_lora_weights.safetensors")
     with pytest.raises(LoopfreeError, match="sampled row s: .* holds other weights than the plan was locked with"):
         locked(plan, tmp_path / "plan.lock.yaml")

@@ -25,6 +25,7 @@ activations recomputed during backward under gradient checkpointing (one block a
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -159,20 +160,26 @@ def autocast(dtype: str) -> Iterator[None]:
 
 
 def parameter_counts(arch: Arch, cfg: DistillConfig) -> dict[str, int]:
-    """Parameters of the UNet (student = teacher shape), the fake score's LoRA (``cfg``'s rank and targets), the
-    text encoder(s) and the VAE; built on the meta device (nothing allocated)."""
+    """Parameters of the UNet (student = teacher shape), the fake score's LoRA (``cfg``'s rank and targets), a LoRA
+    student's adapter (0 without one), the text encoder(s) and the VAE; built on the meta device (nothing allocated)."""
     from loopfree.bench.archs import parameter_count
     from loopfree.training.distiller import fake_lora
+    from loopfree.training.student_lora import student_lora
     from loopfree.method.scores import FAKE
 
     with torch.device("meta"):
         unet = arch.build("meta").requires_grad_(False)
         unet.add_adapter(fake_lora(cfg), FAKE)
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+        if cfg.student_lora_rank is not None:
+            with warnings.catch_warnings():  # a second adapter on one model: what we mean here
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                unet.add_adapter(student_lora(cfg), "student")
+        adapter = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n) - lora
         base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
         blocks = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n)
                   for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
-    return {"unet": base, "lora": lora, "text_encoders": sum(parameter_count(arch, "text_encoders")),
+    return {"unet": base, "lora": lora, "student_lora": adapter, "text_encoders": sum(parameter_count(arch, "text_encoders")),
             "vae": parameter_count(arch, "vae"), "largest_block": max(blocks), "root": base - sum(blocks)}
 
 
@@ -228,6 +235,10 @@ def measure_activations(arch: Arch, cfg: DistillConfig, latent: tuple[int, int],
     timesteps, final_alpha_cumprod = student_timesteps(cfg, scheduler)
 
     student = arch.build().train().requires_grad_(True)
+    if cfg.student_lora_rank is not None:  # the frozen base in the compute dtype, the adapter trained
+        from loopfree.training.student_lora import add_student_lora
+
+        add_student_lora(student, cfg, WEIGHT_DTYPES.get(cfg.dtype, torch.float32))
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     generator = Generator(student, NoiseSchedule.from_scheduler(scheduler, final_alpha_cumprod), timesteps)
@@ -279,7 +290,8 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
                 gradient_checkpointing: bool = False, batch_teacher_fake: bool = True,
                 measure_size: tuple[int, int] | None = None,
                 measured: Callable[[Arch, DistillConfig, tuple[int, int]], Activations] = measure_activations,
-                processes: int = 1, shard: bool = False, objective: str = "vsd") -> list[MemoryRow]:
+                processes: int = 1, shard: bool = False, objective: str = "vsd",
+                student_lora_rank: int | None = None) -> list[MemoryRow]:
     """Estimated memory of one distillation step per device, ``batch`` prompts per device at ``size`` (height, width)
     pixels, paper defaults otherwise: the parts held throughout; per update, what it adds while it runs and its peak;
     the total, held + the largest peak. ``measure_size``: measure_activations activations there (pixels), extrapolate
@@ -287,11 +299,15 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     gradients) on each, or with ``shard`` FSDP2's full sharding per UNet block: the student's weights, moments, EMA and
     gradients 1/N each, plus the gathered blocks in use (the root's own parameters and two blocks, one prefetched);
     the teacher, LoRA, text encoder and VAE replicated. ``objective``: the student's score loss (vsd, sid); SiD's
-    guided passes hold their graph from their forward to the backward, on top of their peak."""
+    guided passes hold their graph from their forward to the backward, on top of their peak. ``student_lora_rank``: a
+    LoRA student (``distill --student-lora-rank``, the fake score's targets): its frozen base, a copy of the teacher in
+    the compute dtype, and the adapter in place of the student's fp32 weights, moments, EMA and gradients."""
     from loopfree.bench.speed import train_config
     from loopfree.training.distiller import WEIGHT_DTYPES
 
-    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective)
+    if student_lora_rank is not None and shard:
+        raise ValueError("a LoRA student is not sharded (distill --shard refuses it)")
+    cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective, student_lora_rank)
     n = parameter_counts(arch, cfg)
     f = arch.vae_scale_factor
     at = measure_size or size
@@ -300,17 +316,22 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
     act = measured(arch, on_cpu, (at[0] // f, at[1] // f)).at(batch, (size[0] * size[1]) / (at[0] * at[1]))
     fp32, teacher = 4, torch.finfo(WEIGHT_DTYPES.get(dtype, torch.float32)).bits // 8
     shards = processes if shard else 1
-    student, lora = n["unet"] * fp32 / shards, n["lora"] * fp32
+    adapter = student_lora_rank is not None
+    student, lora = (n["student_lora"] if adapter else n["unet"]) * fp32 / shards, n["lora"] * fp32
     part = f", 1/{shards}" if shard else ""
+    what = f"student LoRA (r {student_lora_rank})" if adapter else "student"
+    weight_dtype = "fp32" if teacher == 4 else dtype
     prompts = f"{batch} prompt{'s' * (batch != 1)}"
     gathered = (n["root"] + 2 * n["largest_block"]) * teacher if shard else 0  # gathered in the compute dtype, as the teacher
     sid = objective == "sid"  # the backward runs through the guided passes: their graph is held from their forward
     rows = [
-        MemoryRow(f"student weights (fp32{part})", student, HELD, "counted"),
-        MemoryRow(f"student AdamW moments (2 × fp32{part})", 2 * student, HELD, "counted"),
-        MemoryRow(f"student EMA (fp32{part})", student, HELD, "counted"),
+        *([MemoryRow(f"student's frozen base (a copy of the teacher, {weight_dtype})", n["unet"] * teacher, HELD, "counted")]
+          if adapter else []),
+        MemoryRow(f"{what} weights (fp32{part})", student, HELD, "counted"),
+        MemoryRow(f"{what} AdamW moments (2 × fp32{part})", 2 * student, HELD, "counted"),
+        MemoryRow(f"{what} EMA (fp32{part})", student, HELD, "counted"),
         *([MemoryRow("DDP gradient buckets (fp32)", student, HELD, "counted")] if processes > 1 and not shard else []),
-        MemoryRow(f"teacher weights (frozen, {'fp32' if teacher == 4 else dtype})", n["unet"] * teacher, HELD, "counted"),
+        MemoryRow(f"teacher weights (frozen, {weight_dtype})", n["unet"] * teacher, HELD, "counted"),
         MemoryRow("fake-score LoRA: weights + AdamW (3 × fp32)", 3 * lora, HELD, "counted"),
         MemoryRow("text encoder + VAE (frozen, fp32)", (n["text_encoders"] + n["vae"]) * fp32, HELD, "counted"),
         MemoryRow(f"graph: activations, {prompts}", act.student_per, STUDENT, "measured"),
@@ -325,7 +346,7 @@ def memory_rows(arch: Arch, size: tuple[int, int], dtype: str = "fp32", batch: i
                   act.guided_per, STUDENT, "measured"),
         MemoryRow("peak: graph + max(gradients, guided pass" + (" + its graph)" if sid else ")") + (" + gathered" if shard else ""),
                   act.student + max(student, act.guided_per + act.guided_graph) + gathered, STUDENT, "peak"),
-        MemoryRow(f"a fp32 copy of the student (foreach update{part})", student, EMA, "counted"),
+        MemoryRow(f"a fp32 copy of the {what} (foreach update{part})", student, EMA, "counted"),
         MemoryRow("peak", student, EMA, "peak"),
         MemoryRow(f"graph: activations, {prompts}", act.fake, FAKE, "measured"),
         MemoryRow("LoRA gradients (fp32)", lora, FAKE, "counted"),

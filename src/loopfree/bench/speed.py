@@ -152,11 +152,11 @@ def format_table(rows: list[Row], title: str, ratio_label: str = "× 1 step") ->
 
 
 def train_config(batch: int, decoders: int, dtype: str, gradient_checkpointing: bool, batch_teacher_fake: bool,
-                 objective: str = "vsd") -> DistillConfig:
+                 objective: str = "vsd", student_lora_rank: int | None = None) -> DistillConfig:
     """The distillation settings a training benchmark runs: the paper's defaults but for these."""
     return DistillConfig(teacher="-", prompts="-", out="-", batch_size=batch, steps=decoders, dtype=dtype,
                          gradient_checkpointing=gradient_checkpointing, batch_teacher_fake=batch_teacher_fake,
-                         objective=objective)
+                         objective=objective, student_lora_rank=student_lora_rank)
 
 
 def train_rows(

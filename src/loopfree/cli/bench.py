@@ -56,6 +56,8 @@ TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imp
 @click.option("--shard", is_flag=True,
               help="With --memory: FSDP2 full sharding of the student's weights, moments, EMA and gradients over --processes "
                    "(an estimate of the plan; loopfree distill runs data parallel today).")
+@click.option("--student-lora-rank", type=click.IntRange(1, None), default=None,
+              help="With --memory: a LoRA student of this rank (distill --student-lora-rank) instead of the full one.")
 @click.option("--shared-blocks", type=click.IntRange(0), multiple=True,
               help="A transformer --arch: N, the blocks the one pass runs once (repeatable; default: ¼, ½ and ¾ of them).")
 @click.option("--timing", type=click.Choice(TIMINGS), default=None,
@@ -63,8 +65,10 @@ TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imp
                    "(FLOPs only).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
           gradient_checkpointing, batch_teacher_fake, objective, memory, measure_resolution, processes, shard,
-          shared_blocks, timing) -> None:
+          student_lora_rank, shared_blocks, timing) -> None:
     """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
+    if student_lora_rank is not None and (not memory or shard or arch in TRANSFORMER_NAMES):
+        raise LoopfreeError("--student-lora-rank goes with --memory for a UNet --arch, unsharded (distill refuses --shard with it)")
     if arch in TRANSFORMER_NAMES:
         _transformer(arch, resolution, device, dtype, steps, repeats, as_json, train, batch_size, memory, processes,
                      shard, list(shared_blocks), timing or "blocks")
@@ -93,7 +97,7 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
         if measure_resolution:
             check_size(*measure_resolution, spec.vae_scale_factor, spec.resolution)
         _memory(arch, spec, (height, width), dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake,
-                measure_resolution, as_json, processes, shard, objective)
+                measure_resolution, as_json, processes, shard, objective, student_lora_rank)
         return
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -119,16 +123,16 @@ def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, 
 
 
 def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size, as_json,
-            processes, shard, objective) -> None:
+            processes, shard, objective, student_lora_rank) -> None:
     """``--train --memory``: the estimate's table (or JSON). The measurement runs on the CPU whatever --device says."""
     from loopfree.bench.memory import format_memory_table, memory_rows
 
     rows = memory_rows(spec, size, dtype, batch_size, steps, gradient_checkpointing, batch_teacher_fake, measure_size,
-                       processes=processes, shard=shard, objective=objective)
+                       processes=processes, shard=shard, objective=objective, student_lora_rank=student_lora_rank)
     height, width = size
     if as_json:
         click.echo(json.dumps(dict(arch=arch, resolution=f"{width}x{height}", dtype=dtype, batch_size=batch_size, steps=steps,
-                                   objective=objective,
+                                   objective=objective, student_lora_rank=student_lora_rank,
                                    gradient_checkpointing=gradient_checkpointing, processes=processes, shard=shard, estimate=True,
                                    measured_at=None if measure_size is None else f"{measure_size[1]}x{measure_size[0]}",
                                    rows=[asdict(r) for r in rows]), indent=2))
@@ -136,7 +140,7 @@ def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, 
     at = f", activations measured at {measure_size[1]}x{measure_size[0]}" if measure_size else ""
     title = (f"loopfree bench --train --memory: {arch}, {width}x{height}, {dtype}, batch {batch_size}, K={steps}, {objective}, "
              f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at}, per device of {processes}"
-             f"{' (FSDP2 sharded)' if shard else ''} — an estimate")
+             f"{' (FSDP2 sharded)' if shard else ''}{f', LoRA student r {student_lora_rank}' if student_lora_rank else ''} — an estimate")
     click.echo(format_memory_table(rows, title))
 
 

@@ -59,11 +59,12 @@ METRIC_HELP = "Comma-separated: fid,kid,clip,pr,dc,latency,alignment (default: f
               help="A published student folder whose model card (README.md) gets this evaluation's row.")
 @options.lora()
 @options.fuse()
+@options.style_lora
 @options.threads()
 @click.option("--latency-repeats", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed batch-1 calls (median).")
 def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts, images_per_prompt, seed, batch_size, resolution, steps,
          timesteps, mode, key_steps, guidance, dtype, device, reference_images, reference_model, reference_steps, reference_guidance, inception, clip,
-         features, metrics, metric_resolution, tiny_vae, card, lora, fuse, threads, latency_repeats) -> None:
+         features, metrics, metric_resolution, tiny_vae, card, lora, fuse, style_lora, style_scale, threads, latency_repeats) -> None:
     """Generate images for a prompt set and score them: FID, KID, CLIP, precision/recall/F1, density/coverage, latency."""
     if report:
         if not dirs:
@@ -81,7 +82,7 @@ def eval(dirs, report, model, prompts, prompt_field, out, overwrite, num_prompts
     from loopfree.evaluation.settings import EvalConfig
 
     cfg = EvalConfig(
-        out=out, model=model, lora=lora, fuse=fuse, prompts=prompts, prompt_field=prompt_field, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+        out=out, model=model, lora=lora, fuse=fuse, style_lora=style_lora, style_scale=style_scale, prompts=prompts, prompt_field=prompt_field, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
         seed=seed, batch_size=batch_size, resolution=resolution, steps=steps, timesteps=timesteps, mode=mode, key_steps=key_steps, guidance=guidance,
         dtype=dtype, device=device, reference_images=reference_images, reference_model=reference_model, reference_steps=reference_steps,
         reference_guidance=reference_guidance, inception=inception, clip=clip, features=features, tiny_vae=tiny_vae,

@@ -31,8 +31,9 @@ from loopfree.utils.errors import LoopfreeError
               help="A local diffusers AutoencoderTiny (TAESD) folder that decodes instead of the model's VAE: fast, approximate.")
 @options.lora()
 @options.fuse()
+@options.style_lora
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
-             key_steps, guidance, device, dtype, compile_, tiny_vae, lora, fuse) -> None:
+             key_steps, guidance, device, dtype, compile_, tiny_vae, lora, fuse, style_lora, style_scale) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion, PixArt-α, SD3 or FLUX pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -43,5 +44,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
         timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device,
         dtype=dtype, compile=compile_, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
+        style_lora=style_lora, style_scale=style_scale,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

@@ -82,7 +82,16 @@ def lora() -> F:
 
 
 def fuse() -> F:
-    return click.option("--fuse", is_flag=True, help="Fold the --lora student into its base's weights: no LoRA layers, as fast as a full student.")
+    return click.option("--fuse", is_flag=True, help="Fold --lora and --style-lora into the weights: no LoRA layers, as fast as a full student.")
+
+
+def style_lora(func: F) -> F:
+    """--style-lora and --style-scale: any diffusers-format LoRA of the denoiser on the model (a student too)."""
+    func = click.option("--style-scale", type=float, default=1.0, show_default=True, callback=number_check(),
+                        help="The --style-lora's weight (0: off).")(func)
+    return click.option("--style-lora", type=click.Path(), default=None,
+                        help="A diffusers-format LoRA (a .safetensors file, or a folder holding pytorch_lora_weights.safetensors) "
+                             "loaded onto the model, a student too: e.g. a style trained on the teacher.")(func)
 
 
 def out(default: str | None = None, help: str = "Output folder.") -> F:

@@ -32,7 +32,9 @@ SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve
               help="A local AutoencoderTiny (TAESD) folder that decodes for every served model: fast, approximate.")
 @options.lora()
 @options.fuse()
-def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads, tiny_vae, lora, fuse) -> None:
+@options.style_lora
+def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads, tiny_vae, lora, fuse, style_lora,
+          style_scale) -> None:
     """Serve a web page at / and an OpenAI-compatible image API at /v1/images/generations.
 
     SIGTERM or Ctrl-C finishes the requests in flight, then exits with code 0."""
@@ -47,5 +49,6 @@ def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threa
         click.echo(f"loopfree serve: {url} (page at /, API at /v1/images/generations)")
 
     run(model=model, teacher=teacher, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch,
-        max_queue=max_queue, threads=threads, on_ready=ready, tiny_vae=tiny_vae, lora=lora, fuse=fuse)
+        max_queue=max_queue, threads=threads, on_ready=ready, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
+        style_lora=style_lora, style_scale=style_scale)
     click.echo("loopfree serve: stopped; every accepted request was answered")

@@ -2,6 +2,7 @@
 
     loopfree toy train-teacher --out runs/teacher
     loopfree toy train-teacher --arch mmdit --out runs/teacher-mmdit
+    loopfree toy fine-tune --domain sunset --out runs/sunset
 """
 
 from __future__ import annotations
@@ -49,3 +50,25 @@ def train_teacher(out, arch, vae_steps, max_steps, minutes, batch_size, lr, prob
     report = run(out, config)
     click.echo(json.dumps({g: {k: v for k, v in s.items() if k.startswith(("accuracy", "align"))}
                            for g, s in report["guidance"].items()}, indent=2))
+
+
+@toy.command("fine-tune")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if it holds checkpoints).")
+@click.option("--teacher", type=click.Path(), default=None, help="The toy UNet teacher's pipeline folder (default: the bundled one).")
+@click.option("--domain", type=click.Choice(["sunset"]), default="sunset", show_default=True,
+              help="The shifted domain: sunset (the background warms toward orange from top to bottom).")
+@click.option("--max-steps", type=click.IntRange(1, None), default=1000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True, help="Images per step.")
+@click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Peak learning rate, cosine to 0 (default: 1e-4 for the UNet, 1e-3 for a LoRA).")
+@click.option("--lora-rank", type=click.IntRange(1, None), default=None,
+              help="Train a style LoRA of this rank (diffusers' format, OUT/pytorch_lora_weights.safetensors) instead of the UNet.")
+@options.seed()
+@options.threads()
+def fine_tune(out, teacher, domain, max_steps, batch_size, lr, lora_rank, seed, threads) -> None:
+    """Fine-tune the toy teacher on a shifted domain: the UNet (OUT/pipeline, a teacher folder) or a style LoRA."""
+    from loopfree.demo.finetune import FineTuneConfig, fine_tune as run
+
+    result = run(FineTuneConfig(out=out, teacher=teacher, domain=domain, steps=max_steps, batch=batch_size, lr=lr,
+                                lora_rank=lora_rank, seed=seed, threads=threads))
+    click.echo(f"fine-tuned on {domain}: {result}")

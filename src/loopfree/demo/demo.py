@@ -42,10 +42,11 @@ from loopfree.evaluation.scores import distribution_scores
 from loopfree.utils.images import image_grid
 from loopfree.pipelines.families import FAMILIES
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
+from loopfree.pipelines.pipeline import LORA_WEIGHTS
 from loopfree.utils.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
+from loopfree.evaluation.toy import ToyExtractor, real_reference, sunset_style, toy_scores
 from loopfree.toy.settings import DEMO_BUDGET, EVAL_POOL, MMDIT_DISTILL, STUDENTS, TEACHER_ARCHS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
 from loopfree.training.pairs import prepare_teacher_pairs
@@ -85,7 +86,19 @@ def finished(config: DistillConfig) -> bool:
         raise LoopfreeError(f"{config.out} holds a student trained with other settings: use another --out")
     if previous.max_steps > config.max_steps:
         raise LoopfreeError(f"{config.out} holds a student trained for {previous.max_steps} steps, more than --max-steps {config.max_steps}")
-    return previous.max_steps == config.max_steps and (Path(config.out) / "model_index.json").is_file()
+    return previous.max_steps == config.max_steps and published(config)
+
+
+def published(config: DistillConfig) -> bool:
+    """Whether ``config.out`` holds its published student: a pipeline folder, or a LoRA student's adapter."""
+    return (Path(config.out) / ("model_index.json" if config.student_lora_rank is None else LORA_WEIGHTS)).is_file()
+
+
+def load_student(config: DistillConfig):
+    """The student pipeline ``config.out`` published (a LoRA student: its teacher with the adapter loaded)."""
+    if config.student_lora_rank is None:
+        return load_pipeline(config.out)
+    return load_pipeline(config.teacher, lora=config.out)
 
 
 def sample_images(pipe, jobs: list[Job], sampling: Sampling) -> tuple[np.ndarray, float]:
@@ -103,7 +116,7 @@ def summarise(name: str, runs: list[dict[str, float]]) -> dict:
     """One table row: the mean of each metric over ``runs`` (training seeds) and its spread (sample
     standard deviation; null for a single run)."""
     row: dict = {"name": name, "runs": len(runs)}
-    for key in (*METRICS, "unet_ms_per_image", *(["train_seconds"] if "train_seconds" in runs[0] else [])):
+    for key in (*METRICS, "unet_ms_per_image", *(k for k in ("train_seconds", "style") if k in runs[0])):
         values = np.array([r[key] for r in runs], dtype=float)
         row[key] = float(values.mean())
         row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
@@ -162,9 +175,9 @@ class RowScorer:
     --features toy`` computes them. Called as ``(pipe, step)`` it is distillation's learning-curve hook. Picklable:
     the classifier and the real images' features are built on first use, in whichever process scores."""
 
-    def __init__(self, pool: list[str], num_prompts: int, images_per_prompt: int, seed: int, size: int):
+    def __init__(self, pool: list[str], num_prompts: int, images_per_prompt: int, seed: int, size: int, domain: str = "base"):
         self.jobs = plan_jobs(pool, list(range(num_prompts)), images_per_prompt, seed)  # as `loopfree eval --features toy`
-        self.aligned, self.seed, self.size = [j.prompt for j in self.jobs], seed, size
+        self.aligned, self.seed, self.size, self.domain = [j.prompt for j in self.jobs], seed, size, domain
         self._reference: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -174,10 +187,11 @@ class RowScorer:
         """Scores of ``images`` (uint8, one per job)."""
         if self._reference is None:
             extractor = ToyExtractor()
-            self._reference = extractor, extractor.outputs(real_reference(self.aligned, self.seed))
+            self._reference = extractor, extractor.outputs(real_reference(self.aligned, self.seed, self.domain))
         extractor, real = self._reference
         fake = extractor(images)
-        return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics)}
+        style = {"style": sunset_style(images)} if self.domain == "sunset" else {}  # the shifted domain's own score
+        return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics), **style}
 
     def row(self, pipe, sampling: Sampling) -> tuple[dict[str, float], np.ndarray]:
         """A table row's scores (with the UNet's ms per image) and its images."""
@@ -227,7 +241,7 @@ def student_row(config: DistillConfig, to_train: bool, scorer: RowScorer, curve:
     """One student run's row: distilled first if ``to_train``, then sampled in one pass."""
     if to_train:
         train_run(config, curve)
-    student = load_pipeline(config.out)
+    student = load_student(config)
     scores, images = scorer.row(student, scorer.one_pass(student))
     timing = json.loads((Path(config.out) / "timing.json").read_text())  # summed over the run's sessions
     return {**scores, "train_seconds": timing["train_seconds"]}, images

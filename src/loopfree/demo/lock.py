@@ -60,14 +60,48 @@ def resolve(asked: dict) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in UNLOCKED}
 
 
-def sampled_model(row: dict) -> str:
-    """The folder a ``sampled`` row scores (default: the bundled student), absolute."""
-    return os.path.abspath(row.get("model") or bundled("student"))
+def sampled_items(row: dict) -> list[dict]:
+    """What a ``sampled`` row scores, one item per model: ``model`` (default: the bundled student) with its ``lora`` (a
+    LoRA student on it) and ``style_lora``, absolute; a list in ``model`` or ``lora`` gives one item each (a
+    single other one goes with every item)."""
+    def listed(key: str, default) -> list:
+        value = row.get(key, default)
+        return value if isinstance(value, list) else [value]
+
+    models, loras = listed("model", bundled("student")), listed("lora", None)
+    count = max(len(models), len(loras))
+    if {len(models), len(loras)} - {1, count}:
+        raise LoopfreeError(f"sampled row: {len(models)} models but {len(loras)} LoRAs")
+    style = row.get("style_lora")
+    return [{"model": os.path.abspath(m), "lora": l and os.path.abspath(l), "style_lora": style and os.path.abspath(style)}
+            for m, l in zip(models * (count // len(models)), loras * (count // len(loras)))]
 
 
-def check_model(what: str, folder: str, sha256: str) -> None:
-    """Refuse ``folder`` if its weights are not the ones locked as ``sha256``."""
-    now = model_sha256(folder)
+def item_sha256(item: dict) -> str:
+    """SHA-256 of what a sampled item loads: its model's denoiser and record (:func:`model_sha256`), alone when it
+    has no LoRA, else with its LoRAs' files."""
+    from loopfree.evaluation.features import file_sha256
+    from loopfree.pipelines.loading import check_lora, style_weights
+    from loopfree.pipelines.pipeline import LORA_WEIGHTS
+
+    parts = [model_sha256(item["model"])]
+    if item["lora"]:
+        check_lora(item["lora"])
+        parts.append(file_sha256(Path(item["lora"]) / LORA_WEIGHTS))
+    if item["style_lora"]:
+        parts.append(file_sha256(style_weights(item["style_lora"])))
+    return parts[0] if len(parts) == 1 else hashlib.sha256("/".join(parts).encode()).hexdigest()
+
+
+def sampled_sha256(row: dict) -> str | list[str]:
+    """A sampled row's hash: its item's (:func:`item_sha256`), a list of them for several."""
+    hashes = [item_sha256(item) for item in sampled_items(row)]
+    return hashes[0] if len(hashes) == 1 else hashes
+
+
+def check_model(what: str, folder: str, sha256: str, now: str | None = None) -> None:
+    """Refuse ``folder`` if its weights (``now``, default its :func:`model_sha256`) are not the ones locked as ``sha256``."""
+    now = now or model_sha256(folder)
     if now != sha256:
         raise LoopfreeError(f"{what}: {short(folder)} holds other weights than the plan was locked with "
                             f"(sha256 {sha256[:12]}…, now {now[:12]}…): point it at those weights or unlock the entry")
@@ -104,13 +138,15 @@ def locked(plan, path: Path) -> dict:
             check_model(f"variant {name}'s student_init", entry["settings"]["student_init"], entry["student_init_sha256"])
     for name, row in plan.sampled.items():
         entry = lock["sampled"].get(name)
+        now = sampled_sha256(row)
         if entry is None:
-            model = sampled_model(row)
-            entry = lock["sampled"][name] = {"asked": row, "sha256": model_sha256(model)}
+            entry = lock["sampled"][name] = {"asked": row, "sha256": now}
         elif entry["asked"] != row:
             raise LoopfreeError(f"sampled row {name} asks for other settings than {path.name} locked it with: rename it "
                                 "or delete its entry from the lock")
-        check_model(f"sampled row {name}", sampled_model(row), entry["sha256"])
+        locked_hashes = entry["sha256"] if isinstance(entry["sha256"], list) else [entry["sha256"]]
+        for item, before, after in zip(sampled_items(row), locked_hashes, now if isinstance(now, list) else [now]):
+            check_model(f"sampled row {name}", item["lora"] or item["model"], before, after)
     if json.dumps(lock, sort_keys=True) != before:
         write_atomic(path, HEADER + yaml.safe_dump(lock, sort_keys=False, allow_unicode=True))
     return lock

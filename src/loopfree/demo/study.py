@@ -23,13 +23,14 @@ from pathlib import Path
 import yaml
 
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.demo.demo import RowScorer, decoder_count, finished, side_by_side, summarise, teacher_sampler, train_run
-from loopfree.demo.lock import OWNED, locked, model_sha256, sampled_model, settings_key
+from loopfree.demo.demo import (RowScorer, finished, load_student, published, side_by_side, summarise,
+                               teacher_sampler, train_run)
+from loopfree.demo.lock import OWNED, locked, model_sha256, sampled_items, settings_key
 from loopfree.evaluation.generation import Sampling
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.toy.assets import model_folder
 from loopfree.toy.settings import EVAL_POOL
-from loopfree.toy.world import heldout_prompts, training_prompts
+from loopfree.toy.world import check_domain, heldout_prompts, training_prompts
 from loopfree.training.config import DistillConfig
 from loopfree.training.pairs import prepare_teacher_pairs
 from loopfree.utils.errors import LoopfreeError
@@ -42,9 +43,11 @@ SHOWN = ("alignment", "fd", "diversity", "precision", "recall", "density", "cove
 class StudyPlan:
     """What a study trains and how it is scored."""
 
-    variants: dict[str, dict]  # name -> distill settings over TOY_DISTILL (e.g. objective: sid, student: one-step)
+    variants: dict[str, dict] = field(default_factory=dict)  # name -> distill settings over TOY_DISTILL (e.g. objective: sid)
     max_steps: int = 1000  # distillation steps of every run unless its variant sets its own (the curves flatten by 1,000)
-    sampled: dict[str, dict] = field(default_factory=dict)  # name -> {model: folder (default: the bundled student), steps: K}: scored untrained
+    sampled: dict[str, dict] = field(default_factory=dict)  # name -> {steps: K, model: folder(s) (default: the bundled
+    # student), lora: LoRA student(s) on it, style_lora: a LoRA on it, style_scale, mode: loop_free (default) or loop
+    # (its guided loop, as the teacher rows)}: scored untrained, mean ± sd over lists
     eval_every: int = 100  # learning-curve spacing (0: none)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds of every variant
     num_prompts: int = 64  # held-out evaluation prompts (distinct attribute combinations)
@@ -56,11 +59,12 @@ class StudyPlan:
     guidance: float = 4.5  # the teacher rows' guidance (paper: 4.5)
     distill_prompts: int = 4000  # training prompt count
     seed: int = 0  # evaluation prompts and x_T
+    domain: str = "base"  # the world the real images of fd come from (a shifted one: and the style score)
 
     def __post_init__(self) -> None:
         names = {f.name for f in dataclasses.fields(DistillConfig)}
-        if not self.variants:
-            raise LoopfreeError("the plan names no variants")
+        if not self.variants and not self.sampled:
+            raise LoopfreeError("the plan names no variants and no sampled rows")
         for where, settings in [("base", self.base), *self.variants.items()]:
             if not isinstance(settings, dict):
                 raise LoopfreeError(f"plan: {where} must be a mapping of distill settings")
@@ -68,8 +72,11 @@ class StudyPlan:
             if bad:
                 raise LoopfreeError(f"plan: {where} sets {', '.join(bad)}, which a variant cannot set")
         for name, row in self.sampled.items():
-            if not isinstance(row, dict) or set(row) - {"model", "steps"} or not isinstance(row.get("steps"), int) or row["steps"] < 1:
-                raise LoopfreeError(f"plan: sampled {name} must be {{steps: K ≥ 1}} and optionally model: FOLDER")
+            if (not isinstance(row, dict) or set(row) - {"model", "lora", "style_lora", "style_scale", "mode", "steps"}
+                    or not isinstance(row.get("steps"), int) or row["steps"] < 1 or row.get("mode", "loop_free") not in ("loop_free", "loop")):
+                raise LoopfreeError(f"plan: sampled {name} must be {{steps: K ≥ 1}} and optionally model, lora, style_lora, "
+                                    "style_scale, mode (loop_free or loop)")
+        check_domain(self.domain)
         if not self.seeds or min(self.max_steps, self.images_per_prompt - 1, self.num_prompts, self.curve_prompts) < 1:
             raise LoopfreeError("plan: seeds, max_steps, num_prompts and curve_prompts need ≥ 1, images_per_prompt ≥ 2")
         if max(self.num_prompts, self.curve_prompts) > EVAL_POOL:
@@ -86,8 +93,8 @@ def load_plan(path: str | Path) -> StudyPlan:
     unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
     if unknown:
         raise LoopfreeError(f"plan {path}: unknown key(s) {', '.join(map(str, unknown))}")
-    if "variants" not in data:
-        raise LoopfreeError(f"plan {path}: no `variants:`")
+    if "variants" not in data and "sampled" not in data:
+        raise LoopfreeError(f"plan {path}: no `variants:` and no `sampled:`")
     return StudyPlan(**data)
 
 
@@ -122,7 +129,8 @@ def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: 
         raise LoopfreeError(f"teacher: {e}") from None
     size = info.default_size
     identity = dict(teacher=teacher_path, seed=plan.seed, distill_prompts=plan.distill_prompts, num_prompts=plan.num_prompts,
-                    images_per_prompt=plan.images_per_prompt, curve_prompts=plan.curve_prompts, guidance=plan.guidance)
+                    images_per_prompt=plan.images_per_prompt, curve_prompts=plan.curve_prompts, guidance=plan.guidance,
+                    **({"domain": plan.domain} if plan.domain != "base" else {}))  # only when shifted: older studies match
     folder = OutputFolder(out, "study", identity, resumable=True)
     root = folder.final
     prompts_file = root / "distill_prompts.txt"
@@ -133,7 +141,7 @@ def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: 
         pool = heldout_prompts(EVAL_POOL, seed=plan.seed)
         if not prompts_file.is_file():
             write_atomic(prompts_file, "\n".join(training_prompts(plan.distill_prompts, pool, plan.seed)) + "\n")
-        curve = RowScorer(pool, plan.curve_prompts, plan.images_per_prompt, plan.seed, size) if plan.eval_every else None
+        curve = RowScorer(pool, plan.curve_prompts, plan.images_per_prompt, plan.seed, size, plan.domain) if plan.eval_every else None
         if train:
             for config in todo:  # the teacher pairs of the regression term, once, with every thread
                 prepare_teacher_pairs(config)
@@ -143,14 +151,13 @@ def run_study(plan: StudyPlan, lock_file: str | Path, out: str | Path, teacher: 
 
 def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: str, size: int, pool: list[str],
            configs: dict) -> list[dict]:
-    scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size)
+    scorer = RowScorer(pool, plan.num_prompts, plan.images_per_prompt, plan.seed, size, plan.domain)
     (root / "scores").mkdir(exist_ok=True)
     rows = []
 
-    def scored(path: str | Path, mode: str, steps: int | None, guidance: float) -> dict:
-        """The scores of the pipeline at ``path`` sampled in ``mode`` with ``steps`` (None: its own decoders)."""
-        pipe = load_pipeline(path)
-        return scorer.row(pipe, Sampling(size, size, mode, steps or decoder_count(pipe), None, guidance))[0]
+    def scored(path: str | Path, mode: str, steps: int, guidance: float, **adapters) -> dict:
+        """The scores of the pipeline at ``path`` (with ``adapters``: load_pipeline's LoRAs) sampled in ``mode``."""
+        return scorer.row(load_pipeline(path, **adapters), Sampling(size, size, mode, steps, None, guidance))[0]
 
     teacher_sha = model_sha256(teacher_path)
     for steps in plan.teacher_steps:
@@ -158,19 +165,29 @@ def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: 
         scores = _cached(root / "scores" / f"teacher-{steps}step-{key}.json", lambda: scored(teacher_path, "loop", steps, plan.guidance))
         rows.append({**summarise(f"teacher {steps}-step {sampler}", [scores]), "train_minutes": None})
     for name, row in plan.sampled.items():
-        key = settings_key(lock["sampled"][name]["sha256"], row["steps"])
-        scores = _cached(root / "scores" / f"sampled-{name}-{key}.json", lambda: scored(sampled_model(row), "loop_free", row["steps"], 1.0))
-        rows.append({**summarise(name, [scores]), "train_minutes": None, "settings": row})
+        hashes = lock["sampled"][name]["sha256"]
+        items = sampled_items(row)
+        runs = []
+        for item, sha in zip(items, hashes if isinstance(hashes, list) else [hashes]):
+            mode = row.get("mode", "loop_free")
+            key = settings_key(sha, row["steps"], *([row.get("style_scale", 1.0)] if item["style_lora"] else []),
+                               *([mode, plan.guidance] if mode == "loop" else []))  # as before for the rows that had no choice
+            adapters = dict(lora=item["lora"], style_lora=item["style_lora"], style_scale=row.get("style_scale", 1.0))
+            guidance = plan.guidance if mode == "loop" else 1.0
+            runs.append(_cached(root / "scores" / f"sampled-{name}-{key}.json",
+                                lambda: scored(item["model"], mode, row["steps"], guidance, **adapters)))
+        rows.append({**summarise(name, runs), "train_minutes": None, "settings": row})
     for name, group in configs.items():
         runs = []
         for config in group:
             run = Path(config.out)
-            if not (run / "model_index.json").is_file():
+            if not published(config):
                 continue
 
             def student_scores() -> dict:
                 timing = json.loads((run / "timing.json").read_text())
-                return {**scored(run, "loop_free", None, 1.0), "train_minutes": timing["train_seconds"] / 60}
+                pipe = load_student(config)
+                return {**scorer.row(pipe, scorer.one_pass(pipe))[0], "train_minutes": timing["train_seconds"] / 60}
 
             key = settings_key(lock["variants"][name]["settings"], config.seed, config.max_steps)
             runs.append(_cached(root / "scores" / f"{name}-seed{config.seed}-{key}.json", student_scores))
@@ -181,7 +198,7 @@ def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: 
                          "locked": lock["variants"][name]["settings"]})
     curves = {}
     for name, group in configs.items():
-        logs = [Path(c.out) / "eval.jsonl" for c in group if (Path(c.out) / "model_index.json").is_file()]
+        logs = [Path(c.out) / "eval.jsonl" for c in group if published(c)]
         if plan.eval_every and logs:
             curves[name] = seed_curves(logs)
     if curves:
@@ -201,9 +218,10 @@ def markdown_table(rows: list[dict]) -> str:
         spread = row.get(f"{key}_std")
         return f"{row[key]:.3f}" + (f" ± {spread:.3f}" if spread is not None else "")
 
-    head = ["", "seeds", *SHOWN, "train min"]
+    shown = (*SHOWN, *(["style"] if any("style" in row for row in rows) else []))  # a shifted domain's rows
+    head = ["", "seeds", *shown, "train min"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in rows:
         minutes = "–" if row["train_minutes"] is None else f"{row['train_minutes']:.1f}"
-        lines.append("| " + " | ".join([row["name"], str(row["runs"]), *(cell(row, k) for k in SHOWN), minutes]) + " |")
+        lines.append("| " + " | ".join([row["name"], str(row["runs"]), *(cell(row, k) for k in shown), minutes]) + " |")
     return "\n".join(lines)

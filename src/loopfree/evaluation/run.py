@@ -67,12 +67,11 @@ def weights_hashes(folder: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*.safetensors"))}
 
 
-def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None, lora: str | None = None,
-             fuse: bool = False):
+def _inspect(flag: str, path: str, height: int | None = None, width: int | None = None, **adapters):
     from loopfree.pipelines.loading import inspect_pipeline
 
     try:
-        info = inspect_pipeline(path, transformers=True, lora=lora, fuse=fuse)
+        info = inspect_pipeline(path, transformers=True, **adapters)
         info.check_size(height or info.default_size, width or info.default_size)
         return info
     except LoopfreeError as e:
@@ -85,7 +84,7 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
     from loopfree.toy.assets import model_folder
 
     model = os.path.abspath(model_folder(cfg.model))
-    info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora, fuse=cfg.fuse)
+    info = _inspect("--model", model, *(cfg.resolution or (None, None)), lora=cfg.lora, fuse=cfg.fuse, style_lora=cfg.style_lora)
     height, width = cfg.resolution or (info.default_size, info.default_size)
     info.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)  # mode, steps, timesteps, key steps checked from the configs
     if cfg.tiny_vae is not None:
@@ -113,10 +112,13 @@ def resolve(cfg: EvalConfig, device: torch.device) -> Plan:
                 resolve_dtype(cfg.dtype, device))
 
 
-def _load(path: str, plan: Plan, tiny_vae: str | None = None, lora: str | None = None):
+def _load(path: str, plan: Plan, evaluated: bool = False):
+    """The pipeline at ``path``; ``evaluated``: the model under evaluation, with its tiny VAE and LoRAs."""
     from loopfree.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(path, dtype=plan.dtype, tiny_vae=tiny_vae, lora=lora, fuse=bool(lora) and plan.cfg.fuse).to(plan.device)
+    c = plan.cfg
+    own = dict(tiny_vae=c.tiny_vae, lora=c.lora, fuse=c.fuse, style_lora=c.style_lora, style_scale=c.style_scale) if evaluated else {}
+    pipe = load_pipeline(path, dtype=plan.dtype, **own).to(plan.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -125,6 +127,8 @@ def identity(plan: Plan, weights: dict[str, str]) -> dict:
     """The output folder's settings: exactly what decides the images."""
     c, s = plan.cfg, plan.sampling
     lora = {"lora": os.path.abspath(c.lora), "fuse": c.fuse} if c.lora else {}  # only when given: older folders still match
+    if c.style_lora:
+        lora |= {"style_lora": os.path.abspath(c.style_lora), "style_scale": c.style_scale, "fuse": c.fuse}
     return dict(model=plan.model, **lora, weights=weights, prompts=plan.source.name, prompts_sha256=plan.source.sha256, num_prompts=c.num_prompts,
                 images_per_prompt=c.images_per_prompt, seed=c.seed, height=s.height, width=s.width, steps=c.steps,
                 timesteps=c.timesteps, mode=c.mode, key_steps=c.key_steps, guidance=c.guidance, dtype=c.dtype,
@@ -166,6 +170,10 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
     weights = weights_hashes(plan.model)
     if cfg.lora:  # the adapter's files beside the base's
         weights |= {f"lora/{k}": v for k, v in weights_hashes(cfg.lora).items()}
+    if cfg.style_lora:
+        from loopfree.pipelines.loading import style_weights
+
+        weights["style_lora"] = file_sha256(style_weights(cfg.style_lora))
     folder = OutputFolder(cfg.out, "eval", identity(plan, weights), overwrite=cfg.overwrite, resumable=True)
     extractor = None
     if cfg.needs_reference or "alignment" in cfg.metrics:
@@ -181,7 +189,7 @@ def setup(plan: Plan, stack: ExitStack) -> tuple[Setup, tuple]:
 
         clip = ClipScorer(cfg.clip, plan.device)
     reference = _reference(plan, extractor)
-    pipe = _load(plan.model, plan, plan.cfg.tiny_vae, plan.cfg.lora)
+    pipe = _load(plan.model, plan, evaluated=True)
     steps = pipe.plan_steps(cfg.mode, cfg.steps, cfg.timesteps, cfg.key_steps)
     stack.enter_context(folder)  # the lock, the marker: from here on the folder is ours
     images = plan.out / IMAGES
@@ -282,7 +290,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
         held, (todo, reference_folder, reference_todo) = on_main(state, lambda: setup(plan, stack))
         rank, world = state.process_index, state.num_processes
         if todo:
-            pipe = held.pipe if held else _load(plan.model, plan, cfg.tiny_vae, cfg.lora)
+            pipe = held.pipe if held else _load(plan.model, plan, evaluated=True)
             generate(pipe, plan.out / IMAGES, [plan.jobs[k] for k in todo], plan.sampling, cfg.batch_size, device, rank, world)
         if reference_todo:
             generate(_load(os.path.abspath(cfg.reference_model), plan), Path(reference_folder), [plan.jobs[k] for k in reference_todo],

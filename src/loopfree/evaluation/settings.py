@@ -27,7 +27,9 @@ class EvalConfig:
     out: str
     model: str | None = None  # default: the bundled toy student
     lora: str | None = None  # a LoRA student's folder on ``model``, its base
-    fuse: bool = False  # the LoRA folded into the base's weights
+    fuse: bool = False  # the LoRAs folded into the weights
+    style_lora: str | None = None  # any diffusers-format LoRA on ``model`` (a file or a folder)
+    style_scale: float = 1.0  # its weight
     prompts: str | None = None  # default (toy features only): the toy world's held-out prompts
     prompt_field: str | None = None
     num_prompts: int | None = None  # a seeded subset of the source; None: all

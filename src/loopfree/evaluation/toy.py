@@ -19,19 +19,33 @@ from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.features import file_sha256
 from loopfree.evaluation.scores import distribution_scores
 from loopfree.toy.classifier import Prediction, ToyClassifier, default_path, load_classifier, matches
-from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, to_tensor
+from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, sunset_blend, to_tensor
 
 
-def real_reference(prompts: list[str], seed: int = 0) -> torch.Tensor:
-    """Real images in [-1, 1] aligned with ``prompts`` (image i shows prompt i); each distinct
+def real_reference(prompts: list[str], seed: int = 0, domain: str = "base") -> torch.Tensor:
+    """Real images of ``domain`` in [-1, 1] aligned with ``prompts`` (image i shows prompt i); each distinct
     prompt draws its jitter from its own seed, derived from ``seed``."""
     unique = list(dict.fromkeys(prompts))
     seeds = np.random.SeedSequence(seed).generate_state(len(unique))
     reference = torch.empty(len(prompts), 3, IMAGE_SIZE, IMAGE_SIZE)
     for prompt, prompt_seed in zip(unique, seeds):
         rows = [i for i, p in enumerate(prompts) if p == prompt]
-        reference[rows] = render_for_prompt(prompt, len(rows), int(prompt_seed)).tensor()
+        reference[rows] = render_for_prompt(prompt, len(rows), int(prompt_seed), domain).tensor()
     return reference
+
+
+#: The image rows the sunset style is read from: background in every toy image (shapes span rows 7 to 57).
+TOP_ROWS, BOTTOM_ROWS = slice(0, 5), slice(IMAGE_SIZE - 5, IMAGE_SIZE)
+
+
+def sunset_style(images: np.ndarray) -> float:
+    """How much of the sunset domain's background fade uint8 images (N, 64, 64, 3) show, on average: the rise of
+    R − B from the top rows to the bottom rows as a fraction of the rise the domain draws (255 × its blend there) —
+    0 for the base world's images, 1 for the sunset domain's."""
+    red_minus_blue = images[..., 0].astype(np.float64) - images[..., 2].astype(np.float64)
+    rise = red_minus_blue[:, BOTTOM_ROWS].mean(axis=(1, 2)) - red_minus_blue[:, TOP_ROWS].mean(axis=(1, 2))
+    blend = sunset_blend()
+    return float(rise.mean() / (255.0 * (blend[BOTTOM_ROWS].mean() - blend[TOP_ROWS].mean())))
 
 
 class ToyExtractor:

@@ -64,6 +64,8 @@ def unsupported(unet: UNet2DConditionModel) -> str | None:
             if resnet.time_emb_proj is None or resnet.time_embedding_norm not in ("default", "scale_shift"):
                 return f"up block {i} has a ResNet without a default/scale_shift time embedding"
             convs = [resnet.conv1] + ([resnet.conv_shortcut] if resnet.conv_shortcut is not None else [])
+            if any(type(c) is not torch.nn.Conv2d for c in convs):  # its weight is not all it computes
+                return f"up block {i} has a ResNet convolution that is not a plain Conv2d (an unfused LoRA?)"
             if any(c.groups != 1 or c.padding_mode != "zeros" for c in convs):
                 return f"up block {i} has a grouped or non-zero-padded ResNet convolution"
         for attn in getattr(block, "attentions", []):

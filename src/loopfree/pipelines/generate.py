@@ -22,20 +22,21 @@ def generate_images(
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
     key_steps: list[int] | None = None, tiny_vae: str | None = None, lora: str | None = None, fuse: bool = False,
+    style_lora: str | None = None, style_scale: float = 1.0,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
     ``model``: a Stable Diffusion (XL), PixArt-α, SD3 or FLUX pipeline folder (default: the bundled toy student).
 
     ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``tiny_vae``: an AutoencoderTiny folder decodes; ``compile``: ``torch.compile`` the encoder and the decoder
-    (:func:`loopfree.method.runtime.prepare_pipeline`); ``lora``: a LoRA student's folder on ``model``, its base
-    (``fuse``: folded into its weights)."""
+    (:func:`loopfree.method.runtime.prepare_pipeline`); ``lora``: a LoRA student's folder on ``model``, its base;
+    ``style_lora``: any diffusers-format LoRA on it at ``style_scale`` (``fuse``: folded into the weights)."""
     from loopfree.utils.devices import resolve_device, resolve_dtype
     from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
     from loopfree.method.runtime import prepare_pipeline
     from loopfree.toy.assets import model_folder
 
     model = str(model_folder(model))
-    info = inspect_pipeline(model, transformers=True, lora=lora, fuse=fuse)  # cheap checks first: nothing is loaded or written if they fail
+    info = inspect_pipeline(model, transformers=True, lora=lora, fuse=fuse, style_lora=style_lora)  # cheap checks first: nothing is loaded or written if they fail
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
     plan = info.plan_steps(mode, steps, timesteps, key_steps)
@@ -46,12 +47,16 @@ def generate_images(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     lora = os.path.abspath(lora) if lora is not None else None
-    adapter = {"lora": lora, "fuse": fuse} if lora else {}
+    style_lora = os.path.abspath(style_lora) if style_lora is not None else None
+    adapter = {"lora": lora, "fuse": fuse} if lora else {}  # only when given: older folders still match
+    if style_lora:
+        adapter |= {"style_lora": style_lora, "style_scale": style_scale, "fuse": fuse}
     settings = dict(prompt=prompt, model=os.path.abspath(model), **adapter, images_per_prompt=images_per_prompt, seed=seed,
                     mode=mode, guidance=guidance, height=height, width=width, dtype=dtype, compile=compile, tiny_vae=tiny_vae)
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
 
-    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype, tiny_vae=tiny_vae, lora=lora, fuse=fuse), dev, compile)
+    pipe = prepare_pipeline(load_pipeline(model, dtype=torch_dtype, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
+                                           style_lora=style_lora, style_scale=style_scale), dev, compile)
     pipe.set_progress_bar_config(disable=True)
     seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
     with folder:

@@ -25,7 +25,8 @@ from loopfree.method.schedule import check_timesteps
 from loopfree.method.transformer_split import check_shared_blocks
 from loopfree.pipelines.families import FAMILIES, family_of, present
 from loopfree.pipelines.files import check_safetensors, read_json, weight_files
-from loopfree.pipelines.pipeline import BASE_RECORD, LORA_WEIGHTS, SIDECAR, LoopFreePipeline, LoopFreeXLPipeline, StepPlan, check_size, plan_steps
+from loopfree.pipelines.pipeline import (BASE_RECORD, LORA_WEIGHTS, SIDECAR, STUDENT_ADAPTER, STYLE_ADAPTER, LoopFreePipeline,
+                                         LoopFreeXLPipeline, StepPlan, check_size, plan_steps)
 from loopfree.pipelines.transformer_pipeline import Geometry, geometry, plan_transformer_steps
 from loopfree.utils.errors import LoopfreeError, first_line
 
@@ -128,15 +129,17 @@ def _inspect_transformer(root: Path, components: dict, family: str) -> PipelineI
 
 
 def inspect_pipeline(path: str | os.PathLike, transformers: bool = False, lora: str | os.PathLike | None = None,
-                     fuse: bool = False) -> PipelineInfo:
+                     fuse: bool = False, style_lora: str | os.PathLike | None = None) -> PipelineInfo:
     """Check that ``path`` is a complete local Stable Diffusion (XL) pipeline folder with safetensors weights —
     or, with ``transformers``, a PixArt-α, SD3 or FLUX one; without, such a folder gets a one-line refusal. With
-    ``lora`` (a LoRA student's folder) the info is of the base with that student's recorded decoder steps; ``fuse``
-    (folding it into the base) needs one."""
+    ``lora`` (a LoRA student's folder) the info is of the base with that student's recorded decoder steps;
+    ``style_lora`` (any diffusers-format LoRA) is checked too; ``fuse`` (folding them into the weights) needs one."""
     info = _inspect(path, transformers)
+    if style_lora is not None:
+        style_weights(style_lora)
     if lora is None:
-        if fuse:
-            raise LoopfreeError("--fuse folds a LoRA student into its base: give --lora")
+        if fuse and style_lora is None:
+            raise LoopfreeError("--fuse folds a LoRA into the model's weights: give --lora or --style-lora")
         return info
     recorded = check_lora(lora)
     try:
@@ -228,13 +231,15 @@ def check_lora(path: str | os.PathLike) -> dict:
 
 
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tiny_vae: str | os.PathLike | None = None,
-                  lora: str | os.PathLike | None = None, fuse: bool = False):
+                  lora: str | os.PathLike | None = None, fuse: bool = False, style_lora: str | os.PathLike | None = None,
+                  style_scale: float = 1.0):
     """Load a local pipeline folder as the matching loop-free pipeline (safetensors only): Stable Diffusion (XL),
     PixArt-α, SD3 or FLUX; ``tiny_vae``: an ``AutoencoderTiny`` folder that decodes instead of the pipeline's VAE
     (fast, approximate); ``lora``: a LoRA student's folder, loaded onto this base (diffusers' ``load_lora_weights``),
-    which then samples as that student (its recorded decoder steps); ``fuse``: folded into the base's weights (no
-    LoRA layers left: as fast as a full student)."""
-    info = inspect_pipeline(path, transformers=True, lora=lora, fuse=fuse)
+    which then samples as that student (its recorded decoder steps); ``style_lora``: any diffusers-format LoRA of the
+    denoiser (a file, or a folder holding ``LORA_WEIGHTS``), loaded beside it at ``style_scale``; ``fuse``: folded
+    into the weights (no LoRA layers left: as fast as a full student)."""
+    info = inspect_pipeline(path, transformers=True, lora=lora, fuse=fuse, style_lora=style_lora)
     tiny = check_tiny_vae(tiny_vae) if tiny_vae is not None else None
     recorded = check_lora(lora) if lora is not None else None
     if info.family in FAMILIES:
@@ -253,13 +258,37 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype | None = None, tin
         raise LoopfreeError(f"cannot load the model in {str(path)!r}: {first}") from None
     if tiny is not None:
         pipe.vae = load_tiny_vae(tiny, dtype or torch.float32)
+    adapters = {}
     if recorded is not None:
-        try:
-            pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise LoopfreeError(f"cannot load the LoRA in {str(lora)!r} onto {str(path)!r}: {first_line(e)}") from None
+        _load_lora(pipe, Path(lora) / LORA_WEIGHTS, STUDENT_ADAPTER, path)
         pipe.use_record(recorded)
+        adapters[STUDENT_ADAPTER] = 1.0
+    if style_lora is not None:
+        _load_lora(pipe, style_weights(style_lora), STYLE_ADAPTER, path)
+        adapters[STYLE_ADAPTER] = style_scale
+    if adapters:
+        pipe.set_adapters(list(adapters), list(adapters.values()))
         if fuse:
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()  # the fused weights stay; the adapter's layers go
+            pipe.fuse_lora(adapter_names=list(adapters))
+            pipe.unload_lora_weights()  # the fused weights stay; the adapters' layers go
     return pipe
+
+
+def _load_lora(pipe, weights: Path, name: str, base: str | os.PathLike) -> None:
+    try:
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise LoopfreeError(f"cannot load the LoRA in {str(weights)!r} onto {str(base)!r}: {first_line(e)}") from None
+
+
+def style_weights(path: str | os.PathLike) -> Path:
+    """The weights file of a diffusers-format LoRA given as a file or a folder holding ``LORA_WEIGHTS`` (not a LoRA
+    student: that is ``--lora``), else a LoopfreeError."""
+    root = Path(path)
+    if (root / SIDECAR).is_file() and (root / LORA_WEIGHTS).is_file():
+        raise LoopfreeError(f"{str(path)!r} is a LoRA student (it records decoder steps): give it as --lora")
+    weights = root / LORA_WEIGHTS if root.is_dir() else root
+    if not weights.is_file() or weights.suffix != ".safetensors":
+        raise LoopfreeError(f"{str(path)!r} is not a LoRA: give a .safetensors file or a folder holding {LORA_WEIGHTS}")
+    check_safetensors(weights)
+    return weights

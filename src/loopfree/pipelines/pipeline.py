@@ -35,6 +35,7 @@ logger = logging.get_logger(__name__)
 
 SIDECAR = "loopfree.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA student's adapter, in diffusers' LoRA format
+STUDENT_ADAPTER, STYLE_ADAPTER = "loop_free", "style"  # the adapters' names: a LoRA student's, a style LoRA's
 BASE_RECORD = "base_sha256"  # a LoRA student's loopfree.json: the hash of the denoiser weights it was distilled on
 DEFAULT_DECODERS = 4  # K when a model records no decoder timesteps (paper: 4)
 DEFAULT_LOOP_STEPS = 50  # DDIM steps of the loop modes (diffusers' default)

@@ -63,7 +63,9 @@ class EngineSpec:
     dtype: torch.dtype
     tiny_vae: Path | None = None  # an AutoencoderTiny folder that decodes for every served model
     lora: Path | None = None  # the student's LoRA (distill --student-lora-rank), on models[0]: its base
-    fuse: bool = False  # the LoRA folded into the base's weights
+    fuse: bool = False  # the LoRAs folded into the weights
+    style_lora: Path | None = None  # any diffusers-format LoRA on the student (a file or a folder)
+    style_scale: float = 1.0  # its weight
 
 
 @dataclass
@@ -78,17 +80,19 @@ class Model:
 
 
 def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str,
-                       tiny_vae: str | Path | None = None, lora: str | Path | None = None, fuse: bool = False) -> EngineSpec:
+                       tiny_vae: str | Path | None = None, lora: str | Path | None = None, fuse: bool = False,
+                       style_lora: str | Path | None = None, style_scale: float = 1.0) -> EngineSpec:
     """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
     another; a given ``model`` gets a teacher only when ``teacher`` names one. With ``lora`` the student is that LoRA
-    student on ``model``, its base, named after the LoRA's folder (``fuse``: folded into its weights)."""
+    student on ``model``, its base, named after the LoRA's folder; ``style_lora`` goes onto the student at ``style_scale``
+    (``fuse``: folded into its weights)."""
     student_path = model_folder(model)
     teacher_path = model_folder(teacher, "teacher") if teacher is not None or model is None else None
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    student = inspect_pipeline(student_path, transformers=True, lora=lora, fuse=fuse)
+    student = inspect_pipeline(student_path, transformers=True, lora=lora, fuse=fuse, style_lora=style_lora)
     models = [(Path(lora or student_path).resolve().name, student)]
     if teacher_path is not None:
         info = inspect_pipeline(teacher_path, transformers=True)
@@ -98,7 +102,8 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
         name = teacher_path.resolve().name
         models.append((name if name != models[0][0] else f"{name}-teacher", info))
     return EngineSpec(models, dev, torch_dtype, check_tiny_vae(tiny_vae) if tiny_vae is not None else None,
-                      Path(lora) if lora is not None else None, fuse)
+                      Path(lora) if lora is not None else None, fuse, Path(style_lora) if style_lora is not None else None,
+                      style_scale)
 
 
 class Engine:
@@ -137,8 +142,8 @@ def load_engine(spec: EngineSpec) -> Engine:
     process pays for kernel set-up; no request should)."""
     models = []
     for i, (name, info) in enumerate(spec.models):
-        lora = spec.lora if i == 0 else None
-        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, lora=lora, fuse=lora is not None and spec.fuse)
+        own = dict(lora=spec.lora, fuse=spec.fuse, style_lora=spec.style_lora, style_scale=spec.style_scale) if i == 0 else {}
+        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, **own)
         pipe.to(spec.device)
         pipe.set_progress_bar_config(disable=True)
         models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))

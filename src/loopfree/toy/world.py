@@ -59,6 +59,26 @@ POSITION_RANGE: dict[str, tuple[float, float]] = {
 #: Range (pixels) of the bounding-box centre y, shared by all classes.
 CY_RANGE = (24.0, 40.0)
 
+#: The worlds images are drawn from: the base world, and a shifted one no teacher saw in training (issue 31's transfer
+#: test) — "sunset": the background warms from top to bottom, to SUNSET_BLEND of the way to SUNSET_RGB at the bottom
+#: edge; shapes and captions unchanged. The blend is as strong as the shipped classifier still reads (0.999 of real
+#: sunset images' shapes at 0.08; at 0.15 it misreads half of them).
+DOMAINS = ("base", "sunset")
+SUNSET_RGB = (255, 128, 0)
+SUNSET_BLEND = 0.08
+
+
+def sunset_blend() -> np.ndarray:
+    """(64,) the sunset domain's blend toward SUNSET_RGB per image row: 0 at the top edge, SUNSET_BLEND at the bottom."""
+    rows = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
+    return np.float32(SUNSET_BLEND) * rows / IMAGE_SIZE
+
+
+def check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise LoopfreeError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+
+
 #: Continuous ground truth carried by every sample, in this column order.
 TRUTH_FIELDS = ("cx", "cy", "size")
 
@@ -167,8 +187,8 @@ def sample_truth(attrs: Attributes, rng: np.random.Generator) -> Truth:
     return Truth(float(cx), float(cy), float(size))
 
 
-def rasterise(attrs: list[Attributes], truth: np.ndarray) -> np.ndarray:
-    """Draw shapes at exact ``truth`` (N, 3) = cx, cy, size as uint8 (N, 64, 64, 3).
+def rasterise(attrs: list[Attributes], truth: np.ndarray, domain: str = "base") -> np.ndarray:
+    """Draw shapes at exact ``truth`` (N, 3) = cx, cy, size as uint8 (N, 64, 64, 3) in ``domain``'s style.
 
     Edges are anti-aliased from the signed distance (pixels) of each pixel centre to the shape:
     coverage = clip(0.5 - distance, 0, 1).
@@ -196,6 +216,9 @@ def rasterise(attrs: list[Attributes], truth: np.ndarray) -> np.ndarray:
     alpha = np.clip(0.5 - distance, 0.0, 1.0)[..., None]
     fg = np.array([COLOUR_RGB[a.colour] for a in attrs], dtype=np.float32)[:, None, None, :]
     bg = np.array([BACKGROUND_RGB[a.background] for a in attrs], dtype=np.float32)[:, None, None, :]
+    check_domain(domain)
+    if domain == "sunset":
+        bg = bg + sunset_blend()[None, :, None, None] * (np.array(SUNSET_RGB, dtype=np.float32) - bg)
     return np.rint(bg + (fg - bg) * alpha).astype(np.uint8)
 
 
@@ -225,24 +248,25 @@ def parse_prompt(prompt: str) -> Attributes:
     return Attributes(**found)
 
 
-def _draw(attrs: list[Attributes], captions: list[str], rng: np.random.Generator) -> ToySample:
+def _draw(attrs: list[Attributes], captions: list[str], rng: np.random.Generator, domain: str = "base") -> ToySample:
     truth = np.array(
         [[t.cx, t.cy, t.size] for t in (sample_truth(a, rng) for a in attrs)], dtype=np.float32
     ).reshape(len(attrs), len(TRUTH_FIELDS))
-    return ToySample(rasterise(attrs, truth), captions, attrs, truth)
+    return ToySample(rasterise(attrs, truth, domain), captions, attrs, truth)
 
 
 class ToyWorld:
-    """An endless seeded stream of captioned images."""
+    """An endless seeded stream of captioned images (of ``domain``: the same stream, drawn in its style)."""
 
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, seed: int, domain: str = "base") -> None:
+        check_domain(domain)
+        self.rng, self.domain = np.random.default_rng(seed), domain
 
     def sample(self, n: int) -> ToySample:
         """The next ``n`` random samples of the stream."""
         attrs = [sample_attributes(self.rng) for _ in range(n)]
         captions = [make_caption(a, self.rng) for a in attrs]
-        return _draw(attrs, captions, self.rng)
+        return _draw(attrs, captions, self.rng, self.domain)
 
 
 def all_attributes() -> list[Attributes]:
@@ -271,7 +295,7 @@ def training_prompts(n: int, exclude: list[str], seed: int = 0) -> list[str]:
     return [make_caption(combos[i], rng) for i in rng.integers(len(combos), size=n)]
 
 
-def render_for_prompt(prompt: str, n: int, seed: int = 0) -> ToySample:
-    """``n`` real images of the attributes ``prompt`` names (jitter drawn from ``seed``)."""
+def render_for_prompt(prompt: str, n: int, seed: int = 0, domain: str = "base") -> ToySample:
+    """``n`` real images of the attributes ``prompt`` names (jitter drawn from ``seed``), drawn in ``domain``."""
     attrs = parse_prompt(prompt)
-    return _draw([attrs] * n, [prompt] * n, np.random.default_rng(seed))
+    return _draw([attrs] * n, [prompt] * n, np.random.default_rng(seed), domain)

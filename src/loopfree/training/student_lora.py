@@ -16,17 +16,15 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from loopfree.method.scores import add_frozen_adapter
 from loopfree.pipelines.files import denoiser_sha256
-from loopfree.pipelines.pipeline import BASE_RECORD, LORA_WEIGHTS, SIDECAR
+from loopfree.pipelines.pipeline import BASE_RECORD, LORA_WEIGHTS, SIDECAR, STUDENT_ADAPTER
 from loopfree.training.config import DistillConfig
 from loopfree.utils.outputs import write_json
 
-STUDENT = "loop_free"  # the student's adapter name
 
 
 def student_lora(cfg: DistillConfig) -> LoraConfig:
@@ -38,31 +36,33 @@ def student_lora(cfg: DistillConfig) -> LoraConfig:
 def add_student_lora(model: torch.nn.Module, cfg: DistillConfig, weight_dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """Freeze ``model`` (in ``weight_dtype``) and give it the student's adapter in float32; the adapter's parameters.
     A fresh adapter changes nothing (its B is zero): the student starts as the teacher."""
-    return add_frozen_adapter(model, student_lora(cfg), STUDENT, weight_dtype)
+    return add_frozen_adapter(model, student_lora(cfg), STUDENT_ADAPTER, weight_dtype)
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The student adapter's weights (peft's names)."""
-    return get_peft_model_state_dict(model, adapter_name=STUDENT)
+    return get_peft_model_state_dict(model, adapter_name=STUDENT_ADAPTER)
 
 
 def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_peft_model_state_dict(model, state, adapter_name=STUDENT)
+    set_peft_model_state_dict(model, state, adapter_name=STUDENT_ADAPTER)
 
 
-def save_student_lora(pipeline_class: type, model: torch.nn.Module, out: Path) -> None:
-    """``model``'s student adapter into ``out`` (``LORA_WEIGHTS``) as ``pipeline_class.save_lora_weights`` writes it (its
+def save_lora(pipeline_class: type, model: torch.nn.Module, out: Path, adapter: str = STUDENT_ADAPTER) -> None:
+    """``model``'s ``adapter`` into ``out`` (``LORA_WEIGHTS``) as ``pipeline_class.save_lora_weights`` writes it (its
     LoraConfig as the file's metadata, so alpha comes back on loading)."""
-    config = model.peft_config[STUDENT].to_dict()
+    config = model.peft_config[adapter].to_dict()
     config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    layers = convert_state_dict_to_diffusers(adapter_state(model))
+    # peft's own key names, which diffusers loads as they are: its convert_state_dict_to_diffusers renames only the
+    # attention projections, and a file mixing both namings loses those on loading
+    layers = get_peft_model_state_dict(model, adapter_name=adapter)
     kind = "transformer" if hasattr(model, "transformer_blocks") else "unet"
     pipeline_class.save_lora_weights(str(out), **{f"{kind}_lora_layers": layers, f"{kind}_lora_adapter_metadata": config},
-                                     safe_serialization=True)
+                                     weight_name=LORA_WEIGHTS, safe_serialization=True)
 
 
 def publish_student_lora(pipe, out: Path, base: str) -> None:
     """The student pipeline ``pipe``'s adapter into ``out`` (``LORA_WEIGHTS``) and its record, ``loopfree.json``: the
     decoder steps, and the base it was distilled on (its folder and the hash of its denoiser's weights)."""
-    save_student_lora(type(pipe), pipe.denoiser, out)
+    save_lora(type(pipe), pipe.denoiser, out)
     write_json(out / SIDECAR, {**pipe.record(), "lora_base": os.path.abspath(base), BASE_RECORD: denoiser_sha256(base)})

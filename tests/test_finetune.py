@@ -1,0 +1,124 @@
+"""The shifted toy domain (sunset), the teacher's fine-tune on it (the whole UNet or a style LoRA), and style LoRAs
+loaded onto a student at generate / eval / serve time with a scale."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from loopfree.cli import main
+from loopfree.demo.demo import RowScorer
+from loopfree.demo.finetune import FineTuneConfig, fine_tune
+from loopfree.evaluation.toy import sunset_style
+from loopfree.pipelines.loading import load_pipeline, style_weights
+from loopfree.toy.assets import bundled
+from loopfree.toy.world import BACKGROUND_RGB, SUNSET_BLEND, SUNSET_RGB, ToyWorld, heldout_prompts
+from loopfree.utils.errors import LoopfreeError
+
+PROMPT = "a small red circle in the centre of a white image"
+
+
+def test_the_sunset_domain_draws_the_same_stream_with_a_warming_background():
+    base, sunset = ToyWorld(3).sample(64), ToyWorld(3, "sunset").sample(64)
+    assert base.captions == sunset.captions and np.array_equal(base.truth, sunset.truth)
+    for image, attrs in zip(sunset.images, sunset.attrs):  # bottom-left pixel, hand computed
+        bg = np.array(BACKGROUND_RGB[attrs.background], dtype=float)
+        blend = SUNSET_BLEND * 63.5 / 64
+        assert np.abs(image[63, 0] - np.rint(bg + blend * (np.array(SUNSET_RGB) - bg))).max() <= 1
+    inside = np.all(base.images == sunset.images, axis=-1)  # the shapes' own pixels are unchanged
+    assert inside.mean() > 0.05
+    assert sunset_style(base.images) == 0.0 and abs(sunset_style(sunset.images) - 1.0) < 0.02
+    with pytest.raises(LoopfreeError, match="domain must be one of base, sunset"):
+        ToyWorld(0, "dusk")
+
+
+def test_a_sunset_scorer_scores_against_sunset_images():
+    pool = heldout_prompts(8)
+    scorer = RowScorer(pool, 4, 4, 0, 64, "sunset")
+    real = [ToyWorld(1, "sunset").sample(1).images[0]] * 16
+    assert abs(scorer.scores(np.stack(real), ("fid",))["style"] - 1.0) < 0.05  # one image: uint8 rounding of a 20-level rise
+    assert "style" not in RowScorer(pool, 4, 4, 0, 64).scores(np.stack(real), ("fid",))
+
+
+@pytest.fixture(scope="module")
+def style(tmp_path_factory):
+    """A style LoRA of the bundled teacher: three steps on sunset images."""
+    out = tmp_path_factory.mktemp("style")
+    return fine_tune(FineTuneConfig(out=str(out), steps=3, batch=2, lora_rank=2, lr=1e-2))
+
+
+def test_a_full_fine_tune_is_a_teacher_folder_and_leaves_the_bundled_teacher_alone(tmp_path):
+    teacher_before = load_file(bundled("teacher") / "unet" / "diffusion_pytorch_model.safetensors")
+    result = fine_tune(FineTuneConfig(out=str(tmp_path / "ft"), steps=2, batch=2))
+    tuned = load_file(result / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(tuned[k], teacher_before[k]) for k in tuned)
+    after = load_file(bundled("teacher") / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in teacher_before.items())
+    pipe = load_pipeline(result)  # a teacher folder like any other
+    assert pipe(PROMPT, num_inference_steps=2, mode="loop", output_type="pt").images.shape == (1, 3, 64, 64)
+    record = json.loads((tmp_path / "ft" / "fine_tune.json").read_text())
+    assert record["done"] and record["steps"] == 2
+    with pytest.raises(LoopfreeError, match="holds a fine-tune with other settings"):
+        fine_tune(FineTuneConfig(out=str(tmp_path / "ft"), steps=3, batch=2))
+    with pytest.raises(LoopfreeError, match="base is the world the teacher was trained on"):
+        FineTuneConfig(out=str(tmp_path / "x"), domain="base")
+
+
+def _one_pass(pipe, seed: int = 0) -> torch.Tensor:
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return pipe(PROMPT, latents=latents, output_type="latent").images
+
+
+def test_a_style_lora_loads_in_plain_diffusers_and_onto_a_student_with_a_scale(style):
+    teacher = str(bundled("teacher"))
+    plain = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None, requires_safety_checker=False)
+    before = plain.unet.conv_in.weight.clone()
+    plain.load_lora_weights(str(style))  # diffusers' own format: a plain pipeline takes it
+    assert torch.equal(plain.unet.conv_in.weight, before) and plain.get_active_adapters()
+
+    student = str(bundled("student"))
+    bare = _one_pass(load_pipeline(student))
+    off = _one_pass(load_pipeline(student, style_lora=style, style_scale=0.0))
+    half, full = (_one_pass(load_pipeline(student, style_lora=style, style_scale=s)) for s in (0.5, 1.0))
+    assert torch.allclose(off, bare, atol=1e-4)  # a conv LoRA takes the plain (unhoisted) decoders: float rounding
+    assert not torch.allclose(full, bare, atol=1e-4) and not torch.allclose(half, full, atol=1e-4)
+    fused = _one_pass(load_pipeline(student, style_lora=style / "pytorch_lora_weights.safetensors", style_scale=0.5, fuse=True))
+    assert torch.allclose(fused, half, atol=1e-4)  # folded at its scale: the same pass
+
+
+def test_style_lora_refusals(style, tmp_path):
+    with pytest.raises(LoopfreeError, match="is not a LoRA"):
+        style_weights(tmp_path)
+    record = tmp_path / "run"
+    record.mkdir()
+    (record / "pytorch_lora_weights.safetensors").write_bytes((style / "pytorch_lora_weights.safetensors").read_bytes())
+    (record / "loopfree.json").write_text("{}")
+    with pytest.raises(LoopfreeError, match="is a LoRA student .*give it as --lora"):
+        style_weights(record)
+    r = CliRunner().invoke(main, ["generate", PROMPT, "--out", str(tmp_path / "g"), "--fuse"])
+    assert r.exit_code == 2 and "give --lora or --style-lora" in r.output and not (tmp_path / "g").exists()
+
+
+def test_generate_eval_and_serve_take_a_style_lora(style, tmp_path):
+    r = CliRunner().invoke(main, ["generate", PROMPT, "--out", str(tmp_path / "g"), "--style-lora", str(style), "--style-scale", "0.5"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads((tmp_path / "g" / "generate.json").read_text())
+    assert settings["style_lora"] == str(style.resolve()) and settings["style_scale"] == 0.5
+
+    from loopfree.serve.engine import check_serve_models
+
+    spec = check_serve_models(None, None, "cpu", "fp32", style_lora=style, style_scale=0.5)
+    assert spec.style_lora == style and spec.style_scale == 0.5
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(heldout_prompts(2)) + "\n")
+    r = CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "e"), "--prompts", str(prompts), "--num-prompts", "2",
+                                  "--images-per-prompt", "1", "--metrics", "alignment", "--features", "toy",
+                                  "--style-lora", str(style)])
+    assert r.exit_code == 0, r.output
+    identity = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "style_lora" in json.dumps(identity)
