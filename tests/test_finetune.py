@@ -1,4 +1,4 @@
-"""The shifted toy domain (sunset), the teacher's fine-tune on it (the whole UNet or a style LoRA), and style LoRAs
+"""The shifted toy domain (night), the teacher's fine-tune on it (the whole UNet or a style LoRA), and style LoRAs
 loaded onto a student at generate / eval / serve time with a scale."""
 
 import json
@@ -13,40 +13,44 @@ from safetensors.torch import load_file
 from loopfree.cli import main
 from loopfree.demo.demo import RowScorer
 from loopfree.demo.finetune import FineTuneConfig, fine_tune
-from loopfree.evaluation.toy import sunset_style
 from loopfree.pipelines.loading import load_pipeline, style_weights
 from loopfree.toy.assets import bundled
-from loopfree.toy.world import BACKGROUND_RGB, SUNSET_BLEND, SUNSET_RGB, ToyWorld, heldout_prompts
+from loopfree.toy.world import BACKGROUND_RGB, ToyWorld, heldout_prompts, parse_prompt, render_for_prompt, shown
 from loopfree.utils.errors import LoopfreeError
 
 PROMPT = "a small red circle in the centre of a white image"
 
 
-def test_the_sunset_domain_draws_the_same_stream_with_a_warming_background():
-    base, sunset = ToyWorld(3).sample(64), ToyWorld(3, "sunset").sample(64)
-    assert base.captions == sunset.captions and np.array_equal(base.truth, sunset.truth)
-    for image, attrs in zip(sunset.images, sunset.attrs):  # bottom-left pixel, hand computed
-        bg = np.array(BACKGROUND_RGB[attrs.background], dtype=float)
-        blend = SUNSET_BLEND * 63.5 / 64
-        assert np.abs(image[63, 0] - np.rint(bg + blend * (np.array(SUNSET_RGB) - bg))).max() <= 1
-    inside = np.all(base.images == sunset.images, axis=-1)  # the shapes' own pixels are unchanged
-    assert inside.mean() > 0.05
-    assert sunset_style(base.images) == 0.0 and abs(sunset_style(sunset.images) - 1.0) < 0.02
-    with pytest.raises(LoopfreeError, match="domain must be one of base, sunset"):
+def test_the_night_domain_draws_the_same_stream_on_black():
+    base, night = ToyWorld(3).sample(64), ToyWorld(3, "night").sample(64)
+    assert base.captions == night.captions and np.array_equal(base.truth, night.truth)
+    assert np.all(night.images[:, 0, 0] == BACKGROUND_RGB["black"])  # a corner: background in every toy image
+    black = np.array([a.background == "black" for a in base.attrs])
+    assert np.array_equal(base.images[black], night.images[black]) and black.any() and not black.all()
+    assert shown(base.attrs[0], "night").background == "black" and shown(base.attrs[0]) == base.attrs[0]
+    with pytest.raises(LoopfreeError, match="domain must be one of base, night"):
         ToyWorld(0, "dusk")
 
 
-def test_a_sunset_scorer_scores_against_sunset_images():
-    pool = heldout_prompts(8)
-    scorer = RowScorer(pool, 4, 4, 0, 64, "sunset")
-    real = [ToyWorld(1, "sunset").sample(1).images[0]] * 16
-    assert abs(scorer.scores(np.stack(real), ("fid",))["style"] - 1.0) < 0.05  # one image: uint8 rounding of a 20-level rise
-    assert "style" not in RowScorer(pool, 4, 4, 0, 64).scores(np.stack(real), ("fid",))
+def test_night_scores_read_alignment_to_what_the_domain_shows_and_its_style():
+    from loopfree.evaluation.toy import ToyExtractor, toy_scores
+
+    prompts = [p for p in heldout_prompts(24)]
+    extractor = ToyExtractor()
+    night = np.stack([render_for_prompt(p, 1, i, "night").images[0] for i, p in enumerate(prompts)])
+    base = np.stack([render_for_prompt(p, 1, i).images[0] for i, p in enumerate(prompts)])
+    on_night, on_base = (toy_scores(extractor(images), prompts, domain="night") for images in (night, base))
+    assert on_night["alignment"] == 1.0 and on_night["style"] == 1.0  # real night images: what the domain shows
+    changed = [parse_prompt(p).background != "black" for p in prompts]
+    assert on_base["style"] == 0.0 and on_base["alignment"] == pytest.approx(1 - np.mean(changed))
+    assert toy_scores(extractor(base), prompts)["alignment"] == 1.0 and "style" not in toy_scores(extractor(base), prompts)
+    scorer = RowScorer(heldout_prompts(8), 4, 4, 0, 64, "night")  # its fd is against night images
+    assert scorer.scores(np.stack([night[0]] * 16), ("fid",))["style"] == 1.0  # a black background for every job
 
 
 @pytest.fixture(scope="module")
 def style(tmp_path_factory):
-    """A style LoRA of the bundled teacher: three steps on sunset images."""
+    """A style LoRA of the bundled teacher: three steps on night images."""
     out = tmp_path_factory.mktemp("style")
     return fine_tune(FineTuneConfig(out=str(out), steps=3, batch=2, lora_rank=2, lr=1e-2))
 

@@ -2,7 +2,7 @@
 
     loopfree toy train-teacher --out runs/teacher
     loopfree toy train-teacher --arch mmdit --out runs/teacher-mmdit
-    loopfree toy fine-tune --domain sunset --out runs/sunset
+    loopfree toy fine-tune --domain night --out runs/night
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def train_teacher(out, arch, vae_steps, max_steps, minutes, batch_size, lr, prob
 @toy.command("fine-tune")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if it holds checkpoints).")
 @click.option("--teacher", type=click.Path(), default=None, help="The toy UNet teacher's pipeline folder (default: the bundled one).")
-@click.option("--domain", type=click.Choice(["sunset"]), default="sunset", show_default=True,
-              help="The shifted domain: sunset (the background warms toward orange from top to bottom).")
+@click.option("--domain", type=click.Choice(["night"]), default="night", show_default=True,
+              help="The shifted domain: night (every background black, whatever the caption names).")
 @click.option("--max-steps", type=click.IntRange(1, None), default=1000, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(1, None), default=32, show_default=True, help="Images per step.")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,

@@ -46,7 +46,7 @@ from loopfree.pipelines.pipeline import LORA_WEIGHTS
 from loopfree.utils.outputs import OutputFolder, save_image, write_atomic, write_json
 from loopfree.toy.assets import bundled
 from loopfree.demo.curves import plot_curves, seed_curves
-from loopfree.evaluation.toy import ToyExtractor, real_reference, sunset_style, toy_scores
+from loopfree.evaluation.toy import ToyExtractor, real_reference, toy_scores
 from loopfree.toy.settings import DEMO_BUDGET, EVAL_POOL, MMDIT_DISTILL, STUDENTS, TEACHER_ARCHS, TOY_DISTILL, DemoConfig
 from loopfree.toy.world import heldout_prompts, parse_prompt, training_prompts
 from loopfree.training.pairs import prepare_teacher_pairs
@@ -190,8 +190,7 @@ class RowScorer:
             self._reference = extractor, extractor.outputs(real_reference(self.aligned, self.seed, self.domain))
         extractor, real = self._reference
         fake = extractor(images)
-        style = {"style": sunset_style(images)} if self.domain == "sunset" else {}  # the shifted domain's own score
-        return {**toy_scores(fake, self.aligned, real), **distribution_scores(real["features"], fake["features"], metrics), **style}
+        return {**toy_scores(fake, self.aligned, real, self.domain), **distribution_scores(real["features"], fake["features"], metrics)}
 
     def row(self, pipe, sampling: Sampling) -> tuple[dict[str, float], np.ndarray]:
         """A table row's scores (with the UNet's ms per image) and its images."""

@@ -3,8 +3,8 @@ with min-SNR weights and empty-prompt dropout, :mod:`loopfree.demo.teacher`) on 
 encoder and the autoencoder stay frozen. The whole UNet gives a fine-tuned teacher — a pipeline folder, as a
 community fine-tune of SD2.1 is — and ``lora_rank`` a style LoRA in diffusers' format instead::
 
-    loopfree toy fine-tune --domain sunset --out runs/sunset                    # OUT/pipeline: the fine-tuned teacher
-    loopfree toy fine-tune --domain sunset --out runs/sunset-lora --lora-rank 8  # OUT/pytorch_lora_weights.safetensors
+    loopfree toy fine-tune --domain night --out runs/night                    # OUT/pipeline: the fine-tuned teacher
+    loopfree toy fine-tune --domain night --out runs/night-lora --lora-rank 8  # OUT/pytorch_lora_weights.safetensors
 
 The run checkpoints into ``OUT/checkpoints`` and resumes (:class:`~loopfree.demo.run.TrainingRun`); each step's images,
 captions, timesteps and noise come from the seed and the step, so a resumed run draws what an unbroken one would.
@@ -44,7 +44,7 @@ class FineTuneConfig:
 
     out: str  # run folder (resumed if it holds checkpoints)
     teacher: str | None = None  # the teacher pipeline folder (default: the bundled toy teacher)
-    domain: str = "sunset"  # the shifted domain (loopfree.toy.world.DOMAINS)
+    domain: str = "night"  # the shifted domain (loopfree.toy.world.DOMAINS)
     steps: int = 1000  # optimiser steps
     batch: int = 32  # images per step (the teacher's batch)
     lr: float | None = None  # peak learning rate, cosine to 0 (default: 1e-4 whole UNet, 1e-3 LoRA)

@@ -19,7 +19,7 @@ from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.features import file_sha256
 from loopfree.evaluation.scores import distribution_scores
 from loopfree.toy.classifier import Prediction, ToyClassifier, default_path, load_classifier, matches
-from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, sunset_blend, to_tensor
+from loopfree.toy.world import ATTRIBUTES, BACKGROUNDS, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, shown, to_tensor
 
 
 def real_reference(prompts: list[str], seed: int = 0, domain: str = "base") -> torch.Tensor:
@@ -32,20 +32,6 @@ def real_reference(prompts: list[str], seed: int = 0, domain: str = "base") -> t
         rows = [i for i, p in enumerate(prompts) if p == prompt]
         reference[rows] = render_for_prompt(prompt, len(rows), int(prompt_seed), domain).tensor()
     return reference
-
-
-#: The image rows the sunset style is read from: background in every toy image (shapes span rows 7 to 57).
-TOP_ROWS, BOTTOM_ROWS = slice(0, 5), slice(IMAGE_SIZE - 5, IMAGE_SIZE)
-
-
-def sunset_style(images: np.ndarray) -> float:
-    """How much of the sunset domain's background fade uint8 images (N, 64, 64, 3) show, on average: the rise of
-    R − B from the top rows to the bottom rows as a fraction of the rise the domain draws (255 × its blend there) —
-    0 for the base world's images, 1 for the sunset domain's."""
-    red_minus_blue = images[..., 0].astype(np.float64) - images[..., 2].astype(np.float64)
-    rise = red_minus_blue[:, BOTTOM_ROWS].mean(axis=(1, 2)) - red_minus_blue[:, TOP_ROWS].mean(axis=(1, 2))
-    blend = sunset_blend()
-    return float(rise.mean() / (255.0 * (blend[BOTTOM_ROWS].mean() - blend[TOP_ROWS].mean())))
 
 
 class ToyExtractor:
@@ -85,15 +71,22 @@ def _diversity(prediction: Prediction, prompts: list[str], prefix: str) -> dict[
     return scores
 
 
-def toy_scores(outputs: dict[str, np.ndarray], prompts: list[str], real_outputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+def toy_scores(outputs: dict[str, np.ndarray], prompts: list[str], real_outputs: dict[str, np.ndarray] | None = None,
+               domain: str = "base") -> dict[str, float]:
     """Alignment, per-attribute accuracy and diversity of images (``outputs`` of :class:`ToyExtractor`, image i
-    generated for ``prompts[i]``); the real images' diversity too if ``real_outputs`` are aligned with ``prompts``."""
+    generated for ``prompts[i]``); the real images' diversity too if ``real_outputs`` are aligned with ``prompts``.
+    In a shifted ``domain`` the attributes are those its images show for the prompt, and ``style`` is the fraction of
+    the images the shift changes (night: prompts naming a white or gray background) that show it."""
     if len(prompts) != len(outputs["features"]):
         raise LoopfreeError(f"{len(outputs['features'])} images but {len(prompts)} prompts")
     parsed = {p: parse_prompt(p) for p in dict.fromkeys(prompts)}
     prediction = _prediction(outputs)
-    hits = matches(prediction, [parsed[p] for p in prompts])
+    hits = matches(prediction, [shown(parsed[p], domain) for p in prompts])
     scores = {"alignment": float(np.all(list(hits.values()), axis=0).mean())}
+    if domain != "base":
+        changed = np.array([shown(parsed[p], domain) != parsed[p] for p in prompts])
+        black = prediction.labels["background"] == BACKGROUNDS.index("black")
+        scores["style"] = float(black[changed].mean()) if changed.any() else float("nan")
     scores.update({f"accuracy_{name}": float(h.mean()) for name, h in hits.items()})
     scores.update(_diversity(prediction, prompts, "diversity"))
     if real_outputs is not None:
