@@ -74,7 +74,7 @@ class DistillConfig:
     )
     student_lora_rank: int | None = _opt(
         "TiUE as a LoRA: the student is the frozen teacher plus a LoRA of this rank, published in diffusers' LoRA format "
-        "(default: a full student, the paper's)", None, check=_AT_LEAST_1)
+        "(default: a full student, the paper's); give it a LoRA's --lr-student (the toy study's: 1e-3)", None, check=_AT_LEAST_1)
     student_lora_alpha: float | None = _opt("LoRA alpha of the student's adapter (default: its rank)", None, check=_POSITIVE)
     student_lora_targets: list[str] | None = _opt("layers given the student's LoRA, comma-separated (default: --lora-targets)", None)
     steps: int = _opt("K, the TiUE student's decoder timesteps (its sampling steps; paper: 4)", 4, check=_AT_LEAST_1)
