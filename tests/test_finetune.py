@@ -126,3 +126,26 @@ def test_generate_eval_and_serve_take_a_style_lora(style, tmp_path):
     assert r.exit_code == 0, r.output
     identity = json.loads((tmp_path / "e" / "results.json").read_text())
     assert "style_lora" in json.dumps(identity)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_fine_tunes_loss_is_the_teachers_for_its_prediction_type(prediction_type):
+    """One loss for the teacher and its fine-tunes: zero exactly when the UNet predicts its scheduler's target (a
+    v-prediction teacher's fine-tune once regressed onto ε), min-SNR weighted as a hand computation gives."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from loopfree.demo.teacher import SCHEDULER_CONFIG, denoising_loss, min_snr_weights
+
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction_type)
+    z, noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
+    weights = min_snr_weights(scheduler, 5.0)
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    assert torch.allclose(weights, snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1))
+    exact = lambda x, t, text: SimpleNamespace(sample=target)  # noqa: E731
+    off = lambda x, t, text: SimpleNamespace(sample=target + 1.0)  # noqa: E731
+    assert denoising_loss(exact, scheduler, weights, z, noise, t, None) == 0
+    assert torch.isclose(denoising_loss(off, scheduler, weights, z, noise, t, None), weights[t].mean())

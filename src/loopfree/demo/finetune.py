@@ -1,6 +1,6 @@
-"""Fine-tune the toy teacher on a shifted toy domain (issue 31's transfer test): the teacher's own loss (ε-prediction
-with min-SNR weights and empty-prompt dropout, :mod:`loopfree.demo.teacher`) on fresh images of the domain; the text
-encoder and the autoencoder stay frozen. The whole UNet gives a fine-tuned teacher — a pipeline folder, as a
+"""Fine-tune the toy teacher on a shifted toy domain (issue 31's transfer test): the teacher's own loss (ε or v, as its
+scheduler predicts, with min-SNR weights and empty-prompt dropout: :mod:`loopfree.demo.teacher`) on fresh images of the
+domain; the text encoder and the autoencoder stay frozen. The whole UNet gives a fine-tuned teacher — a pipeline folder, as a
 community fine-tune of SD2.1 is — and ``lora_rank`` a style LoRA in diffusers' format instead::
 
     loopfree toy fine-tune --domain night --out runs/night                    # OUT/pipeline: the fine-tuned teacher
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from peft import LoraConfig
 
-from loopfree.demo.run import TrainingRun
-from loopfree.demo.teacher import save_teacher
+from loopfree.demo.run import TrainingRun, clipped_step
+from loopfree.demo.teacher import denoising_loss, min_snr_weights, save_teacher
 from loopfree.pipelines.files import read_json
 from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
 from loopfree.pipelines.pipeline import STYLE_ADAPTER
@@ -95,9 +95,7 @@ def _fine_tune(cfg: FineTuneConfig) -> Path:
     lr = cfg.lr or (1e-4 if cfg.lora_rank is None else 1e-3)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1.0 - alphas)
-    weights = snr.clamp(max=cfg.snr_gamma) / snr  # ε-prediction's min-SNR weights (the teacher's loss)
+    weights = min_snr_weights(scheduler, cfg.snr_gamma)
     tokenizer = pipe.tokenizer
 
     def step(i: int) -> float:
@@ -112,14 +110,7 @@ def _fine_tune(cfg: FineTuneConfig) -> Path:
             text = pipe.text_encoder(ids)[0]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
-        pred = unet(scheduler.add_noise(z, noise, t), t, text).sample
-        loss = (weights[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay.step()
-        return loss.item()
+        return clipped_step(denoising_loss(unet, scheduler, weights, z, noise, t, text), optimizer, params, decay)
 
     run = TrainingRun(out, cfg.checkpoint_minutes)
     write_json(saved, {"settings": settings, "done": False})

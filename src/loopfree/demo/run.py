@@ -18,11 +18,23 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+import torch
 from tqdm.auto import tqdm
 
 from loopfree.utils.safestate import load_state, save_state
 
 logger = logging.getLogger(__name__)
+
+
+def clipped_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, schedule, max_norm: float = 1.0) -> float:
+    """One optimiser step on ``loss``: the gradients of ``params`` clipped to a total norm of ``max_norm``, then
+    ``schedule`` (a learning-rate scheduler) advanced; the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
 
 
 class _Stateful(Protocol):

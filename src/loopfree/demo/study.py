@@ -166,16 +166,14 @@ def _score(plan: StudyPlan, lock: dict, root: Path, teacher_path: str, sampler: 
         rows.append({**summarise(f"teacher {steps}-step {sampler}", [scores]), "train_minutes": None})
     for name, row in plan.sampled.items():
         hashes = lock["sampled"][name]["sha256"]
-        items = sampled_items(row)
+        mode, scale = row.get("mode", "loop_free"), row.get("style_scale", 1.0)
+        guidance = plan.guidance if mode == "loop" else 1.0
         runs = []
-        for item, sha in zip(items, hashes if isinstance(hashes, list) else [hashes]):
-            mode = row.get("mode", "loop_free")
-            key = settings_key(sha, row["steps"], *([row.get("style_scale", 1.0)] if item["style_lora"] else []),
-                               *([mode, plan.guidance] if mode == "loop" else []))  # as before for the rows that had no choice
-            adapters = dict(lora=item["lora"], style_lora=item["style_lora"], style_scale=row.get("style_scale", 1.0))
-            guidance = plan.guidance if mode == "loop" else 1.0
-            runs.append(_cached(root / "scores" / f"sampled-{name}-{key}.json",
-                                lambda: scored(item["model"], mode, row["steps"], guidance, **adapters)))
+        for item, sha in zip(sampled_items(row), hashes if isinstance(hashes, list) else [hashes]):
+            key = settings_key(sha, row["steps"], *([scale] if item["style_lora"] else []),
+                               *([mode, guidance] if mode == "loop" else []))  # as before for the rows that had no choice
+            runs.append(_cached(root / "scores" / f"sampled-{name}-{key}.json", lambda: scored(
+                item["model"], mode, row["steps"], guidance, lora=item["lora"], style_lora=item["style_lora"], style_scale=scale)))
         rows.append({**summarise(name, runs), "train_minutes": None, "settings": row})
     for name, group in configs.items():
         runs = []

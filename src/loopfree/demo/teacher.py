@@ -40,7 +40,7 @@ from loopfree.pipelines.pipeline import LoopFreePipeline
 from loopfree.utils.seeding import derive_seed
 from loopfree.toy.classifier import load_classifier, matches
 from loopfree.evaluation.toy import evaluate_images
-from loopfree.demo.run import TrainingRun
+from loopfree.demo.run import TrainingRun, clipped_step
 from loopfree.toy.settings import MMDiTTeacherConfig, TeacherConfig
 from loopfree.toy.tokenizer import build_tokenizer
 from loopfree.toy.world import IMAGE_SIZE, Attributes, ToyWorld, heldout_prompts, make_caption, parse_prompt
@@ -125,6 +125,25 @@ def make_scheduler(config: TeacherConfig) -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULER_CONFIG, prediction_type=config.prediction_type)
 
 
+def min_snr_weights(scheduler: DDIMScheduler, gamma: float) -> torch.Tensor:
+    """Per-timestep min-SNR-γ loss weights (ε-prediction: min(SNR, γ) / SNR; v: min(SNR, γ) / (SNR + 1)); ones for γ = 0."""
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1.0 - alphas)
+    if gamma <= 0:
+        return torch.ones_like(snr)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1.0)
+
+
+def denoising_loss(unet: UNet2DConditionModel, scheduler: DDIMScheduler, weights: torch.Tensor, z: torch.Tensor,
+                   noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The teacher's loss: the ``weights[t]``-weighted MSE of the UNet's prediction of ε or v (its scheduler's
+    prediction type) on ``z`` noised with ``noise`` at ``t``."""
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
+    pred = unet(scheduler.add_noise(z, noise, t), t, text).sample
+    return (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
 def check_size(config: TeacherConfig, tokenizer: CLIPTokenizer) -> float:
     """MB of the teacher's weights; an error if they exceed ``max_megabytes``."""
     if IMAGE_SIZE % 2 ** (len(config.vae_channels) - 1):
@@ -154,13 +173,7 @@ def train_vae(run: TrainingRun, cfg: TeacherConfig) -> AutoencoderKL:
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(torch.Generator().manual_seed(derive_seed(cfg.seed, 2, i, bits=32)))).sample
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - posterior.logvar - 1.0).mean()
-        loss = F.mse_loss(recon, images) + cfg.vae_kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        decay.step()
-        return loss.item()
+        return clipped_step(F.mse_loss(recon, images) + cfg.vae_kl_weight * kl, optimizer, vae.parameters(), decay)
 
     run.train("vae", cfg.vae_steps, step, state)
     vae.eval().requires_grad_(False)
@@ -218,12 +231,7 @@ def train_denoiser(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL, tok
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     ema = EMAModel(params, decay=cfg.ema_decay)
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1.0 - alphas)
-    weights = torch.ones_like(snr)
-    if cfg.snr_gamma > 0:
-        clipped = snr.clamp(max=cfg.snr_gamma)
-        weights = clipped / snr if cfg.prediction_type == "epsilon" else clipped / (snr + 1.0)
+    weights = min_snr_weights(scheduler, cfg.snr_gamma)
 
     def step(i: int) -> float:
         rng = np.random.default_rng(derive_seed(cfg.seed, 5, i, bits=32))
@@ -235,16 +243,9 @@ def train_denoiser(run: TrainingRun, cfg: TeacherConfig, vae: AutoencoderKL, tok
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, 6, i, bits=32))
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=g)
         noise = torch.randn(z.shape, generator=g)
-        target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(z, noise, t)
-        pred = unet(scheduler.add_noise(z, noise, t), t, text_encoder(ids)[0]).sample
-        loss = (weights[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        warmup.step()
+        loss = clipped_step(denoising_loss(unet, scheduler, weights, z, noise, t, text_encoder(ids)[0]), optimizer, params, warmup)
         ema.step(params)
-        return loss.item()
+        return loss
 
     def draw(prompts: list[str]) -> torch.Tensor:
         unet.eval()

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from loopfree.demo.run import TrainingRun
+from loopfree.demo.run import TrainingRun, clipped_step
 from loopfree.demo.teacher import _megabytes, attribute_probe, encode_cache, evaluate_guidance, save_teacher
 from loopfree.method.repeated_tokens import use_repeated_tokens
 from loopfree.toy.assets import bundled
@@ -132,14 +132,9 @@ def train_transformer(run: TrainingRun, cfg: MMDiTTeacherConfig, pipe: StableDif
         context, pooled = encode(encoders, ids)
         v = model((1 - s) * z + s * noise, encoder_hidden_states=context, pooled_projections=pooled,
                   timestep=sigma * 1000, joint_attention_kwargs={"repeats": cfg.context_rows}).sample
-        loss = F.mse_loss(v, noise - z)  # rectified flow: the velocity dx/dσ = ε − z
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        warmup.step()
+        loss = clipped_step(F.mse_loss(v, noise - z), optimizer, params, warmup)  # rectified flow: the velocity dx/dσ = ε − z
         ema.step(params)
-        return loss.item()
+        return loss
 
     probe = attribute_probe(run, cfg, ema, params, lambda prompts: sample(
         pipe, prompts, 1, cfg.probe_steps, cfg.guidance_scales[0], cfg.seed, cfg.context_rows))

@@ -19,7 +19,7 @@ from loopfree.utils.errors import LoopfreeError
 from loopfree.evaluation.features import file_sha256
 from loopfree.evaluation.scores import distribution_scores
 from loopfree.toy.classifier import Prediction, ToyClassifier, default_path, load_classifier, matches
-from loopfree.toy.world import ATTRIBUTES, BACKGROUNDS, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, shown, to_tensor
+from loopfree.toy.world import ATTRIBUTES, IMAGE_SIZE, TRUTH_FIELDS, parse_prompt, render_for_prompt, shown, to_tensor
 
 
 def real_reference(prompts: list[str], seed: int = 0, domain: str = "base") -> torch.Tensor:
@@ -76,17 +76,18 @@ def toy_scores(outputs: dict[str, np.ndarray], prompts: list[str], real_outputs:
     """Alignment, per-attribute accuracy and diversity of images (``outputs`` of :class:`ToyExtractor`, image i
     generated for ``prompts[i]``); the real images' diversity too if ``real_outputs`` are aligned with ``prompts``.
     In a shifted ``domain`` the attributes are those its images show for the prompt, and ``style`` is the fraction of
-    the images the shift changes (night: prompts naming a white or gray background) that show it."""
+    the images the shift changes (night: prompts naming a white or gray background) that show the change."""
     if len(prompts) != len(outputs["features"]):
         raise LoopfreeError(f"{len(outputs['features'])} images but {len(prompts)} prompts")
     parsed = {p: parse_prompt(p) for p in dict.fromkeys(prompts)}
+    expected = {p: shown(a, domain) for p, a in parsed.items()}
     prediction = _prediction(outputs)
-    hits = matches(prediction, [shown(parsed[p], domain) for p in prompts])
+    hits = matches(prediction, [expected[p] for p in prompts])
     scores = {"alignment": float(np.all(list(hits.values()), axis=0).mean())}
-    if domain != "base":
-        changed = np.array([shown(parsed[p], domain) != parsed[p] for p in prompts])
-        black = prediction.labels["background"] == BACKGROUNDS.index("black")
-        scores["style"] = float(black[changed].mean()) if changed.any() else float("nan")
+    if domain != "base":  # per changed image: does it show every attribute the domain changed?
+        moved = [[n for n in ATTRIBUTES if getattr(expected[p], n) != getattr(parsed[p], n)] for p in prompts]
+        shows = [all(hits[n][i] for n in names) for i, names in enumerate(moved) if names]
+        scores["style"] = float(np.mean(shows)) if shows else float("nan")
     scores.update({f"accuracy_{name}": float(h.mean()) for name, h in hits.items()})
     scores.update(_diversity(prediction, prompts, "diversity"))
     if real_outputs is not None:
