@@ -71,7 +71,7 @@ def test_no_import_cycles():
 
 
 #: folder → layer; a module may import from its own layer and the ones below (README "Layout")
-LAYERS = {"utils": 0, "method": 1, "toy": 1, "pipelines": 2, "training": 3, "bench": 4, "evaluation": 4,
+LAYERS = {"utils": 0, "method": 1, "toy": 1, "pipelines": 2, "export": 2, "training": 3, "bench": 4, "evaluation": 4,
           "analysis": 5, "serve": 5, "demo": 5, "cli": 6}
 
 

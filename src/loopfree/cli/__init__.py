@@ -29,6 +29,7 @@ COMMANDS = {
     "serve": "loopfree.cli.serve:serve",
     "toy": "loopfree.cli.toy:toy",
     "eval": "loopfree.cli.eval:eval",
+    "export": "loopfree.cli.export:export",
 }
 
 

@@ -32,8 +32,11 @@ from loopfree.utils.errors import LoopfreeError
 @options.lora()
 @options.fuse()
 @options.style_lora
+@click.option("--backend", type=click.Choice(("torch", "onnxruntime")), default="torch", show_default=True,
+              help="onnxruntime: --model is a `loopfree export` folder (ONNX), run without PyTorch's sampler.")
+@options.threads()
 def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, timesteps, resolution, mode,
-             key_steps, guidance, device, dtype, compile_, tiny_vae, lora, fuse, style_lora, style_scale) -> None:
+             key_steps, guidance, device, dtype, compile_, tiny_vae, lora, fuse, style_lora, style_scale, backend, threads) -> None:
     """Generate images for PROMPT with a loop-free student (or any Stable Diffusion, PixArt-α, SD3 or FLUX pipeline)."""
     if not prompt.strip():
         raise LoopfreeError("the prompt is empty")
@@ -44,6 +47,6 @@ def generate(prompt, model, out, overwrite, images_per_prompt, seed, steps, time
         prompt, model=model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
         timesteps=timesteps, resolution=resolution, mode=mode, key_steps=key_steps, guidance=guidance, device=device,
         dtype=dtype, compile=compile_, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
-        style_lora=style_lora, style_scale=style_scale,
+        style_lora=style_lora, style_scale=style_scale, backend=backend, threads=threads,
     )
     click.echo(f"wrote {images_per_prompt} image(s) to {folder}")

@@ -44,6 +44,12 @@ from torch.utils.checkpoint import checkpoint
 MIN_PIXELS = 1024
 
 
+def _small(pixels: int | torch.SymInt) -> bool:
+    """Whether ``pixels`` is under :data:`MIN_PIXELS`; False for a size only known when the graph runs (a traced
+    dynamic batch: ``loopfree export``), where the split/folded path, exact for every size, is the one kept."""
+    return not isinstance(pixels, torch.SymInt) and pixels < MIN_PIXELS
+
+
 def tile(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, ...) -> (K*B, ...), decoder-major: rows k*B..(k+1)*B-1 belong to decoder k."""
     return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
@@ -165,7 +171,7 @@ def _split_input(resnet: ResnetBlock2D, h: torch.Tensor, skip: torch.Tensor, k: 
 def _resnet(resnet: ResnetBlock2D, h: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, k: int, shared: bool) -> torch.Tensor:
     """``resnet(h ⊕ skip, temb)`` for K decoders → (K·B, ...). ``shared``: ``h`` is (B, ...) like ``skip`` (the
     first up-block ResNet), else (K·B, ...), split from the skip unless under :data:`MIN_PIXELS`; ``temb`` (K·B, D)."""
-    if shared or h[:, 0].numel() < MIN_PIXELS:  # the whole input at once: shared, or too small to split
+    if shared or _small(h[:, 0].numel()):  # the whole input at once: shared, or too small to split
         x = torch.cat([h, skip if shared else tile(skip, k)], 1)
         groups = 1 if shared else k
         y = resnet.conv1(resnet.nonlinearity(resnet.norm1(x))).unflatten(0, (groups, -1))
@@ -202,7 +208,7 @@ def _upsample(upsampler: torch.nn.Module, h: torch.Tensor, size) -> torch.Tensor
     parities, a 2×2 convolution of the low-resolution input with summed taps: 4·4 instead of 4·9 multiply-adds per
     output pixel, the same result. Explicit sizes (odd latents), outputs under :data:`MIN_PIXELS` and other
     upsamplers run the module."""
-    if size is not None or 4 * h[:, 0].numel() < MIN_PIXELS or not _subpixel_ok(upsampler):
+    if size is not None or _small(4 * h[:, 0].numel()) or not _subpixel_ok(upsampler):
         return upsampler(h, size)
     conv, (n, _, height, width) = upsampler.conv, h.shape
     padded = F.pad(h, (1, 1, 1, 1))

@@ -146,7 +146,8 @@ def run_decoders(
     timesteps = torch.as_tensor(timesteps, device=feats.mid.device).reshape(-1)
     K = timesteps.shape[0]
     like = feats.mid[:1].expand(K, *feats.mid.shape[1:])  # one row per decoder: the embedding of τ_k, once
-    emb = _time_embedding(unet, like, timesteps).repeat_interleave(B, 0)
+    emb = _time_embedding(unet, like, timesteps)
+    emb = emb[:, None].expand(K, B, *emb.shape[1:]).flatten(0, 1)  # each row B times (repeat_interleave, exported too)
     if feats.added_emb is not None:
         emb = emb + tile(feats.added_emb, K)
     emb = _activate(unet, emb)

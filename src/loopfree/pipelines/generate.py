@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, save_image, write_json
 from loopfree.utils.seeding import image_seed, initial_latents
@@ -22,15 +24,28 @@ def generate_images(
     seed: int = 0, steps: int | None = None, timesteps: list[int] | None = None, resolution: tuple[int, int] | None = None,
     mode: str = "loop_free", guidance: float = 1.0, device: str | None = None, dtype: str = "fp32", compile: bool = False,
     key_steps: list[int] | None = None, tiny_vae: str | None = None, lora: str | None = None, fuse: bool = False,
-    style_lora: str | None = None, style_scale: float = 1.0,
+    style_lora: str | None = None, style_scale: float = 1.0, backend: str = "torch", threads: int | None = None,
 ) -> Path:
     """Sample ``images_per_prompt`` images of ``prompt`` and write ``000.png …`` and ``generate.json``; the folder.
     ``model``: a Stable Diffusion (XL), PixArt-α, SD3 or FLUX pipeline folder (default: the bundled toy student).
 
     ``dtype``: fp32, bf16 (CPU or GPU) or fp16 (GPU); ``tiny_vae``: an AutoencoderTiny folder decodes; ``compile``: ``torch.compile`` the encoder and the decoder
     (:func:`loopfree.method.runtime.prepare_pipeline`); ``lora``: a LoRA student's folder on ``model``, its base;
-    ``style_lora``: any diffusers-format LoRA on it at ``style_scale`` (``fuse``: folded into the weights)."""
-    from loopfree.utils.devices import resolve_device, resolve_dtype
+    ``style_lora``: any diffusers-format LoRA on it at ``style_scale`` (``fuse``: folded into the weights).
+    ``backend="onnxruntime"``: ``model`` is a ``loopfree export`` folder (:func:`generate_exported`)."""
+    if backend == "onnxruntime":
+        given = {"--steps": steps, "--timesteps": timesteps, "--key-steps": key_steps, "--tiny-vae": tiny_vae, "--lora": lora,
+                 "--style-lora": style_lora, "--compile": compile or None, "--fuse": fuse or None, "--device": device}
+        given |= {"--mode": None if mode == "loop_free" else mode, "--guidance": None if guidance == 1.0 else guidance,
+                  "--dtype": None if dtype == "fp32" else dtype}
+        fixed = [name for name, value in given.items() if value is not None]
+        if fixed:
+            raise LoopfreeError(f"{fixed[0]} does not apply to an exported graph (its sampler, precision and device were fixed by `loopfree export`)")
+        return generate_exported(prompt, model, out=out, overwrite=overwrite, images_per_prompt=images_per_prompt, seed=seed,
+                                 resolution=resolution, threads=threads)
+    if backend != "torch":
+        raise LoopfreeError(f"backend must be torch or onnxruntime, got {backend!r}")
+    from loopfree.utils.devices import cpu_threads, resolve_device, resolve_dtype
     from loopfree.pipelines.loading import check_tiny_vae, inspect_pipeline, load_pipeline
     from loopfree.method.runtime import prepare_pipeline
     from loopfree.toy.assets import model_folder
@@ -59,7 +74,7 @@ def generate_images(
                                            style_lora=style_lora, style_scale=style_scale), dev, compile)
     pipe.set_progress_bar_config(disable=True)
     seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
-    with folder:
+    with cpu_threads(threads), folder:
         files = []
         for start in range(0, images_per_prompt, BATCH):
             chunk = seeds[start : start + BATCH]
@@ -71,4 +86,30 @@ def generate_images(
                 save_image(folder.path / files[-1], image)
         write_json(folder.path / "generate.json", dict(settings, steps=plan.num_steps, timesteps=plan.timesteps, key_steps=plan.key_steps,
                                                         device=str(dev), seeds=seeds, files=files))
+    return folder.final
+
+
+def generate_exported(prompt: str, model: str | None, *, out: str = "images", overwrite: bool = False, images_per_prompt: int = 1,
+                      seed: int = 0, resolution: tuple[int, int] | None = None, threads: int | None = None) -> Path:
+    """:func:`generate_images` with onnxruntime running an exported student's graph (``loopfree export``): the same
+    seeds, so the same images as the PyTorch path to within the export's check."""
+    from loopfree.export.runtime import ExportedStudent, read_manifest
+    from loopfree.utils.seeding import initial_noise
+
+    if model is None:
+        raise LoopfreeError("--backend onnxruntime needs --model: a folder written by `loopfree export`")
+    manifest = read_manifest(model)
+    if resolution is not None and tuple(resolution) != (manifest["height"], manifest["width"]):
+        raise LoopfreeError(f"this graph was exported at {manifest['width']}x{manifest['height']}; export again for {resolution[1]}x{resolution[0]}")
+    settings = dict(prompt=prompt, model=os.path.abspath(model), backend="onnxruntime", images_per_prompt=images_per_prompt,
+                    seed=seed, height=manifest["height"], width=manifest["width"])
+    folder = OutputFolder(out, "generate", settings, overwrite=overwrite)
+    student = ExportedStudent(model, threads)
+    seeds = [image_seed(seed, 0, i) for i in range(images_per_prompt)]
+    with folder:
+        images = student([prompt] * len(seeds), initial_noise(seeds, student.latent_shape).numpy())
+        files = [f"{i:03d}.png" for i in range(len(seeds))]
+        for name, pixels in zip(files, images):
+            save_image(folder.path / name, Image.fromarray(pixels))
+        write_json(folder.path / "generate.json", dict(settings, source_sha256=manifest["source_sha256"], seeds=seeds, files=files))
     return folder.final
