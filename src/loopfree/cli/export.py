@@ -20,10 +20,9 @@ from loopfree.cli import options
 @options.resolution("Image size the graph is fixed at: N (square) or WIDTHxHEIGHT (default: the model's).")
 @click.option("--max-batch", type=click.IntRange(1, 63), default=16, show_default=True,
               help="Largest batch the graph takes (its batch is dynamic from 1 to this).")
-@click.option("--dtype", type=click.Choice(("fp32", "fp16")), default="fp32", show_default=True, help="Weights and compute precision of the graph.")
-def export(model, out, overwrite, fmt, resolution, max_batch, dtype) -> None:
-    """Export a loop-free student (default: the bundled toy student) as one graph, checked against PyTorch."""
+def export(model, out, overwrite, fmt, resolution, max_batch) -> None:
+    """Export a loop-free student (default: the bundled toy student) as one fp32 graph, checked against PyTorch."""
     from loopfree.export.exporter import export_student
 
-    folder = export_student(model, out, fmt=fmt, max_batch=max_batch, resolution=resolution, dtype=dtype, overwrite=overwrite)
+    folder = export_student(model, out, fmt=fmt, max_batch=max_batch, resolution=resolution, overwrite=overwrite)
     click.echo(f"wrote the {fmt} graph to {folder}")

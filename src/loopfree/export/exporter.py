@@ -25,7 +25,6 @@ from loopfree.export.runtime import MANIFEST, require, tokenizer
 
 FORMATS = ("onnx", "pt2")
 GRAPH_FILES = {"onnx": "sampler.onnx", "pt2": "sampler.pt2"}
-EXPORT_DTYPES = ("fp32", "fp16")
 CHECK_PROMPTS = ("a red circle on a white background", "a small blue square in the top left corner of a black background")
 
 
@@ -62,9 +61,10 @@ def _run_saved(fmt: str, path: Path, names: list[str], inputs: tuple[torch.Tenso
 
 
 def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onnx", max_batch: int = 16,
-                   resolution: tuple[int, int] | None = None, dtype: str = "fp32", tolerance: int = 1,
+                   resolution: tuple[int, int] | None = None, tolerance: int = 1,
                    overwrite: bool = False) -> Path:
-    """Export ``model`` (a loop-free SD/SDXL student folder; default: the bundled toy student) to ``out``; the folder."""
+    """Export ``model`` (a loop-free SD/SDXL student folder; default: the bundled toy student) to ``out``, in fp32; the
+    folder."""
     from loopfree.pipelines.files import denoiser_sha256
     from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
     from loopfree.toy.assets import model_folder
@@ -72,8 +72,6 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
 
     if fmt not in FORMATS:
         raise LoopfreeError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if dtype not in EXPORT_DTYPES:
-        raise LoopfreeError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     if fmt == "onnx":
         require("onnx", "onnxscript", "onnxruntime")
     if not 1 <= max_batch <= 63:  # diffusers' upsamplers branch on batches of 64 and more
@@ -82,11 +80,11 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
     info = inspect_pipeline(model)  # SD/SDXL folders only; nothing loaded or written if it fails
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
-    settings = dict(model=os.path.abspath(model), format=fmt, max_batch=max_batch, height=height, width=width, dtype=dtype)
+    settings = dict(model=os.path.abspath(model), format=fmt, max_batch=max_batch, height=height, width=width, dtype="fp32")
     folder = OutputFolder(out, "export", settings, overwrite=overwrite)
 
     stages = tqdm(total=4, desc="export", unit="stage")
-    pipe = load_pipeline(model, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    pipe = load_pipeline(model, dtype=torch.float32)
     graph = SamplerGraph.from_pipeline(pipe, height, width).eval()
     tokenizers = {"input_ids": pipe.tokenizer} | ({"input_ids_2": pipe.tokenizer_2} if graph.xl else {})
     batch = min(2, max_batch)
