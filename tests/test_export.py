@@ -109,7 +109,7 @@ def test_a_tiny_sdxl_student_exports_whole(tmp_path):
     assert got.shape == expected.shape and levels(got, expected) <= 1
 
 
-def test_a_pt2_export_loads_back_and_one_that_does_not_match_pytorch_is_not_written(tmp_path, monkeypatch):
+def test_a_pt2_export_loads_back_and_gives_the_pipelines_images(tmp_path):
     make_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
     folder = export_student(str(tmp_path / "pipe"), str(tmp_path / "pt2"), fmt="pt2", max_batch=3)
     pipe, prompts = load_pipeline(str(tmp_path / "pipe")), ["a red cat", "the blue dog", "a green circle"]
@@ -117,8 +117,15 @@ def test_a_pt2_export_loads_back_and_one_that_does_not_match_pytorch_is_not_writ
     with torch.no_grad():
         got = torch.export.load(str(folder / "sampler.pt2")).module()(pipeline_ids(pipe.tokenizer, prompts), x_T).numpy()
     assert levels(got, pipeline_images(pipe, prompts, x_T)) <= 1
-    run_saved = exporter._run_saved
-    monkeypatch.setattr(exporter, "_run_saved", lambda *a: run_saved(*a) ^ np.uint8(4))  # a graph off by 4 levels
+
+
+def test_an_export_that_does_not_match_pytorch_is_not_written(tmp_path, monkeypatch):
+    """The gate alone: the trace and the save are stubbed, the saved graph's images are off by 4 levels."""
+    make_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(torch.export, "export", lambda graph, inputs, **kw: graph)
+    monkeypatch.setattr(torch.export, "save", lambda program, path: open(path, "wb").close())
+    monkeypatch.setattr(exporter, "_run_saved", lambda fmt, path, names, inputs: graph_images(inputs) ^ np.uint8(4))
+    graph_images = lambda inputs: exporter.SamplerGraph.from_pipeline(load_pipeline(str(tmp_path / "pipe")))(*inputs).numpy()
     with pytest.raises(LoopfreeError, match="differ from PyTorch's by 4/255"):
         export_student(str(tmp_path / "pipe"), str(tmp_path / "out"), fmt="pt2")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
