@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from loopfree.utils.errors import LoopfreeError
 from loopfree.utils.outputs import OutputFolder, write_json
 from loopfree.export.graph import SamplerGraph
-from loopfree.export.runtime import MANIFEST, require, tokenizer
+from loopfree.export.runtime import MANIFEST, encode, require, tokenizer
 
 FORMATS = ("onnx", "pt2")
 GRAPH_FILES = {"onnx": "sampler.onnx", "pt2": "sampler.pt2"}
@@ -109,8 +109,7 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
         files = {name: f"tokenizer{name[len('input_ids'):]}.json" for name in tokenizers}
         for name, tok in tokenizers.items():
             save_tokenizer(tok, folder.path / files[name])
-            saved = np.array([e.ids for e in tokenizer(folder.path / files[name]).encode_batch(prompts)])
-            if not np.array_equal(saved, ids[name].numpy()):
+            if not np.array_equal(encode(tokenizer(folder.path / files[name]), prompts), ids[name].numpy()):
                 raise LoopfreeError(f"the exported {files[name]} does not reproduce the pipeline's token ids")
         stages.update()
         stages.set_postfix_str("check")

@@ -3,7 +3,7 @@ uint8 images out — text encoder(s), the encoder once, the K decoders as one ba
 VAE decoder. It is what ``loopfree export`` traces (:mod:`loopfree.export.exporter`)::
 
     graph = SamplerGraph.from_pipeline(load_pipeline("out/student"), height=128, width=128)
-    images = graph(*graph.example_inputs(batch=2))  # (2, 128, 128, 3) uint8
+    images = graph(input_ids, x_T)  # (B, 128, 128, 3) uint8
 
 Unguided (students sample at guidance 1), Stable Diffusion 1.x/2.x and XL students (SDXL's pooled text and
 time ids are built inside; the time ids are constants of the exported resolution).
@@ -12,6 +12,7 @@ time ids are built inside; the time ids are constants of the exported resolution
 from __future__ import annotations
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 
 from loopfree.utils.errors import LoopfreeError
 from loopfree.method.sampler import Conditioning, loop_free
@@ -20,7 +21,7 @@ from loopfree.method.schedule import NoiseSchedule
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
     """VAE output in [-1, 1], (B, 3, H, W) → (B, H, W, 3) uint8, as diffusers' postprocess + ``numpy_to_pil`` do."""
-    return ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return (VaeImageProcessor.denormalize(image) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class SamplerGraph(torch.nn.Module):
@@ -36,10 +37,9 @@ class SamplerGraph(torch.nn.Module):
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler, final_alpha_cumprod)
         self.timesteps = list(timesteps)
         self.latent_shape = pipe.latent_shape(height, width)
-        self.size = (height, width)
         if self.xl:  # SDXL's micro-conditioning: original size, crop (0, 0), target size — fixed by the resolution
-            dim = self.text_encoder_2.config.projection_dim
-            ids = pipe._get_add_time_ids(self.size, (0, 0), self.size, dtype=torch.float32, text_encoder_projection_dim=dim)
+            dim, size = self.text_encoder_2.config.projection_dim, (height, width)
+            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=dim)
             self.register_buffer("time_ids", ids, persistent=False)
 
     @classmethod
@@ -52,12 +52,6 @@ class SamplerGraph(torch.nn.Module):
     @property
     def input_names(self) -> list[str]:
         return ["input_ids", "x_T", "input_ids_2"] if self.xl else ["input_ids", "x_T"]
-
-    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        """Inputs of the forward's shapes and dtypes (zeros tokens, N(0, I) x_T)."""
-        ids = torch.zeros(batch, self.text_encoder.config.max_position_embeddings, dtype=torch.int64)
-        x_T = torch.randn(batch, *self.latent_shape, generator=torch.Generator().manual_seed(0), dtype=self.unet.dtype)
-        return (ids, x_T, ids.clone()) if self.xl else (ids, x_T)
 
     def conditioning(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None) -> Conditioning:
         """The text conditioning as the pipelines' ``encode_prompt`` computes it (no clip skip)."""

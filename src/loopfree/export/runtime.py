@@ -46,6 +46,11 @@ def tokenizer(path: str | Path):
     return Tokenizer.from_file(str(path))
 
 
+def encode(tok, prompts: list[str]) -> np.ndarray:
+    """(B, L) int64 token ids of ``prompts`` from a tokenizer of :func:`tokenizer`."""
+    return np.array([e.ids for e in tok.encode_batch(prompts)], dtype=np.int64)
+
+
 class ExportedStudent:
     """An ONNX-exported student: ``(prompts, x_T) → uint8 images`` (see the module docstring)."""
 
@@ -70,7 +75,7 @@ class ExportedStudent:
 
     def token_ids(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The graph's token inputs for ``prompts``: (B, L) int64 per tokenizer."""
-        return {name: np.array([e.ids for e in tok.encode_batch(prompts)], dtype=np.int64) for name, tok in self.tokenizers.items()}
+        return {name: encode(tok, prompts) for name, tok in self.tokenizers.items()}
 
     def __call__(self, prompts: list[str], x_T: np.ndarray) -> np.ndarray:
         if len(prompts) != len(x_T) or tuple(x_T.shape[1:]) != self.latent_shape:
