@@ -10,9 +10,11 @@ loaded is written there at once, as a checkpoint, ``checkpoints/checkpoint-00000
 
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from loopfree.training import distiller as distiller_module
 from loopfree.training import trainer
@@ -50,6 +52,21 @@ def main(config: str, hooks: str) -> None:
             save_checkpoint(self.acc, self, Path(hooks["loaded"]), 0, {}, None)
 
         distiller_module.Distiller.load_weights = load_then_write
+    if hooks.get("teardown"):
+        prepared, prepare, destroy = [], Accelerator.prepare, torch.distributed.destroy_process_group
+
+        def recording_prepare(self, *args, **kwargs):
+            out = prepare(self, *args, **kwargs)
+            prepared.extend(weakref.ref(m) for m in (out if isinstance(out, tuple) else (out,)) if isinstance(m, torch.nn.Module))
+            return out
+
+        def checked_destroy(*args, **kwargs):
+            alive = [type(m).__name__ for ref in prepared if (m := ref()) is not None]
+            if alive:
+                raise RuntimeError(f"the process group was destroyed while prepared models were alive: {alive}")
+            destroy(*args, **kwargs)
+
+        Accelerator.prepare, torch.distributed.destroy_process_group = recording_prepare, checked_destroy
     trainer.distill(cfg, evaluate if hooks.get("evaluate") else None)
 
 

@@ -167,8 +167,9 @@ def test_a_checkpoint_of_two_processes_resumes_on_three_exactly(teacher, tmp_pat
     options = dict(batch_size=1, checkpoint_every=2, shard=mode == "sharded")  # 3 processes × 1 of the 5 prompts
     launch_hooked(teacher, 2, {}, out=str(tmp_path / "two"), max_steps=2, **options)
     shutil.copytree(tmp_path / "two", tmp_path / "three")
-    p = launch_hooked(teacher, 3, {"loaded": str(tmp_path / "loaded")}, out=str(tmp_path / "three"), max_steps=3,
-                      resume="latest", **options)
+    # teardown: DDP's reducers are gone before the process group is destroyed (else a deadlock at exit, see trainer.py)
+    p = launch_hooked(teacher, 3, {"loaded": str(tmp_path / "loaded"), "teardown": True}, out=str(tmp_path / "three"),
+                      max_steps=3, resume="latest", **options)
     saved = checkpoint_state(tmp_path / "two" / "checkpoints" / "checkpoint-00000002", tmp_path / "saved.pt")
     loaded = checkpoint_state(tmp_path / "loaded" / "checkpoints" / "checkpoint-00000000", tmp_path / "loaded.pt")
     assert same_state(saved, loaded) > 100  # student, Adam moments, EMA and LoRA as the two processes left them

@@ -263,7 +263,8 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
                 checkpoint_now()
             if signum:
                 bar.close()
-                acc.end_training()
+                del distiller  # its DDP wrappers, before the process group (end_processes)
+                end_processes(acc)
                 raise Interrupted(f"interrupted: checkpoint saved at step {step}; continue with --resume latest", signum)
     bar.close()
     if cfg.checkpoint_every and not (out / "checkpoints" / f"checkpoint-{step:08d}").is_dir():
@@ -280,8 +281,18 @@ def _train(cfg: DistillConfig, acc: Accelerator, out: Path, resolution: int, pro
             publish_pipeline(student_pipeline(pipe, distiller, unet), out)
         write_card(out)  # README.md: the Hub's model card, from the folder's own records
     acc.wait_for_everyone()
-    acc.end_training()
+    del distiller  # its DDP wrappers, before the process group (end_processes)
+    end_processes(acc)
     return out
+
+
+def end_processes(acc: Accelerator) -> None:
+    """Release the models accelerate prepared, then destroy the process group (and end the trackers). In this order:
+    a DDP reducer holding the group's last reference destroys it with the GIL held, joining gloo's worker threads,
+    which may still need the GIL to free the last collectives' tensors — a deadlock at exit (seen with 3 processes on
+    2 cores). The group's own Python object releases the GIL when it is destroyed."""
+    acc.free_memory()  # drops accelerate's references and collects the DDP wrappers' cycles
+    acc.end_training()
 
 
 def record_changes(out: Path, saved: dict, cfg: DistillConfig, step: int, processes: tuple[int, int]) -> None:
