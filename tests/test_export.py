@@ -2,7 +2,9 @@
 1/255) at every batch size, runs in a process that never imports torch, and bad input is refused before anything
 is written."""
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -131,6 +133,37 @@ def test_an_export_that_does_not_match_pytorch_is_not_written(tmp_path, monkeypa
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_an_int8_export_quantises_the_matmuls_and_stays_within_its_mean_tolerance(bundled, tmp_path, monkeypatch):
+    """The int8 path of export_student with the trace and the ONNX conversion stubbed (the bundled fp32 graph stands
+    in for the conversion's output): quantised, checked by onnxruntime, published with its manifest."""
+    import onnx
+
+    out, pipe = bundled
+    monkeypatch.setattr(torch.export, "export", lambda graph, inputs, **kw: graph)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **kw: type("Program", (), {"save": lambda self, path: shutil.copy(out / "sampler.onnx", path)})())
+    folder = export_student(None, str(tmp_path / "int8"), max_batch=4, quantize="int8")
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["quantize"] == "int8" and 0 < manifest["check_mean_diff"] <= exporter.INT8_MEAN_LEVELS
+    assert sorted(p.name for p in folder.iterdir()) == ["export.json", "sampler.onnx", "tokenizer.json"]  # no fp32 left
+    ops = {n.op_type for n in onnx.load(str(folder / "sampler.onnx")).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "Conv"} <= ops and "ConvInteger" not in ops
+    assert (folder / "sampler.onnx").stat().st_size < 0.85 * (out / "sampler.onnx").stat().st_size
+    x_T = initial_noise([0, 1, 2], tuple(manifest["latent_shape"]))
+    got, expected = ExportedStudent(folder)(PROMPTS, x_T.numpy()), pipeline_images(pipe, PROMPTS, x_T)
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() <= exporter.INT8_MEAN_LEVELS and levels(got, expected) > 1
+
+
+def test_an_int8_graph_too_far_from_pytorch_is_not_written(bundled, tmp_path, monkeypatch):
+    out, _ = bundled
+    monkeypatch.setattr(torch.export, "export", lambda graph, inputs, **kw: graph)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **kw: type("Program", (), {"save": lambda self, path: shutil.copy(out / "sampler.onnx", path)})())
+    run = exporter._run_saved
+    monkeypatch.setattr(exporter, "_run_saved", lambda *a: run(*a) ^ np.uint8(8))  # 8 levels off everywhere
+    with pytest.raises(LoopfreeError, match=r"int8 graph.s images differ from PyTorch.s by [7-9]\.[0-9]+/255 on average \(tolerance 4\.0\)"):
+        export_student(None, str(tmp_path / "int8"), max_batch=4, quantize="int8")
+    assert not (tmp_path / "int8").exists() and not list(tmp_path.glob(".int8*"))
+
+
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, bundled):
     out, _ = bundled
     (tmp_path / "mine").mkdir()
@@ -139,6 +172,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, bundled
         (["export", "--model", str(tmp_path), "--out", str(tmp_path / "a")], "model_index.json"),
         (["export", "--out", str(tmp_path / "mine")], "not empty"),
         (["export", "--out", str(tmp_path / "a"), "--max-batch", "64"], "64"),
+        (["export", "--out", str(tmp_path / "a"), "--format", "pt2", "--quantize", "int8"], "with the onnx format"),
         (["generate", "x", "--backend", "onnxruntime", "--model", str(model_folder(None)), "--out", str(tmp_path / "a")], "not an exported student"),
         (["generate", "x", "--backend", "onnxruntime", "--out", str(tmp_path / "a")], "needs --model"),
         (["generate", "x", "--backend", "onnxruntime", "--model", str(out), "--steps", "2", "--out", str(tmp_path / "a")], "--steps does not apply"),
@@ -148,3 +182,56 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, bundled
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
     assert not (tmp_path / "a").exists() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_bench_backends_time_each_runtime_in_its_own_process_and_score_the_same_images(bundled, tmp_path, monkeypatch):
+    """`loopfree bench --backend`: the export stubbed by the bundled fp32 graph, few quality images; eager and
+    onnxruntime fp32 give the same scores (their images agree within 1/255), int8 its own."""
+    from loopfree.cli import bench as bench_cli
+
+    out, _ = bundled
+    monkeypatch.setattr(exporter, "trace", lambda *a: None)
+    monkeypatch.setattr(exporter, "save_graph", lambda program, path, fmt, names: shutil.copy(out / "sampler.onnx", path))
+    monkeypatch.setattr(bench_cli, "QUALITY_PROMPTS", 4)
+    r = CliRunner().invoke(main, ["bench", "--backend", "onnxruntime-int8", "--backend", "onnxruntime", "--backend", "eager",
+                                  "--repeats", "1", "--threads", "1", "--quality", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    rows = {row["backend"]: row for row in report["rows"]}
+    assert [row["backend"] for row in report["rows"]] == ["eager", "onnxruntime-int8", "onnxruntime"]  # eager first
+    assert rows["eager"]["vs_eager"] == 1 and all(row["seconds"] > 0 and row["peak_rss_gib"] > 0.05 for row in rows.values())
+    assert rows["onnxruntime"]["vs_eager"] == pytest.approx(rows["eager"]["seconds"] / rows["onnxruntime"]["seconds"])
+    assert report["graph_mib"]["onnxruntime-int8"] < report["graph_mib"]["onnxruntime"]
+    eager, fp32, int8 = (rows[b]["scores"] for b in ("eager", "onnxruntime", "onnxruntime-int8"))
+    assert eager["n_images"] == 16 and eager["alignment"] == fp32["alignment"] and abs(eager["fd"] - fp32["fd"]) < 0.05
+    assert int8["n_images"] == 16 and int8 != fp32
+    bad = CliRunner().invoke(main, ["bench", "--backend", "eager", "--arch", "sd21", "--quality"])
+    assert bad.exit_code == 2 and "--quality scores a trained toy student" in bad.output
+
+
+def test_serve_with_onnxruntime_gives_generates_images_and_refuses_what_the_export_fixed(bundled, tmp_path):
+    import base64
+
+    import httpx
+
+    from loopfree.serve.app import create_app
+    from loopfree.serve.batcher import Batcher
+    from loopfree.serve.engine import check_serve_models, load_engine
+    from serving import running
+
+    out, _ = bundled
+    engine = load_engine(check_serve_models(str(out), None, None, "fp32", backend="onnxruntime"))
+    assert CliRunner().invoke(main, ["generate", PROMPTS[0], "--images-per-prompt", "2", "--seed", "3", "--out", str(tmp_path / "torch")]).exit_code == 0
+    with running(create_app(engine, Batcher(engine.render, max_batch=4, max_queue=8))) as url:
+        post = lambda body: httpx.post(f"{url}/v1/images/generations", json={"prompt": PROMPTS[0], **body}, timeout=60)  # noqa: E731
+        reply = post({"n": 2, "seed": 3})
+        assert reply.status_code == 200, reply.text
+        for i, image in enumerate(reply.json()["data"]):
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))))
+            assert levels(served, np.asarray(Image.open(tmp_path / "torch" / f"{i:03d}.png"))) <= 1
+        for body, reason in [({"steps": 2}, "exported with K = 4 decoders, not 2"), ({"guidance": 2}, "unguided (guidance 1), not 2"),
+                             ({"mode": "loop"}, "loop_free only"), ({"size": "32x32"}, "exported at 64x64")]:
+            reply = post(body)
+            assert reply.status_code == 400 and reason in reply.json()["error"]["message"], (body, reply.text)
+    bad = CliRunner().invoke(main, ["serve", "--backend", "onnxruntime", "--model", str(out), "--teacher", str(out)])
+    assert bad.exit_code == 2 and "--teacher does not apply to --backend onnxruntime" in bad.output

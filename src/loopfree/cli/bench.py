@@ -8,6 +8,8 @@
     loopfree bench --arch pixart-1024 --shared-blocks 14 --repeats 1      # a transformer: the one pass at N of L blocks
     loopfree bench --arch flux-dev --timing none --json                   # FLOPs only (counted on the meta device)
     loopfree bench --train --memory --arch flux-dev --dtype bf16 --processes 8 --shard
+    loopfree bench --backend all --threads 2 --quality                   # the bundled student: eager, compile, onnxruntime fp32/int8
+    loopfree bench --backend all --arch sd21 --resolution 512 --repeats 2
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from loopfree.utils.errors import LoopfreeError
 
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 TRANSFORMER_NAMES = ("pixart-512", "pixart-1024", "sd3-medium", "flux-dev", "pixart-tiny", "sd3-tiny", "flux-tiny")
-TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
+BACKEND_NAMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")  # bench.backends.BACKENDS (not imported: torch)
+TIMINGS = ("blocks", "whole", "none")
+QUALITY_PROMPTS = 64  # --quality: held-out prompts (× 4 images) scored, as the demo's studies  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
 
 
 @click.command()
@@ -63,10 +67,22 @@ TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imp
 @click.option("--timing", type=click.Choice(TIMINGS), default=None,
               help="A transformer --arch: time it by blocks (one of each kind, summed; the default), whole, or none "
                    "(FLOPs only).")
+@click.option("--backend", "backends", type=click.Choice(BACKEND_NAMES + ("all",)), multiple=True,
+              help="Time the whole one pass (tokens to pixels) by these runtimes instead, each in its own process "
+                   "(repeatable; all: eager, compile, onnxruntime, onnxruntime-int8): the bundled student, or --model, or "
+                   "random weights of --arch.")
+@options.model()
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="With --backend: CPU threads of each runtime.")
+@click.option("--quality", is_flag=True, help="With --backend: also score each backend's images of the demo's 64 × 4 (a toy student).")
 def bench(arch, resolution, device, dtype, steps, repeats, with_50, end_to_end, compile_, as_json, train, batch_size,
           gradient_checkpointing, batch_teacher_fake, objective, memory, measure_resolution, processes, shard,
-          student_lora_rank, shared_blocks, timing) -> None:
-    """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step."""
+          student_lora_rank, shared_blocks, timing, backends, model, threads, quality) -> None:
+    """Time one loop-free pass against full UNet steps (random weights, real shapes); --train: one distillation step;
+    --backend: the whole pass by torch and onnxruntime."""
+    if backends:
+        _backends(list(backends), model, arch, resolution, batch_size, repeats, threads, quality, as_json)
+        return
+    _refuse_given(("model", "threads", "quality"), "the UNet and transformer tables (they go with --backend)")
     if student_lora_rank is not None and (not memory or shard or arch in TRANSFORMER_NAMES):
         raise LoopfreeError("--student-lora-rank goes with --memory for a UNet --arch, unsharded (distill refuses --shard with it)")
     if arch in TRANSFORMER_NAMES:
@@ -142,6 +158,50 @@ def _memory(arch, spec, size, dtype, batch_size, steps, gradient_checkpointing, 
              f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}{at}, per device of {processes}"
              f"{' (FSDP2 sharded)' if shard else ''}{f', LoRA student r {student_lora_rank}' if student_lora_rank else ''} — an estimate")
     click.echo(format_memory_table(rows, title))
+
+
+def _backends(backends, model, arch, resolution, batch_size, repeats, threads, quality, as_json) -> None:
+    """--backend: the rows, as a table or JSON."""
+    ctx = click.get_current_context()
+    arch_given = ctx.get_parameter_source("arch") not in (None, click.core.ParameterSource.DEFAULT)
+    _refuse_given(("device", "dtype", "steps", "with_50", "end_to_end", "compile_", "train", "gradient_checkpointing",
+                   "batch_teacher_fake", "objective", "memory", "measure_resolution", "processes", "shard",
+                   "student_lora_rank", "shared_blocks", "timing"), "--backend (the exported student's own settings: fp32, CPU)")
+    if arch_given and model:
+        raise LoopfreeError("give --model (a student folder) or --arch (random weights), not both")
+    if arch_given and arch in TRANSFORMER_NAMES:
+        raise LoopfreeError(f"--backend times UNet students; {arch} is a transformer")
+    if quality and arch_given:
+        raise LoopfreeError("--quality scores a trained toy student's images: drop --arch (random weights)")
+    from loopfree.bench.backends import BACKENDS, backend_rows, format_backend_table
+
+    scorer = None
+    if quality:  # the demo's evaluation images: 64 held-out prompts × 4, seed 0 (the studies' setting)
+        from loopfree.demo.demo import RowScorer
+        from loopfree.pipelines.loading import inspect_pipeline
+        from loopfree.toy.assets import model_folder
+        from loopfree.toy.settings import EVAL_POOL
+        from loopfree.toy.world import heldout_prompts
+
+        size = inspect_pipeline(model_folder(model)).default_size
+        scorer = RowScorer(heldout_prompts(EVAL_POOL, seed=0), QUALITY_PROMPTS, 4, 0, size)
+
+    chosen = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
+    if "eager" in chosen:
+        chosen.insert(0, chosen.pop(chosen.index("eager")))
+    from tqdm.auto import tqdm
+
+    stages = len(chosen) + bool({"onnxruntime", "onnxruntime-int8"} & set(chosen)) + ("onnxruntime-int8" in chosen) + quality
+    bar = tqdm(total=stages, desc="bench --backend", unit="stage")
+    rows, facts = backend_rows(chosen, model, arch if arch_given else None, resolution, batch_size, repeats, threads, scorer,
+                               progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
+    bar.close()
+    name = arch if arch_given else (model or "bundled toy student")
+    if as_json:
+        click.echo(json.dumps(dict(model=name, **facts, rows=[asdict(r) for r in rows]), indent=2))
+    else:
+        click.echo(format_backend_table(rows, f"loopfree bench --backend: {name}, {facts['width']}x{facts['height']}, batch "
+                                              f"{batch_size}, {threads} threads, median of {repeats}"))
 
 
 def _refuse_given(names: tuple[str, ...], why: str) -> None:

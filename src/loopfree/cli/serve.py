@@ -2,6 +2,7 @@
 
     loopfree serve                                          # bundled toy student and teacher
     loopfree serve --model runs/tiue --teacher path/to/sd21-base --device cuda --port 8000
+    loopfree serve --backend onnxruntime --model exported/student      # a folder of `loopfree export`
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ SERVE_EXTRA = ("gradio", "fastapi", "uvicorn", "pydantic")  # pyproject's [serve
 @options.lora()
 @options.fuse()
 @options.style_lora
+@click.option("--backend", type=click.Choice(("torch", "onnxruntime")), default="torch", show_default=True,
+              help="onnxruntime: --model is a folder of `loopfree export`, its graph run by onnxruntime on the CPU.")
 def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threads, tiny_vae, lora, fuse, style_lora,
-          style_scale) -> None:
+          style_scale, backend) -> None:
     """Serve a web page at / and an OpenAI-compatible image API at /v1/images/generations.
 
     SIGTERM or Ctrl-C finishes the requests in flight, then exits with code 0."""
@@ -50,5 +53,5 @@ def serve(model, teacher, host, port, device, dtype, max_batch, max_queue, threa
 
     run(model=model, teacher=teacher, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch,
         max_queue=max_queue, threads=threads, on_ready=ready, tiny_vae=tiny_vae, lora=lora, fuse=fuse,
-        style_lora=style_lora, style_scale=style_scale)
+        style_lora=style_lora, style_scale=style_scale, backend=backend)
     click.echo("loopfree serve: stopped; every accepted request was answered")

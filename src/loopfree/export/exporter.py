@@ -6,7 +6,8 @@ onnxscript) or a ``torch.export`` program (``.pt2``) — with its tokenizers and
 The graph (:class:`~loopfree.export.graph.SamplerGraph`) maps token ids and x_T to uint8 images with a dynamic batch
 (1 … ``max_batch``). It is checked before the folder is published: the saved file, run by onnxruntime (or loaded
 back by ``torch.export.load``), must give the PyTorch sampler's images within ``tolerance`` levels of 255, and the
-saved tokenizers the pipeline's token ids.
+saved tokenizers the pipeline's token ids. ``quantize="int8"`` publishes onnxruntime's dynamic int8 of the ONNX graph
+instead (:func:`quantize_int8`), checked by its mean difference from PyTorch's images (``INT8_MEAN_LEVELS``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from loopfree.export.graph import SamplerGraph
 from loopfree.export.runtime import MANIFEST, encode, require, tokenizer
 
 FORMATS = ("onnx", "pt2")
+QUANTIZATIONS = ("int8",)
+INT8_MEAN_LEVELS = 4.0  # an int8 graph's images may differ from PyTorch's by this many levels of 255 on average
 GRAPH_FILES = {"onnx": "sampler.onnx", "pt2": "sampler.pt2"}
 CHECK_PROMPTS = ("a red circle on a white background", "a small blue square in the top left corner of a black background")
 
@@ -49,6 +52,35 @@ def pipeline_ids(pipe_tokenizer, prompts: list[str]) -> torch.Tensor:
                           return_tensors="pt").input_ids
 
 
+def trace(graph: SamplerGraph, inputs: tuple[torch.Tensor, ...], max_batch: int) -> torch.export.ExportedProgram:
+    """``graph`` traced by ``torch.export`` on ``inputs``, its batch dynamic from 1 to ``max_batch``."""
+    dim = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(graph, inputs, dynamic_shapes=tuple({0: dim} for _ in inputs))
+
+
+def save_graph(program: torch.export.ExportedProgram, path: Path, fmt: str, input_names: list[str]) -> None:
+    """The traced program as ``.pt2``, or converted to ONNX (onnxscript) with its initialisers over 2 GB in an external
+    data file beside it (``path.data``, onnxscript decides)."""
+    if fmt == "onnx":
+        torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=["images"], verbose=False).save(str(path))
+    else:
+        torch.export.save(program, str(path))
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic int8 of the ONNX graph ``source``: the weights of its MatMul and Gemm nodes (attention,
+    feed-forward, projections, the text encoder) as uint8 with per-tensor scales, activations quantised at run time;
+    convolutions stay fp32 (their ConvInteger kernels ran 3× slower than fp32 here). Unsigned weights (U8U8): with
+    signed ones (U8S8) the int16 sums saturate on CPUs without VNNI, as onnxruntime's documentation warns — on this
+    machine's the images moved 3× as far from fp32's (docs/deploy.md)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = source.with_name(source.name + ".data").exists()
+    quantize_dynamic(source, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=external)
+
+
 def _run_saved(fmt: str, path: Path, names: list[str], inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
     """The saved graph run on ``inputs``: by onnxruntime, or the ``.pt2`` loaded back."""
     if fmt == "pt2":
@@ -61,10 +93,10 @@ def _run_saved(fmt: str, path: Path, names: list[str], inputs: tuple[torch.Tenso
 
 
 def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onnx", max_batch: int = 16,
-                   resolution: tuple[int, int] | None = None, tolerance: int = 1,
+                   resolution: tuple[int, int] | None = None, tolerance: int = 1, quantize: str | None = None,
                    overwrite: bool = False) -> Path:
-    """Export ``model`` (a loop-free SD/SDXL student folder; default: the bundled toy student) to ``out``, in fp32; the
-    folder."""
+    """Export ``model`` (a loop-free SD/SDXL student folder; default: the bundled toy student) to ``out``, in fp32 or
+    (``quantize``) int8; the folder."""
     from loopfree.pipelines.files import denoiser_sha256
     from loopfree.pipelines.loading import inspect_pipeline, load_pipeline
     from loopfree.toy.assets import model_folder
@@ -74,16 +106,19 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
         raise LoopfreeError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         require("onnx", "onnxscript", "onnxruntime")
+    if quantize is not None and (quantize not in QUANTIZATIONS or fmt != "onnx"):
+        raise LoopfreeError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, with the onnx format; got {quantize!r} with {fmt}")
     if not 1 <= max_batch <= 63:  # diffusers' upsamplers branch on batches of 64 and more
         raise LoopfreeError(f"max batch must be in 1..63, got {max_batch}")
     model = str(model_folder(model))
     info = inspect_pipeline(model)  # SD/SDXL folders only; nothing loaded or written if it fails
     height, width = resolution or (info.default_size, info.default_size)
     info.check_size(height, width)
-    settings = dict(model=os.path.abspath(model), format=fmt, max_batch=max_batch, height=height, width=width, dtype="fp32")
+    settings = dict(model=os.path.abspath(model), format=fmt, max_batch=max_batch, height=height, width=width, dtype="fp32",
+                    quantize=quantize)
     folder = OutputFolder(out, "export", settings, overwrite=overwrite)
 
-    stages = tqdm(total=4, desc="export", unit="stage")
+    stages = tqdm(total=4 + bool(quantize), desc="export", unit="stage")
     pipe = load_pipeline(model, dtype=torch.float32)
     graph = SamplerGraph.from_pipeline(pipe, height, width).eval()
     tokenizers = {"input_ids": pipe.tokenizer} | ({"input_ids_2": pipe.tokenizer_2} if graph.xl else {})
@@ -92,20 +127,23 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
     ids = {name: pipeline_ids(tok, prompts) for name, tok in tokenizers.items()}
     x_T = initial_noise([image_seed(0, 0, i) for i in range(batch)], graph.latent_shape, dtype=pipe.unet.dtype)
     inputs = (ids["input_ids"], x_T) + ((ids["input_ids_2"],) if graph.xl else ())
-    dim = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
         expected = graph(*inputs).numpy()
-        stages.set_postfix_str("torch.export")
-        program = torch.export.export(graph, inputs, dynamic_shapes=tuple({0: dim} for _ in inputs))
+    stages.set_postfix_str("torch.export")
+    program = trace(graph, inputs, max_batch)
     stages.update()
     with folder:
         path = folder.path / GRAPH_FILES[fmt]
         stages.set_postfix_str("save")
-        if fmt == "onnx":  # initialisers over 2 GB go to an external data file beside it (onnxscript decides)
-            torch.onnx.export(program, dynamo=True, input_names=graph.input_names, output_names=["images"], verbose=False).save(str(path))
-        else:
-            torch.export.save(program, str(path))
+        fp32 = path.with_name("fp32." + path.name) if quantize else path
+        save_graph(program, fp32, fmt, graph.input_names)
         stages.update()
+        if quantize:
+            stages.set_postfix_str("quantize")
+            quantize_int8(fp32, path)
+            for file in (fp32, fp32.with_name(fp32.name + ".data")):
+                file.unlink(missing_ok=True)
+            stages.update()
         files = {name: f"tokenizer{name[len('input_ids'):]}.json" for name in tokenizers}
         for name, tok in tokenizers.items():
             save_tokenizer(tok, folder.path / files[name])
@@ -114,8 +152,14 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
         stages.update()
         stages.set_postfix_str("check")
         got = _run_saved(fmt, path, graph.input_names, inputs)
-        diff = int(np.abs(got.astype(np.int16) - expected.astype(np.int16)).max())
-        if got.shape != expected.shape or diff > tolerance:
+        if got.shape != expected.shape:
+            raise LoopfreeError(f"the exported graph gives images of shape {got.shape}, PyTorch {expected.shape}: not written")
+        levels = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        diff, mean = int(levels.max()), float(levels.mean())
+        if quantize and mean > INT8_MEAN_LEVELS:
+            raise LoopfreeError(f"the int8 graph's images differ from PyTorch's by {mean:.2f}/255 on average "
+                                f"(tolerance {INT8_MEAN_LEVELS}): not written")
+        if not quantize and diff > tolerance:
             raise LoopfreeError(f"the exported graph's images differ from PyTorch's by {diff}/255 (tolerance {tolerance}): not written")
         stages.update()
         stages.close()
@@ -125,6 +169,7 @@ def export_student(model: str | os.PathLike | None, out: str, *, fmt: str = "onn
             outputs={"images": {"shape": ["batch", height, width, 3], "dtype": "uint8"}},
             latent_shape=list(graph.latent_shape), x_T_dtype=str(x_T.dtype).removeprefix("torch."),
             decoder_timesteps=graph.timesteps, final_alpha_cumprod=graph.schedule.final_alpha_cumprod,
-            source_sha256=denoiser_sha256(model, with_record=True), check_max_diff=diff, torch=torch.__version__,
+            source_sha256=denoiser_sha256(model, with_record=True), check_max_diff=diff,
+            check_mean_diff=round(mean, 4), torch=torch.__version__,
         ))
     return folder.final

@@ -83,13 +83,13 @@ def serve(model: str | Path | None = None, teacher: str | Path | None = None, ho
           device: str | None = None, dtype: str = "fp32", max_batch: int = 8, max_queue: int = 64,
           threads: int | None = None, on_ready: Callable[[str], None] = print, tiny_vae: str | Path | None = None,
           lora: str | Path | None = None, fuse: bool = False, style_lora: str | Path | None = None,
-          style_scale: float = 1.0) -> None:
+          style_scale: float = 1.0, backend: str = "torch") -> None:
     """Check the model folders and the address, load the models, then serve until SIGTERM/SIGINT; ``on_ready``
     gets the URL once requests are answered. Without ``model``: the bundled toy student and teacher; ``lora``: a LoRA
     student on ``model``; ``style_lora``: any diffusers-format LoRA on the student at ``style_scale`` (``fuse``: folded
-    into its weights).
-    ``threads``: torch's CPU threads while serving (None: torch's default)."""
-    spec = check_serve_models(model, teacher, device, dtype, tiny_vae, lora, fuse, style_lora, style_scale)  # bad folders fail here, before anything starts
+    into its weights); ``backend="onnxruntime"``: ``model`` is a folder of ``loopfree export``, run by onnxruntime.
+    ``threads``: the CPU threads while serving, torch's or onnxruntime's (None: torch's default)."""
+    spec = check_serve_models(model, teacher, device, dtype, tiny_vae, lora, fuse, style_lora, style_scale, backend)  # bad folders fail here, before anything starts
     if max_batch < 1 or max_queue < 1:
         raise LoopfreeError(f"max_batch and max_queue must be at least 1, got {max_batch} and {max_queue}")
     sock = listen(host, port)

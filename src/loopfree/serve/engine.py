@@ -66,6 +66,7 @@ class EngineSpec:
     fuse: bool = False  # the LoRAs folded into the weights
     style_lora: Path | None = None  # any diffusers-format LoRA on the student (a file or a folder)
     style_scale: float = 1.0  # its weight
+    backend: str = "torch"  # onnxruntime: models[0] is an exported student (serve.exported), run by onnxruntime
 
 
 @dataclass
@@ -77,17 +78,21 @@ class Model:
     pipe: Any
     default_mode: str
     created: int  # Unix time it was loaded (the OpenAI model object's ``created``)
+    exported: bool = False  # an exported graph: its resolution, K and guidance 1 are fixed
 
 
 def check_serve_models(model: str | Path | None, teacher: str | Path | None, device: str | None, dtype: str,
                        tiny_vae: str | Path | None = None, lora: str | Path | None = None, fuse: bool = False,
-                       style_lora: str | Path | None = None, style_scale: float = 1.0) -> EngineSpec:
+                       style_lora: str | Path | None = None, style_scale: float = 1.0, backend: str = "torch") -> EngineSpec:
     """Check the model folders, device and dtype (a one-line LoopfreeError for each problem), loading nothing.
 
     Without ``model`` the bundled toy student is served, with the bundled toy teacher unless ``teacher`` names
     another; a given ``model`` gets a teacher only when ``teacher`` names one. With ``lora`` the student is that LoRA
     student on ``model``, its base, named after the LoRA's folder; ``style_lora`` goes onto the student at ``style_scale``
-    (``fuse``: folded into its weights)."""
+    (``fuse``: folded into its weights). ``backend="onnxruntime"``: ``model`` is a folder of ``loopfree export``,
+    served alone on the CPU in fp32."""
+    if backend == "onnxruntime":
+        return _check_exported(model, teacher, device, dtype, tiny_vae, lora, style_lora)
     student_path = model_folder(model)
     teacher_path = model_folder(teacher, "teacher") if teacher is not None or model is None else None
     dev = resolve_device(device)
@@ -104,6 +109,20 @@ def check_serve_models(model: str | Path | None, teacher: str | Path | None, dev
     return EngineSpec(models, dev, torch_dtype, check_tiny_vae(tiny_vae) if tiny_vae is not None else None,
                       Path(lora) if lora is not None else None, fuse, Path(style_lora) if style_lora is not None else None,
                       style_scale)
+
+
+def _check_exported(model, teacher, device, dtype, tiny_vae, lora, style_lora) -> EngineSpec:
+    from loopfree.serve.exported import ExportedInfo
+
+    if model is None:
+        raise LoopfreeError("--backend onnxruntime needs --model: a folder written by `loopfree export`")
+    given = [name for name, value in (("--teacher", teacher), ("--tiny-vae", tiny_vae), ("--lora", lora),
+                                      ("--style-lora", style_lora)) if value is not None]
+    if given or dtype != "fp32" or device not in (None, "cpu"):
+        what = ", ".join(given + (["--dtype"] if dtype != "fp32" else []) + (["--device"] if device not in (None, "cpu") else []))
+        raise LoopfreeError(f"{what} does not apply to --backend onnxruntime (the export fixed them: one fp32 graph, CPU)")
+    info = ExportedInfo.read(model)
+    return EngineSpec([(Path(model).resolve().name, info)], torch.device("cpu"), torch.float32, backend="onnxruntime")
 
 
 class Engine:
@@ -141,12 +160,18 @@ def load_engine(spec: EngineSpec) -> Engine:
     """Load every model of ``spec`` onto its device and warm each up with one image (the first call of a
     process pays for kernel set-up; no request should)."""
     models = []
-    for i, (name, info) in enumerate(spec.models):
-        own = dict(lora=spec.lora, fuse=spec.fuse, style_lora=spec.style_lora, style_scale=spec.style_scale) if i == 0 else {}
-        pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, **own)
-        pipe.to(spec.device)
-        pipe.set_progress_bar_config(disable=True)
-        models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
+    if spec.backend == "onnxruntime":
+        from loopfree.serve.exported import ExportedPipe
+
+        (name, info), = spec.models
+        models.append(Model(name, info, ExportedPipe(info, torch.get_num_threads()), "loop_free", int(time.time()), exported=True))
+    else:
+        for i, (name, info) in enumerate(spec.models):
+            own = dict(lora=spec.lora, fuse=spec.fuse, style_lora=spec.style_lora, style_scale=spec.style_scale) if i == 0 else {}
+            pipe = load_pipeline(info.path, dtype=spec.dtype, tiny_vae=spec.tiny_vae, **own)
+            pipe.to(spec.device)
+            pipe.set_progress_bar_config(disable=True)
+            models.append(Model(name, info, pipe, "loop_free" if i == 0 else "loop", int(time.time())))
     size = spec.models[0][1].default_size
     if len(models) > 1 and models[1].pipe.latent_shape(size, size) != models[0].pipe.latent_shape(size, size):
         raise LoopfreeError("the teacher's and the student's denoisers take different latents: "

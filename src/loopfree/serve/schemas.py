@@ -103,6 +103,8 @@ def resolve(request: ImageRequest, engine: Engine) -> Order:
     guidance = 1.0 if request.guidance is None else float(request.guidance)
     if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
         raise RequestError("guidance", f"guidance must be a finite number in 0..{MAX_GUIDANCE:g}, got {guidance}")
+    if model.exported and guidance != 1.0:
+        raise RequestError("guidance", f"an exported student samples unguided (guidance 1), not {guidance:g}")
     mode = request.mode or model.default_mode
     if mode not in MODES:
         raise RequestError("mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}")

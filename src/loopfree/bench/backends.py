@@ -1,0 +1,211 @@
+"""``loopfree bench --backend``: the whole one pass — token ids and x_T to uint8 images — run by torch eager,
+torch.compile, onnxruntime fp32 and onnxruntime int8 (the graphs ``loopfree export`` and ``--quantize int8``
+write), each in a process of its own: seconds per call, images per second as a ratio to eager's in the same run,
+and the process's peak resident memory::
+
+    loopfree bench --backend all --threads 2 --quality --json    # the bundled toy student, with its demo scores
+    loopfree bench --backend all --arch sd21 --resolution 512    # SD2.1's shapes, random weights
+
+``--quality`` (a toy-world student) scores each backend's images of the demo's 64 evaluation prompts × 4 as the demo
+and the studies do (alignment, fd, diversity, ...), so a quantised graph's quality is read beside its speed.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loopfree.utils.errors import LoopfreeError
+
+BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
+ONNX_FILES = {"onnxruntime": "fp32.onnx", "onnxruntime-int8": "int8.onnx"}
+QUALITY_BATCH = 16  # images per graph call when scoring
+
+
+@dataclass
+class BackendRow:
+    backend: str
+    seconds: float  # median seconds of one call on the batch
+    images_per_s: float
+    vs_eager: float | None  # images per second ÷ eager's, measured in the same run
+    peak_rss_gib: float  # the backend process's peak resident memory (imports, weights, activations)
+    setup_s: float  # loading (and compiling, or building the session) until the first call has returned
+    scores: dict | None = None  # --quality: the demo's scores of this backend's images
+
+
+def build_graph(model: str | None, arch: str | None, size: tuple[int, int] | None):
+    """The sampler graph of a student folder (default: the bundled toy student) or, with ``arch``, of a student of
+    that architecture's shapes with random weights (seeded: every process builds the same one); and its pipeline."""
+    import torch
+
+    from loopfree.export.graph import SamplerGraph
+    from loopfree.pipelines.loading import load_pipeline
+    from loopfree.toy.assets import model_folder
+
+    if arch is None:
+        pipe = load_pipeline(str(model_folder(model)), dtype=torch.float32)
+    else:
+        from loopfree.bench.archs import ARCHS
+        from loopfree.bench.speed import sd21_scheduler
+        from loopfree.pipelines.pipeline import LoopFreePipeline
+
+        spec = ARCHS[arch]
+        if spec.pooled_dim is not None:
+            raise LoopfreeError(f"--backend --arch {arch}: only single-text-encoder (SD1/SD2) shapes are built for it")
+        tokenizer = load_pipeline(str(model_folder(None))).tokenizer  # unused: random token ids go in
+        pipe = LoopFreePipeline(spec.build_vae(), spec.build_text_encoders()[0], tokenizer, spec.build(), sd21_scheduler())
+        size = size or (spec.resolution, spec.resolution)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = size or (native, native)
+    return SamplerGraph.from_pipeline(pipe, height, width).eval(), pipe
+
+
+def graph_inputs(graph, pipe, prompts: list[str] | None, seeds: list[int]) -> dict[str, np.ndarray]:
+    """The graph's inputs: token ids of ``prompts`` (None: random ids of the text encoder's full length) and x_T."""
+    import torch
+
+    from loopfree.export.exporter import pipeline_ids
+    from loopfree.utils.seeding import initial_noise
+
+    if prompts is None:
+        config = graph.text_encoder.config
+        ids = torch.randint(0, config.vocab_size, (len(seeds), config.max_position_embeddings), generator=torch.Generator().manual_seed(0))
+    else:
+        ids = pipeline_ids(pipe.tokenizer, prompts)
+    return {"input_ids": ids.numpy(), "x_T": initial_noise(seeds, graph.latent_shape).numpy()}
+
+
+def _measure(job: dict) -> dict:
+    """One backend, in this process: warm up (compile), then time ``repeats`` calls on the saved inputs."""
+    start = time.perf_counter()
+    feeds = dict(np.load(job["inputs"]))
+    if job["backend"] in ("eager", "compile"):
+        import torch
+
+        torch.set_num_threads(job["threads"])
+        graph, _ = build_graph(job["model"], job["arch"], tuple(job["size"]))
+        fn = torch.compile(graph) if job["backend"] == "compile" else graph
+        tensors = [torch.from_numpy(feeds[n]) for n in graph.input_names]
+
+        def call():
+            with torch.no_grad():
+                return fn(*tensors)
+    else:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = job["threads"]
+        session = ort.InferenceSession(job["graph"], options, providers=["CPUExecutionProvider"])
+        call = lambda: session.run(["images"], feeds)  # noqa: E731
+    call()
+    setup = time.perf_counter() - start
+    times = []
+    for _ in range(job["repeats"]):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "setup_s": setup,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def _images(run, graph, pipe, jobs) -> np.ndarray:
+    """``run(feeds)`` over the quality jobs, QUALITY_BATCH at a time: uint8 (N, H, W, 3)."""
+    return np.concatenate([run(graph_inputs(graph, pipe, [j.prompt for j in jobs[i:i + QUALITY_BATCH]],
+                                            [j.seed for j in jobs[i:i + QUALITY_BATCH]]))
+                           for i in range(0, len(jobs), QUALITY_BATCH)])
+
+
+def backend_rows(backends: list[str], model: str | None = None, arch: str | None = None, size: tuple[int, int] | None = None,
+                 batch: int = 1, repeats: int = 3, threads: int = 2, scorer=None,
+                 progress=lambda stage: None) -> tuple[list[BackendRow], dict]:
+    """The rows of ``backends`` (in the order given, eager first if present) and the run's facts (export and
+    quantisation seconds, graph sizes). ``scorer`` (the demo's ``RowScorer``: ``jobs`` and ``scores(images)``)
+    scores each backend's images of its jobs."""
+    import torch
+
+    from loopfree.export.exporter import quantize_int8, save_graph, trace
+
+    graph, pipe = build_graph(model, arch, size)
+    height, width = size = graph.latent_shape[1] * pipe.vae_scale_factor, graph.latent_shape[2] * pipe.vae_scale_factor
+    facts: dict = {"height": height, "width": width, "batch_size": batch, "threads": threads, "repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="loopfree-bench-") as tmp:
+        root = Path(tmp)
+        prompts = None if arch else [f"prompt {i}" for i in range(batch)]
+        np.savez(root / "inputs.npz", **graph_inputs(graph, pipe, prompts, list(range(batch))))
+        onnx = [b for b in backends if b in ONNX_FILES]
+        if onnx:
+            progress("export")
+            start = time.perf_counter()
+            example = tuple(torch.from_numpy(v) for v in graph_inputs(graph, pipe, None if arch else ["a", "b"], [0, 1]).values())
+            save_graph(trace(graph, example, max(2, batch, QUALITY_BATCH if scorer else 1)), root / ONNX_FILES["onnxruntime"], "onnx", graph.input_names)
+            facts["export_s"] = time.perf_counter() - start
+            if "onnxruntime-int8" in onnx:
+                progress("quantize")
+                start = time.perf_counter()
+                quantize_int8(root / ONNX_FILES["onnxruntime"], root / ONNX_FILES["onnxruntime-int8"])
+                facts["quantize_s"] = time.perf_counter() - start
+            facts["graph_mib"] = {b: sum(p.stat().st_size for p in root.glob(ONNX_FILES[b] + "*")) / 2**20 for b in onnx}
+        rows = []
+        for backend in backends:
+            progress(backend)
+            job = dict(backend=backend, model=model, arch=arch, size=list(size), threads=threads, repeats=repeats,
+                       inputs=str(root / "inputs.npz"), graph=str(root / ONNX_FILES.get(backend, "")))
+            done = subprocess.run([sys.executable, "-m", "loopfree.bench.backends", json.dumps(job)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise LoopfreeError(f"the {backend} backend failed: {done.stderr.strip().splitlines()[-1:]}")
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(BackendRow(backend, got["seconds"], batch / got["seconds"], None, got["peak_rss_gib"], got["setup_s"]))
+        eager = next((r for r in rows if r.backend == "eager"), None)
+        for row in rows:
+            row.vs_eager = row.images_per_s / eager.images_per_s if eager else None
+        if scorer is not None:
+            progress("quality")
+            _score(rows, graph, pipe, root, threads, scorer)
+    return rows, facts
+
+
+def _score(rows: list[BackendRow], graph, pipe, root: Path, threads: int, scorer) -> None:
+    """``scorer``'s scores of each backend's images of its jobs (compile: eager's computation, not scored again)."""
+    import torch
+
+    for row in rows:
+        if row.backend == "eager":
+            run = torch.no_grad()(lambda feeds: graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names)).numpy())
+        elif row.backend in ONNX_FILES:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(root / ONNX_FILES[row.backend]), options, providers=["CPUExecutionProvider"])
+            run = lambda feeds, s=session: s.run(["images"], feeds)[0]  # noqa: E731
+        else:
+            continue
+        row.scores = scorer.scores(_images(run, graph, pipe, scorer.jobs))
+
+
+def format_backend_table(rows: list[BackendRow], title: str) -> str:
+    """The rows as an aligned text table (scores' alignment, fd and diversity where measured)."""
+    scored = any(r.scores for r in rows)
+    head = ["backend", "s / call", "images/s", "× eager", "peak RSS GiB", "setup s"] + (["alignment", "fd", "diversity"] if scored else [])
+    lines = [head]
+    for r in rows:
+        line = [r.backend, f"{r.seconds:.3f}", f"{r.images_per_s:.2f}", "" if r.vs_eager is None else f"{r.vs_eager:.2f}",
+                f"{r.peak_rss_gib:.2f}", f"{r.setup_s:.1f}"]
+        if scored:
+            line += [f"{r.scores[k]:.3f}" if r.scores else "" for k in ("alignment", "fd", "diversity")]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join([title] + ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))) for line in lines])
+
+
+if __name__ == "__main__":  # one backend's measurement, in its own process (backend_rows starts it)
+    print(json.dumps(_measure(json.loads(sys.argv[1]))))
