@@ -197,8 +197,8 @@ def test_bench_backends_time_each_runtime_in_its_own_process_and_score_the_same_
                                   "--repeats", "1", "--threads", "1", "--quality", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
-    rows = {row["backend"]: row for row in report["rows"]}
-    assert [row["backend"] for row in report["rows"]] == ["eager", "onnxruntime-int8", "onnxruntime"]  # eager first
+    rows = {row["name"]: row for row in report["rows"]}
+    assert [row["name"] for row in report["rows"]] == ["eager", "onnxruntime-int8", "onnxruntime"]  # eager first
     assert rows["eager"]["vs_eager"] == 1 and all(row["seconds"] > 0 and row["peak_rss_gib"] > 0.05 for row in rows.values())
     assert rows["onnxruntime"]["vs_eager"] == pytest.approx(rows["eager"]["seconds"] / rows["onnxruntime"]["seconds"])
     assert report["graph_mib"]["onnxruntime-int8"] < report["graph_mib"]["onnxruntime"]

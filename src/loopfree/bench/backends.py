@@ -33,7 +33,7 @@ QUALITY_BATCH = 16  # images per graph call when scoring
 
 @dataclass
 class BackendRow:
-    backend: str
+    name: str  # the backend
     seconds: float  # median seconds of one call on the batch
     images_per_s: float
     vs_eager: float | None  # images per second ÷ eager's, measured in the same run
@@ -164,7 +164,7 @@ def backend_rows(backends: list[str], model: str | None = None, arch: str | None
                 raise LoopfreeError(f"the {backend} backend failed: {done.stderr.strip().splitlines()[-1:]}")
             got = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(BackendRow(backend, got["seconds"], batch / got["seconds"], None, got["peak_rss_gib"], got["setup_s"]))
-        eager = next((r for r in rows if r.backend == "eager"), None)
+        eager = next((r for r in rows if r.name == "eager"), None)
         for row in rows:
             row.vs_eager = row.images_per_s / eager.images_per_s if eager else None
         if scorer is not None:
@@ -178,14 +178,14 @@ def _score(rows: list[BackendRow], graph, pipe, root: Path, threads: int, scorer
     import torch
 
     for row in rows:
-        if row.backend == "eager":
+        if row.name == "eager":
             run = torch.no_grad()(lambda feeds: graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names)).numpy())
-        elif row.backend in ONNX_FILES:
+        elif row.name in ONNX_FILES:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(root / ONNX_FILES[row.backend]), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(root / ONNX_FILES[row.name]), options, providers=["CPUExecutionProvider"])
             run = lambda feeds, s=session: s.run(["images"], feeds)[0]  # noqa: E731
         else:
             continue
@@ -198,7 +198,7 @@ def format_backend_table(rows: list[BackendRow], title: str) -> str:
     head = ["backend", "s / call", "images/s", "× eager", "peak RSS GiB", "setup s"] + (["alignment", "fd", "diversity"] if scored else [])
     lines = [head]
     for r in rows:
-        line = [r.backend, f"{r.seconds:.3f}", f"{r.images_per_s:.2f}", "" if r.vs_eager is None else f"{r.vs_eager:.2f}",
+        line = [r.name, f"{r.seconds:.3f}", f"{r.images_per_s:.2f}", "" if r.vs_eager is None else f"{r.vs_eager:.2f}",
                 f"{r.peak_rss_gib:.2f}", f"{r.setup_s:.1f}"]
         if scored:
             line += [f"{r.scores[k]:.3f}" if r.scores else "" for k in ("alignment", "fd", "diversity")]

@@ -193,8 +193,16 @@ def _backends(backends, model, arch, resolution, batch_size, repeats, threads, q
 
     stages = len(chosen) + bool({"onnxruntime", "onnxruntime-int8"} & set(chosen)) + ("onnxruntime-int8" in chosen) + quality
     bar = tqdm(total=stages, desc="bench --backend", unit="stage")
+    begun: list[str] = []
+
+    def progress(stage: str) -> None:  # a stage begins: the one before it is done
+        bar.update(bool(begun))
+        begun.append(stage)
+        bar.set_postfix_str(stage)
+
     rows, facts = backend_rows(chosen, model, arch if arch_given else None, resolution, batch_size, repeats, threads, scorer,
-                               progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
+                               progress=progress)
+    bar.update()
     bar.close()
     name = arch if arch_given else (model or "bundled toy student")
     if as_json:
