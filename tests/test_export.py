@@ -185,7 +185,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path, bundled
 
 
 def test_bench_backends_time_each_runtime_in_its_own_process_and_score_the_same_images(bundled, tmp_path, monkeypatch):
-    """`loopfree bench --backend`: the export stubbed by the bundled fp32 graph, few quality images; eager and
+    """`loopfree bench --backend`: the export stubbed by the bundled fp32 graph, few quality images; torch and
     onnxruntime fp32 give the same scores (their images agree within 1/255), int8 its own."""
     from loopfree.cli import bench as bench_cli
 
@@ -193,19 +193,19 @@ def test_bench_backends_time_each_runtime_in_its_own_process_and_score_the_same_
     monkeypatch.setattr(exporter, "trace", lambda *a: None)
     monkeypatch.setattr(exporter, "save_graph", lambda program, path, fmt, names: shutil.copy(out / "sampler.onnx", path))
     monkeypatch.setattr(bench_cli, "QUALITY_PROMPTS", 4)
-    r = CliRunner().invoke(main, ["bench", "--backend", "onnxruntime-int8", "--backend", "onnxruntime", "--backend", "eager",
+    r = CliRunner().invoke(main, ["bench", "--backend", "onnxruntime-int8", "--backend", "onnxruntime", "--backend", "torch",
                                   "--repeats", "1", "--threads", "1", "--quality", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
     rows = {row["name"]: row for row in report["rows"]}
-    assert [row["name"] for row in report["rows"]] == ["eager", "onnxruntime-int8", "onnxruntime"]  # eager first
-    assert rows["eager"]["vs_eager"] == 1 and all(row["seconds"] > 0 and row["peak_rss_gib"] > 0.05 for row in rows.values())
-    assert rows["onnxruntime"]["vs_eager"] == pytest.approx(rows["eager"]["seconds"] / rows["onnxruntime"]["seconds"])
+    assert [row["name"] for row in report["rows"]] == ["torch", "onnxruntime-int8", "onnxruntime"]  # torch first
+    assert rows["torch"]["vs_torch"] == 1 and all(row["seconds"] > 0 and row["peak_rss_gib"] > 0.05 for row in rows.values())
+    assert rows["onnxruntime"]["vs_torch"] == pytest.approx(rows["torch"]["seconds"] / rows["onnxruntime"]["seconds"])
     assert report["graph_mib"]["onnxruntime-int8"] < report["graph_mib"]["onnxruntime"]
-    eager, fp32, int8 = (rows[b]["scores"] for b in ("eager", "onnxruntime", "onnxruntime-int8"))
+    eager, fp32, int8 = (rows[b]["scores"] for b in ("torch", "onnxruntime", "onnxruntime-int8"))
     assert eager["n_images"] == 16 and eager["alignment"] == fp32["alignment"] and abs(eager["fd"] - fp32["fd"]) < 0.05
     assert int8["n_images"] == 16 and int8 != fp32
-    bad = CliRunner().invoke(main, ["bench", "--backend", "eager", "--arch", "sd21", "--quality"])
+    bad = CliRunner().invoke(main, ["bench", "--backend", "torch", "--arch", "sd21", "--quality"])
     assert bad.exit_code == 2 and "--quality scores a trained toy student" in bad.output
 
 

@@ -1,6 +1,6 @@
-"""``loopfree bench --backend``: the whole one pass — token ids and x_T to uint8 images — run by torch eager,
+"""``loopfree bench --backend``: the whole one pass — token ids and x_T to uint8 images — run by torch (eager),
 torch.compile, onnxruntime fp32 and onnxruntime int8 (the graphs ``loopfree export`` and ``--quantize int8``
-write), each in a process of its own: seconds per call, images per second as a ratio to eager's in the same run,
+write), each in a process of its own: seconds per call, images per second as a ratio to eager torch's in the same run,
 and the process's peak resident memory::
 
     loopfree bench --backend all --threads 2 --quality --json    # the bundled toy student, with its demo scores
@@ -26,7 +26,7 @@ import numpy as np
 
 from loopfree.utils.errors import LoopfreeError
 
-BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-int8")
 ONNX_FILES = {"onnxruntime": "fp32.onnx", "onnxruntime-int8": "int8.onnx"}
 QUALITY_BATCH = 16  # images per graph call when scoring
 
@@ -36,7 +36,7 @@ class BackendRow:
     name: str  # the backend
     seconds: float  # median seconds of one call on the batch
     images_per_s: float
-    vs_eager: float | None  # images per second ÷ eager's, measured in the same run
+    vs_torch: float | None  # images per second ÷ eager torch's, measured in the same run
     peak_rss_gib: float  # the backend process's peak resident memory (imports, weights, activations)
     setup_s: float  # loading (and compiling, or building the session) until the first call has returned
     scores: dict | None = None  # --quality: the demo's scores of this backend's images
@@ -88,12 +88,12 @@ def _measure(job: dict) -> dict:
     """One backend, in this process: warm up (compile), then time ``repeats`` calls on the saved inputs."""
     start = time.perf_counter()
     feeds = dict(np.load(job["inputs"]))
-    if job["backend"] in ("eager", "compile"):
+    if job["backend"] in ("torch", "torch-compile"):
         import torch
 
         torch.set_num_threads(job["threads"])
         graph, _ = build_graph(job["model"], job["arch"], tuple(job["size"]))
-        fn = torch.compile(graph) if job["backend"] == "compile" else graph
+        fn = torch.compile(graph) if job["backend"] == "torch-compile" else graph
         tensors = [torch.from_numpy(feeds[n]) for n in graph.input_names]
 
         def call():
@@ -127,7 +127,7 @@ def _images(run, graph, pipe, jobs) -> np.ndarray:
 def backend_rows(backends: list[str], model: str | None = None, arch: str | None = None, size: tuple[int, int] | None = None,
                  batch: int = 1, repeats: int = 3, threads: int = 2, scorer=None,
                  progress=lambda stage: None) -> tuple[list[BackendRow], dict]:
-    """The rows of ``backends`` (in the order given, eager first if present) and the run's facts (export and
+    """The rows of ``backends`` (in the order given) and the run's facts (export and
     quantisation seconds, graph sizes). ``scorer`` (the demo's ``RowScorer``: ``jobs`` and ``scores(images)``)
     scores each backend's images of its jobs."""
     import torch
@@ -164,9 +164,9 @@ def backend_rows(backends: list[str], model: str | None = None, arch: str | None
                 raise LoopfreeError(f"the {backend} backend failed: {done.stderr.strip().splitlines()[-1:]}")
             got = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(BackendRow(backend, got["seconds"], batch / got["seconds"], None, got["peak_rss_gib"], got["setup_s"]))
-        eager = next((r for r in rows if r.name == "eager"), None)
+        eager = next((r for r in rows if r.name == "torch"), None)
         for row in rows:
-            row.vs_eager = row.images_per_s / eager.images_per_s if eager else None
+            row.vs_torch = row.images_per_s / eager.images_per_s if eager else None
         if scorer is not None:
             progress("quality")
             _score(rows, graph, pipe, root, threads, scorer)
@@ -174,11 +174,11 @@ def backend_rows(backends: list[str], model: str | None = None, arch: str | None
 
 
 def _score(rows: list[BackendRow], graph, pipe, root: Path, threads: int, scorer) -> None:
-    """``scorer``'s scores of each backend's images of its jobs (compile: eager's computation, not scored again)."""
+    """``scorer``'s scores of each backend's images of its jobs (torch-compile: torch's computation, not scored again)."""
     import torch
 
     for row in rows:
-        if row.name == "eager":
+        if row.name == "torch":
             run = torch.no_grad()(lambda feeds: graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names)).numpy())
         elif row.name in ONNX_FILES:
             import onnxruntime as ort
@@ -195,10 +195,10 @@ def _score(rows: list[BackendRow], graph, pipe, root: Path, threads: int, scorer
 def format_backend_table(rows: list[BackendRow], title: str) -> str:
     """The rows as an aligned text table (scores' alignment, fd and diversity where measured)."""
     scored = any(r.scores for r in rows)
-    head = ["backend", "s / call", "images/s", "× eager", "peak RSS GiB", "setup s"] + (["alignment", "fd", "diversity"] if scored else [])
+    head = ["backend", "s / call", "images/s", "× torch", "peak RSS GiB", "setup s"] + (["alignment", "fd", "diversity"] if scored else [])
     lines = [head]
     for r in rows:
-        line = [r.name, f"{r.seconds:.3f}", f"{r.images_per_s:.2f}", "" if r.vs_eager is None else f"{r.vs_eager:.2f}",
+        line = [r.name, f"{r.seconds:.3f}", f"{r.images_per_s:.2f}", "" if r.vs_torch is None else f"{r.vs_torch:.2f}",
                 f"{r.peak_rss_gib:.2f}", f"{r.setup_s:.1f}"]
         if scored:
             line += [f"{r.scores[k]:.3f}" if r.scores else "" for k in ("alignment", "fd", "diversity")]

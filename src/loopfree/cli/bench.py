@@ -8,7 +8,7 @@
     loopfree bench --arch pixart-1024 --shared-blocks 14 --repeats 1      # a transformer: the one pass at N of L blocks
     loopfree bench --arch flux-dev --timing none --json                   # FLOPs only (counted on the meta device)
     loopfree bench --train --memory --arch flux-dev --dtype bf16 --processes 8 --shard
-    loopfree bench --backend all --threads 2 --quality                   # the bundled student: eager, compile, onnxruntime fp32/int8
+    loopfree bench --backend all --threads 2 --quality                   # the bundled student: torch, torch.compile, onnxruntime fp32/int8
     loopfree bench --backend all --arch sd21 --resolution 512 --repeats 2
 """
 
@@ -24,7 +24,7 @@ from loopfree.utils.errors import LoopfreeError
 
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 TRANSFORMER_NAMES = ("pixart-512", "pixart-1024", "sd3-medium", "flux-dev", "pixart-tiny", "sd3-tiny", "flux-tiny")
-BACKEND_NAMES = ("eager", "compile", "onnxruntime", "onnxruntime-int8")  # bench.backends.BACKENDS (not imported: torch)
+BACKEND_NAMES = ("torch", "torch-compile", "onnxruntime", "onnxruntime-int8")  # bench.backends.BACKENDS (not imported: torch)
 TIMINGS = ("blocks", "whole", "none")
 QUALITY_PROMPTS = 64  # --quality: held-out prompts (× 4 images) scored, as the demo's studies  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
 
@@ -69,7 +69,7 @@ QUALITY_PROMPTS = 64  # --quality: held-out prompts (× 4 images) scored, as the
                    "(FLOPs only).")
 @click.option("--backend", "backends", type=click.Choice(BACKEND_NAMES + ("all",)), multiple=True,
               help="Time the whole one pass (tokens to pixels) by these runtimes instead, each in its own process "
-                   "(repeatable; all: eager, compile, onnxruntime, onnxruntime-int8): the bundled student, or --model, or "
+                   "(repeatable; all: torch, torch-compile, onnxruntime, onnxruntime-int8): the bundled student, or --model, or "
                    "random weights of --arch.")
 @options.model()
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="With --backend: CPU threads of each runtime.")
@@ -187,8 +187,8 @@ def _backends(backends, model, arch, resolution, batch_size, repeats, threads, q
         scorer = RowScorer(heldout_prompts(EVAL_POOL, seed=0), QUALITY_PROMPTS, 4, 0, size)
 
     chosen = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
-    if "eager" in chosen:
-        chosen.insert(0, chosen.pop(chosen.index("eager")))
+    if "torch" in chosen:  # first: the rows' ratios are to it
+        chosen.insert(0, chosen.pop(chosen.index("torch")))
     from tqdm.auto import tqdm
 
     stages = len(chosen) + bool({"onnxruntime", "onnxruntime-int8"} & set(chosen)) + ("onnxruntime-int8" in chosen) + quality
