@@ -202,6 +202,7 @@ def test_bench_backends_time_each_runtime_in_its_own_process_and_score_the_same_
     assert rows["torch"]["vs_torch"] == 1 and all(row["seconds"] > 0 and row["peak_rss_gib"] > 0.05 for row in rows.values())
     assert rows["onnxruntime"]["vs_torch"] == pytest.approx(rows["torch"]["seconds"] / rows["onnxruntime"]["seconds"])
     assert report["graph_mib"]["onnxruntime-int8"] < report["graph_mib"]["onnxruntime"]
+    assert rows["onnxruntime"]["peak_rss_gib"] < rows["torch"]["peak_rss_gib"]  # its own process: no torch imported
     eager, fp32, int8 = (rows[b]["scores"] for b in ("torch", "onnxruntime", "onnxruntime-int8"))
     assert eager["n_images"] == 16 and eager["alignment"] == fp32["alignment"] and abs(eager["fd"] - fp32["fd"]) < 0.05
     assert int8["n_images"] == 16 and int8 != fp32

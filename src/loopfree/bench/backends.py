@@ -113,8 +113,16 @@ def _measure(job: dict) -> dict:
         t = time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-    return {"seconds": statistics.median(times), "setup_s": setup,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    return {"seconds": statistics.median(times), "setup_s": setup, "peak_rss_gib": peak_rss_gib()}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory: Linux's VmHWM (ru_maxrss would count the parent's memory at the fork)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _images(run, graph, pipe, jobs) -> np.ndarray:
