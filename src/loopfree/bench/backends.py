@@ -153,8 +153,10 @@ def backend_rows(backends: list[str], model: str | None = None, arch: str | None
         if onnx:
             progress("export")
             start = time.perf_counter()
-            example = tuple(torch.from_numpy(v) for v in graph_inputs(graph, pipe, None if arch else ["a", "b"], [0, 1]).values())
-            save_graph(trace(graph, example, max(2, batch, QUALITY_BATCH if scorer else 1)), root / ONNX_FILES["onnxruntime"], "onnx", graph.input_names)
+            largest = max(batch, QUALITY_BATCH if scorer else 1)  # 1: a static graph
+            seeds = list(range(min(2, largest)))
+            example = tuple(torch.from_numpy(v) for v in graph_inputs(graph, pipe, None if arch else ["a", "b"][:len(seeds)], seeds).values())
+            save_graph(trace(graph, example, largest), root / ONNX_FILES["onnxruntime"], "onnx", graph.input_names)
             facts["export_s"] = time.perf_counter() - start
             if "onnxruntime-int8" in onnx:
                 progress("quantize")

@@ -53,10 +53,11 @@ def pipeline_ids(pipe_tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def trace(graph: SamplerGraph, inputs: tuple[torch.Tensor, ...], max_batch: int) -> torch.export.ExportedProgram:
-    """``graph`` traced by ``torch.export`` on ``inputs``, its batch dynamic from 1 to ``max_batch``."""
-    dim = torch.export.Dim("batch", min=1, max=max_batch)
+    """``graph`` traced by ``torch.export`` on ``inputs``, its batch dynamic from 1 to ``max_batch``; static for a
+    ``max_batch`` of 1 (no symbolic shapes: an SD2.1-sized graph traces in minutes, not tens of them)."""
+    dynamic = None if max_batch == 1 else tuple({0: torch.export.Dim("batch", min=1, max=max_batch)} for _ in inputs)
     with torch.no_grad():
-        return torch.export.export(graph, inputs, dynamic_shapes=tuple({0: dim} for _ in inputs))
+        return torch.export.export(graph, inputs, dynamic_shapes=dynamic)
 
 
 def save_graph(program: torch.export.ExportedProgram, path: Path, fmt: str, input_names: list[str]) -> None:
