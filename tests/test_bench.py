@@ -75,3 +75,13 @@ def test_with_50_adds_the_loop_and_encoder_propagation():
     assert f["full UNet, 50 steps"] == pytest.approx(50 * f["full UNet, 1 step"], rel=1e-12)
     assert 9 * f["full UNet, 1 step"] < f["propagate, 50 steps, 9 key steps"] < f["full UNet, 50 steps"]
     assert all(r.median_s > 0 and r.ratio == pytest.approx(r.median_s / rows[0].median_s) for r in rows)
+
+
+def test_a_bf16_training_bench_leaves_the_process_free_for_another_precision():
+    """gpu_check times a bf16 step, then runs the demo in fp32 in the same process (on one thread, in-process)."""
+    from accelerate import Accelerator
+
+    from loopfree.bench.speed import train_rows
+
+    train_rows(ARCHS["tiny"], (64, 64), torch.device("cpu"), "bf16", repeats=1)
+    assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"  # raised ValueError before

@@ -87,7 +87,8 @@ def test_the_student_gradient_takes_the_hinge_times_the_weight_of_its_step(parts
         grads, logs = step_grads(iteration, **clip)
         assert logs["loss/clip"] == pytest.approx(hinge.item(), rel=1e-6) and hinge.item() > 0
         for g, g0, h in zip(grads, plain, hinge_grads):
-            torch.testing.assert_close(g - g0, weight * h, rtol=1e-3, atol=1e-6 * g0.abs().max().item() + 1e-9)
+            # g − g0 cancels: its rounding is that of g0's size (a few ulps, by the thread count's summation order)
+            torch.testing.assert_close(g - g0, weight * h, rtol=1e-3, atol=4e-6 * g0.abs().max().item() + 1e-9)
 
 
 def test_clip_preparation_equals_the_processor_on_a_smooth_image(parts):

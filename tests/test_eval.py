@@ -285,8 +285,8 @@ def test_a_reference_model_against_itself_scores_fd_0_and_full_coverage(tmp_path
     r = run(*args)
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "self" / "results.json").read_text())
-    m = results["metrics"]
-    assert abs(m["fd"]) < 1e-6 and m["precision"] == m["recall"] == m["coverage"] == 1.0 and m["n_reference_images"] == 6
+    m = results["metrics"]  # fd: 0 up to the matrix square root's rounding (1e-5 on one thread)
+    assert abs(m["fd"]) < 1e-4 and m["precision"] == m["recall"] == m["coverage"] == 1.0 and m["n_reference_images"] == 6
     assert "3-step DDIM loop, guidance 4.5" in results["reference"]["what"]
     (folder,) = (tmp_path / "self" / "reference-images").iterdir()
     pngs = sorted(p.name for p in (tmp_path / "self" / "images").glob("*.png"))

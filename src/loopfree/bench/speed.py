@@ -165,11 +165,19 @@ def train_rows(
 ) -> list[Row]:
     """Seconds per distillation iteration, split into its sections (SPEC §3), with paper defaults otherwise."""
     from accelerate import Accelerator
-
-    from loopfree.training.distiller import Batch, Distiller
+    from accelerate.state import AcceleratorState
 
     cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective)
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    try:
+        return _train_rows(Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision), cfg, arch, size,
+                           device, repeats, batch)
+    finally:  # accelerate keeps one state per process: a later Accelerator (a distill run) may choose another precision
+        AcceleratorState._reset_state()
+
+
+def _train_rows(acc, cfg, arch: Arch, size: tuple[int, int], device: torch.device, repeats: int, batch: int) -> list[Row]:
+    from loopfree.training.distiller import Batch, Distiller
+
     distiller = Distiller(cfg, arch.build(device), sd21_scheduler(), acc, (size[0] // arch.vae_scale_factor, size[1] // arch.vae_scale_factor))
     _, text, added = arch.inputs(batch, size, device, torch.float32)
     cond = Conditioning(text, added)
