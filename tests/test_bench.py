@@ -77,11 +77,13 @@ def test_with_50_adds_the_loop_and_encoder_propagation():
     assert all(r.median_s > 0 and r.ratio == pytest.approx(r.median_s / rows[0].median_s) for r in rows)
 
 
-def test_a_bf16_training_bench_leaves_the_process_free_for_another_precision():
-    """gpu_check times a bf16 step, then runs the demo in fp32 in the same process (on one thread, in-process)."""
+def test_a_bf16_training_bench_owns_accelerates_process_state_only_while_it_runs():
+    """gpu_check times a bf16 step, then runs the demo in fp32 in the same process (on one thread, in-process); and
+    an fp32 Accelerator made before (another test in this process) does not stop the bf16 step."""
     from accelerate import Accelerator
 
     from loopfree.bench.speed import train_rows
 
+    Accelerator(cpu=True, mixed_precision="no")
     train_rows(ARCHS["tiny"], (64, 64), torch.device("cpu"), "bf16", repeats=1)
     assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"  # raised ValueError before

@@ -99,7 +99,7 @@ def test_the_saved_tokenizer_gives_the_pipelines_ids_short_and_truncated(tmp_pat
 
 
 def test_a_tiny_sdxl_student_exports_whole(tmp_path):
-    """SDXL: two tokenizers and text encoders, pooled text and time ids built inside the graph."""
+    """SDXL: two tokenizers and text encoders, pooled text and time ids built inside the graph; and its int8."""
     make_pipeline(tmp_path, "sdxl").save_pretrained(tmp_path / "pipe")
     folder = export_student(str(tmp_path / "pipe"), str(tmp_path / "out"), max_batch=3)
     manifest = json.loads((folder / "export.json").read_text())
@@ -109,6 +109,11 @@ def test_a_tiny_sdxl_student_exports_whole(tmp_path):
     expected = pipeline_images(load_pipeline(str(tmp_path / "pipe")), prompts, x_T)
     got = ExportedStudent(folder)(prompts, x_T.numpy())
     assert got.shape == expected.shape and levels(got, expected) <= 1
+    int8 = tmp_path / "int8"  # its int8 graph, beside the same tokenizers and manifest
+    shutil.copytree(folder, int8, ignore=shutil.ignore_patterns("sampler.onnx*"))
+    exporter.quantize_int8(folder / "sampler.onnx", int8 / "sampler.onnx")
+    quantised = ExportedStudent(int8)(prompts, x_T.numpy())
+    assert np.abs(quantised.astype(int) - expected.astype(int)).mean() <= exporter.INT8_MEAN_LEVELS
 
 
 def test_a_static_pt2_export_loads_back_and_gives_the_pipelines_images(tmp_path):

@@ -168,10 +168,11 @@ def train_rows(
     from accelerate.state import AcceleratorState
 
     cfg = train_config(batch, decoders, dtype, gradient_checkpointing, batch_teacher_fake, objective)
+    AcceleratorState._reset_state()  # accelerate keeps one state per process: the step's own precision, whatever ran before
     try:
         return _train_rows(Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision), cfg, arch, size,
                            device, repeats, batch)
-    finally:  # accelerate keeps one state per process: a later Accelerator (a distill run) may choose another precision
+    finally:  # and a later Accelerator (a distill run) may choose another
         AcceleratorState._reset_state()
 
 

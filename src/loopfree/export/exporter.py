@@ -72,9 +72,9 @@ def save_graph(program: torch.export.ExportedProgram, path: Path, fmt: str, inpu
 def quantize_int8(source: Path, target: Path) -> None:
     """onnxruntime's dynamic int8 of the ONNX graph ``source``: the weights of its MatMul and Gemm nodes (attention,
     feed-forward, projections, the text encoder) as uint8 with per-tensor scales, activations quantised at run time;
-    convolutions stay fp32 (their ConvInteger kernels ran 3× slower than fp32 here). Unsigned weights (U8U8): with
-    signed ones (U8S8) the int16 sums saturate on CPUs without VNNI, as onnxruntime's documentation warns — on this
-    machine's the images moved 3× as far from fp32's (docs/deploy.md)."""
+    convolutions stay fp32 (their ConvInteger kernels ran slower than fp32 here). Unsigned weights (U8U8): with
+    signed ones (U8S8) the int16 sums saturate on CPUs without VNNI, as onnxruntime's documentation warns
+    (docs/deploy.md)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = source.with_name(source.name + ".data").exists()
