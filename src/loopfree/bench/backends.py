@@ -100,11 +100,7 @@ def _measure(job: dict) -> dict:
             with torch.no_grad():
                 return fn(*tensors)
     else:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = job["threads"]
-        session = ort.InferenceSession(job["graph"], options, providers=["CPUExecutionProvider"])
+        session = _session(job["graph"], job["threads"])
         call = lambda: session.run(["images"], feeds)  # noqa: E731
     call()
     setup = time.perf_counter() - start
@@ -116,6 +112,15 @@ def _measure(job: dict) -> dict:
     return {"seconds": statistics.median(times), "setup_s": setup, "peak_rss_gib": peak_rss_gib()}
 
 
+def _session(path: str | Path, threads: int):
+    """An onnxruntime CPU session of the graph at ``path`` on ``threads`` threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory: Linux's VmHWM (ru_maxrss would count the parent's memory at the fork)."""
     status = Path("/proc/self/status")
@@ -123,13 +128,6 @@ def peak_rss_gib() -> float:
         line = next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:"))
         return int(line.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _images(run, graph, pipe, jobs) -> np.ndarray:
-    """``run(feeds)`` over the quality jobs, QUALITY_BATCH at a time: uint8 (N, H, W, 3)."""
-    return np.concatenate([run(graph_inputs(graph, pipe, [j.prompt for j in jobs[i:i + QUALITY_BATCH]],
-                                            [j.seed for j in jobs[i:i + QUALITY_BATCH]]))
-                           for i in range(0, len(jobs), QUALITY_BATCH)])
 
 
 def backend_rows(backends: list[str], model: str | None = None, arch: str | None = None, size: tuple[int, int] | None = None,
@@ -184,22 +182,21 @@ def backend_rows(backends: list[str], model: str | None = None, arch: str | None
 
 
 def _score(rows: list[BackendRow], graph, pipe, root: Path, threads: int, scorer) -> None:
-    """``scorer``'s scores of each backend's images of its jobs (torch-compile: torch's computation, not scored again)."""
+    """``scorer``'s scores of each backend's images of its jobs, QUALITY_BATCH per call (torch-compile: torch's
+    computation, not scored again)."""
     import torch
 
+    jobs = scorer.jobs
+    feeds = [graph_inputs(graph, pipe, [j.prompt for j in jobs[i:i + QUALITY_BATCH]], [j.seed for j in jobs[i:i + QUALITY_BATCH]])
+             for i in range(0, len(jobs), QUALITY_BATCH)]
     for row in rows:
         if row.name == "torch":
-            run = torch.no_grad()(lambda feeds: graph(*(torch.from_numpy(feeds[n]) for n in graph.input_names)).numpy())
+            run = torch.no_grad()(lambda feed: graph(*(torch.from_numpy(feed[n]) for n in graph.input_names)).numpy())
         elif row.name in ONNX_FILES:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(root / ONNX_FILES[row.name]), options, providers=["CPUExecutionProvider"])
-            run = lambda feeds, s=session: s.run(["images"], feeds)[0]  # noqa: E731
+            run = lambda feed, s=_session(root / ONNX_FILES[row.name], threads): s.run(["images"], feed)[0]  # noqa: E731
         else:
             continue
-        row.scores = scorer.scores(_images(run, graph, pipe, scorer.jobs))
+        row.scores = scorer.scores(np.concatenate([run(feed) for feed in feeds]))
 
 
 def format_backend_table(rows: list[BackendRow], title: str) -> str:

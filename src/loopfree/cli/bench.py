@@ -25,8 +25,8 @@ from loopfree.utils.errors import LoopfreeError
 ARCH_NAMES = ("sd15", "sd21", "sdxl", "small", "tiny")
 TRANSFORMER_NAMES = ("pixart-512", "pixart-1024", "sd3-medium", "flux-dev", "pixart-tiny", "sd3-tiny", "flux-tiny")
 BACKEND_NAMES = ("torch", "torch-compile", "onnxruntime", "onnxruntime-int8")  # bench.backends.BACKENDS (not imported: torch)
-TIMINGS = ("blocks", "whole", "none")
-QUALITY_PROMPTS = 64  # --quality: held-out prompts (× 4 images) scored, as the demo's studies  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
+TIMINGS = ("blocks", "whole", "none")  # bench.transformer_cost.TIMINGS (not imported here: it loads torch)
+QUALITY_PROMPTS = 64  # --quality: held-out prompts (× 4 images) scored, as the demo's studies
 
 
 @click.command()

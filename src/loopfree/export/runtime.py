@@ -39,6 +39,20 @@ def read_manifest(folder: str | Path) -> dict:
         raise LoopfreeError(f"{path} is unreadable ({e})") from None
 
 
+def onnx_manifest(folder: str | Path) -> dict:
+    """The manifest of an exported folder that holds an ONNX graph (what onnxruntime runs), else an error."""
+    manifest = read_manifest(folder)
+    if manifest["format"] != "onnx":
+        raise LoopfreeError(f"{folder} holds a {manifest['format']} export; the onnxruntime backend runs onnx")
+    return manifest
+
+
+def check_size(manifest: dict, height: int, width: int) -> None:
+    """An error unless ``height`` × ``width`` is the size the graph was exported at."""
+    if (height, width) != (manifest["height"], manifest["width"]):
+        raise LoopfreeError(f"this graph was exported at {manifest['width']}x{manifest['height']}; export again for {width}x{height}")
+
+
 def tokenizer(path: str | Path):
     """A ``tokenizers.Tokenizer`` saved by the exporter with the pipeline's padding and truncation built in."""
     from tokenizers import Tokenizer
@@ -56,12 +70,10 @@ class ExportedStudent:
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         self.folder = Path(folder)
-        self.manifest = read_manifest(folder)
+        self.manifest = onnx_manifest(folder)
         require("onnxruntime")
         import onnxruntime as ort
 
-        if self.manifest["format"] != "onnx":
-            raise LoopfreeError(f"{folder} holds a {self.manifest['format']} export; the onnxruntime backend runs onnx")
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -93,14 +93,14 @@ def generate_exported(prompt: str, model: str | None, *, out: str = "images", ov
                       seed: int = 0, resolution: tuple[int, int] | None = None, threads: int | None = None) -> Path:
     """:func:`generate_images` with onnxruntime running an exported student's graph (``loopfree export``): the same
     seeds, so the same images as the PyTorch path to within the export's check."""
-    from loopfree.export.runtime import ExportedStudent, read_manifest
+    from loopfree.export.runtime import ExportedStudent, check_size, onnx_manifest
     from loopfree.utils.seeding import initial_noise
 
     if model is None:
         raise LoopfreeError("--backend onnxruntime needs --model: a folder written by `loopfree export`")
-    manifest = read_manifest(model)
-    if resolution is not None and tuple(resolution) != (manifest["height"], manifest["width"]):
-        raise LoopfreeError(f"this graph was exported at {manifest['width']}x{manifest['height']}; export again for {resolution[1]}x{resolution[0]}")
+    manifest = onnx_manifest(model)
+    if resolution is not None:
+        check_size(manifest, *resolution)
     settings = dict(prompt=prompt, model=os.path.abspath(model), backend="onnxruntime", images_per_prompt=images_per_prompt,
                     seed=seed, height=manifest["height"], width=manifest["width"])
     folder = OutputFolder(out, "generate", settings, overwrite=overwrite)

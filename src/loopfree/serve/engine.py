@@ -116,11 +116,11 @@ def _check_exported(model, teacher, device, dtype, tiny_vae, lora, style_lora) -
 
     if model is None:
         raise LoopfreeError("--backend onnxruntime needs --model: a folder written by `loopfree export`")
-    given = [name for name, value in (("--teacher", teacher), ("--tiny-vae", tiny_vae), ("--lora", lora),
-                                      ("--style-lora", style_lora)) if value is not None]
-    if given or dtype != "fp32" or device not in (None, "cpu"):
-        what = ", ".join(given + (["--dtype"] if dtype != "fp32" else []) + (["--device"] if device not in (None, "cpu") else []))
-        raise LoopfreeError(f"{what} does not apply to --backend onnxruntime (the export fixed them: one fp32 graph, CPU)")
+    given = [name for name, unset in (("--teacher", teacher is None), ("--tiny-vae", tiny_vae is None), ("--lora", lora is None),
+                                      ("--style-lora", style_lora is None), ("--dtype", dtype == "fp32"),
+                                      ("--device", device in (None, "cpu"))) if not unset]
+    if given:
+        raise LoopfreeError(f"{', '.join(given)} does not apply to --backend onnxruntime (the export fixed them: one fp32 graph, CPU)")
     info = ExportedInfo.read(model)
     return EngineSpec([(Path(model).resolve().name, info)], torch.device("cpu"), torch.float32, backend="onnxruntime")
 

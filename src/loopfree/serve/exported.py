@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from loopfree.utils.errors import LoopfreeError
-from loopfree.export.runtime import ExportedStudent, read_manifest
+from loopfree.export.runtime import ExportedStudent, check_size, onnx_manifest
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,18 @@ class ExportedInfo:
     """What the server reads of an exported folder before loading it (PipelineInfo's part that requests use)."""
 
     path: Path
-    height: int
-    width: int
+    manifest: dict
 
     @classmethod
     def read(cls, folder: str | Path) -> "ExportedInfo":
-        manifest = read_manifest(folder)
-        if manifest["format"] != "onnx":
-            raise LoopfreeError(f"{folder} holds a {manifest['format']} export; --backend onnxruntime serves onnx")
-        return cls(Path(folder), manifest["height"], manifest["width"])
+        return cls(Path(folder), onnx_manifest(folder))
 
     @property
     def default_size(self) -> int:
-        return self.height
+        return self.manifest["height"]
 
     def check_size(self, height: int, width: int) -> None:
-        if (height, width) != (self.height, self.width):
-            raise LoopfreeError(f"this graph was exported at {self.width}x{self.height}; export again for {width}x{height}")
+        check_size(self.manifest, height, width)
 
 
 class ExportedPipe:
